@@ -1,0 +1,125 @@
+"""HarpeGPTModel: megatron-core's GPTModel with per-head rotary tables.
+
+The smallest injection that works: the model is built with ``position_embedding_type='none'`` (so
+megatron creates neither a learned position embedding nor its single-base ``RotaryEmbedding``),
+and ``_preprocess`` — the one place where megatron produces the rotary table handed to every layer
+— is extended to return our ``(query_table, key_table)`` tuple instead. Everything else
+(embedding, decoder, output layer, vocab-parallel loss, sharded state dict) is megatron's.
+
+Architectural choices (Llama-2): pre-norm RMSNorm (eps 1e-5), SwiGLU MLP, no linear biases,
+rotate-half RoPE applied to q and k with one base per query head (shared inside a KV group),
+untied input embedding and output layer, causal attention.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
+
+__all__ = ["HarpeGPTModel"]
+
+
+class HarpeGPTModel(GPTModel):
+    """GPTModel whose rotary embedding is :class:`PerHeadRotaryEmbedding`.
+
+    Args (beyond GPTModel's):
+        head_bases: one RoPE base per query head of the whole model (megatron head order).
+        position_ids_mode: ``"sequential"`` (positions 0..S-1, zigzag-sharded under CP; the
+            ``position_ids`` argument of ``forward`` is ignored as in megatron) or
+            ``"from_batch"`` (``position_ids`` ``[b, s_local]`` drive the rotation; required).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: TransformerBlockSubmodules,
+        vocab_size: int,
+        max_sequence_length: int,
+        head_bases: Sequence[float],
+        position_ids_mode: str = "sequential",
+        rotary_interleaved: bool = False,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        vp_stage: Optional[int] = None,
+    ) -> None:
+        if len(head_bases) != config.num_attention_heads:
+            raise ValueError(
+                f"head_bases has {len(head_bases)} entries, expected one per query head "
+                f"({config.num_attention_heads})"
+            )
+        if position_ids_mode not in ("sequential", "from_batch"):
+            raise ValueError(f"position_ids_mode must be 'sequential' or 'from_batch', got {position_ids_mode!r}")
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type="none",
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.position_ids_mode = position_ids_mode
+        self.rotary_pos_emb = PerHeadRotaryEmbedding(
+            head_bases=head_bases,
+            head_dim=config.kv_channels,
+            num_query_groups=config.num_query_groups,
+            tp_rank=self.pg_collection.tp.rank(),
+            tp_size=self.pg_collection.tp.size(),
+            cp_group=self.pg_collection.cp,
+            rotary_interleaved=rotary_interleaved,
+        )
+
+    @property
+    def head_bases(self) -> list[float]:
+        return list(self.rotary_pos_emb.head_bases)
+
+    def _preprocess(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        decoder_input: Tensor = None,
+        inference_context=None,
+        packed_seq_params=None,
+        padding_mask: Optional[Tensor] = None,
+    ):
+        if inference_context is not None:
+            raise NotImplementedError(
+                "HarpeGPTModel has no megatron inference path; export to HF (tools/convert_to_hf.py) "
+                "to generate with a KV cache"
+            )
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed (THD) sequences are not supported by HarpeGPTModel")
+        out = super()._preprocess(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            decoder_input=decoder_input,
+            inference_context=None,
+            packed_seq_params=None,
+            padding_mask=padding_mask,
+        )
+        hidden = out[0] if out[0] is not None else self.decoder.input_tensor
+        local_len = hidden.size(0)
+        if self.config.sequence_parallel:
+            local_len *= self.config.tensor_model_parallel_size
+        seq_len = local_len * self.config.context_parallel_size
+        if self.position_ids_mode == "from_batch":
+            if position_ids is None:
+                raise ValueError("position_ids_mode='from_batch' needs position_ids [batch, seq] in forward()")
+            rotary = self.rotary_pos_emb(seq_len, position_ids=position_ids, device=hidden.device)
+        else:
+            rotary = self.rotary_pos_emb(seq_len, device=hidden.device)
+        return (out[0], rotary) + tuple(out[2:])

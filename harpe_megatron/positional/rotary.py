@@ -1,0 +1,130 @@
+"""Per-head rotary position tables for megatron-core's ``SelfAttention``.
+
+Replaces megatron's ``RotaryEmbedding`` (one base, lru-cached, CUDA-bound). Conventions:
+
+* Rotate-half (GPT-NeoX / HF Llama) layout by default: the angle table is
+  ``cat(angles, angles)`` along the last dim, with ``angles[..., i] = pos * base_h^(-2i/d)``,
+  ``i = 0..d/2-1``. ``rotary_interleaved=True`` gives the GPT-J layout instead. The table holds
+  *angles*; megatron's apply path takes ``cos``/``sin`` of it.
+* Head order is megatron's: query head ``h`` belongs to KV group ``h // (heads / groups)``; TP rank
+  ``t`` owns query heads ``[t * np, (t+1) * np)`` and groups ``[t * ng, (t+1) * ng)``.
+* Output is a ``(query_table, key_table)`` tuple with shapes ``[s, 1, np, d]`` and
+  ``[s, 1, ng, d]`` (``[s, b, ., d]`` with per-sample position ids), which megatron's unfused
+  ``apply_rotary_pos_emb`` broadcasts against ``[s, b, heads, d]``. For MHA both are one tensor.
+* Positions are those of the tokens on this rank: the zigzag share of ``arange(S_global)`` under
+  context parallelism (:mod:`harpe_megatron.parallel.zigzag`), or the given per-sample
+  ``position_ids`` ``[b, s_local]`` (already sharded like the tokens; CREAM/PoSE).
+* Frequencies and angles are fp32, recomputed on every call (cheap next to attention: one
+  ``s x heads x d`` outer product per forward, shared by all layers), so nothing goes stale when
+  the sequence length, the positions or the bases change.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from harpe_megatron.parallel.zigzag import zigzag_positions
+
+__all__ = ["PerHeadRotaryEmbedding", "inverse_frequencies"]
+
+
+def inverse_frequencies(bases: Sequence[float] | Tensor, head_dim: int) -> Tensor:
+    """``[len(bases), head_dim/2]`` fp32 inverse frequencies ``base^(-2i/d)`` (megatron/HF formula)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary head dim must be even, got {head_dim}")
+    b = torch.as_tensor(bases, dtype=torch.float32).reshape(-1, 1)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    return 1.0 / (b ** exponents)
+
+
+class PerHeadRotaryEmbedding(nn.Module):
+    """Rotary tables with one base per query head, for this TP rank's heads and CP rank's tokens.
+
+    Args:
+        head_bases: one base per query head of the whole model (megatron head order); heads of a
+            KV group must share a value.
+        head_dim: rotary dimension (``kv_channels``).
+        num_query_groups: KV groups of the whole model.
+        tp_rank, tp_size: tensor-parallel coordinates (heads are split across TP ranks).
+        cp_group: context-parallel process group (``None`` or size 1: no CP).
+        rotary_interleaved: GPT-J layout instead of rotate-half.
+    """
+
+    def __init__(
+        self,
+        head_bases: Sequence[float],
+        head_dim: int,
+        num_query_groups: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+        rotary_interleaved: bool = False,
+    ) -> None:
+        super().__init__()
+        num_heads = len(head_bases)
+        if num_heads % num_query_groups or num_heads % tp_size or num_query_groups % tp_size:
+            raise ValueError(
+                f"{num_heads} heads / {num_query_groups} KV groups cannot be split over TP={tp_size}"
+            )
+        per_group = num_heads // num_query_groups
+        for g in range(num_query_groups):
+            group = list(head_bases[g * per_group : (g + 1) * per_group])
+            if len(set(group)) != 1:
+                raise ValueError(f"query heads of KV group {g} must share one RoPE base (GQA), got {group}")
+        self.head_bases = [float(b) for b in head_bases]
+        self.head_dim = head_dim
+        self.rotary_interleaved = rotary_interleaved
+        self.cp_group = cp_group
+        np_local = num_heads // tp_size
+        local = inverse_frequencies(self.head_bases, head_dim)[tp_rank * np_local : (tp_rank + 1) * np_local]
+        self.register_buffer("inv_freq_q", local, persistent=False)
+        self.register_buffer("inv_freq_k", local[::per_group].clone(), persistent=False)
+        self.shared_qk = per_group == 1
+
+    def _cp(self) -> tuple[int, int]:
+        if self.cp_group is None:
+            return 0, 1
+        return self.cp_group.rank(), self.cp_group.size()
+
+    def positions(self, seq_len: int, device: torch.device) -> Tensor:
+        """fp32 positions ``[s_local]`` of this CP rank's tokens for a global length ``seq_len``."""
+        cp_rank, cp_size = self._cp()
+        return zigzag_positions(seq_len, cp_rank, cp_size, device=device).to(torch.float32)
+
+    def _table(self, pos: Tensor, inv_freq: Tensor) -> Tensor:
+        # pos: [s, B] fp32; inv_freq: [h, d/2] -> angles [s, B, h, d/2]
+        angles = pos[:, :, None, None] * inv_freq.to(pos.device)[None, None]
+        if self.rotary_interleaved:
+            return angles.repeat_interleave(2, dim=-1)
+        return torch.cat((angles, angles), dim=-1)
+
+    def forward(
+        self,
+        seq_len: int,
+        position_ids: Optional[Tensor] = None,
+        device: Optional[torch.device] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Tables for a global sequence of ``seq_len`` tokens (see module docstring).
+
+        Args:
+            seq_len: global sequence length (all CP ranks together).
+            position_ids: optional ``[b, s_local]`` positions of this rank's tokens.
+            device: where to build the tables (default: the buffers' device).
+        """
+        device = device if device is not None else self.inv_freq_q.device
+        if position_ids is None:
+            pos = self.positions(seq_len, device)[:, None]
+        else:
+            _, cp_size = self._cp()
+            if position_ids.dim() != 2 or position_ids.size(1) * cp_size != seq_len:
+                raise ValueError(
+                    f"position_ids must be [batch, {seq_len // cp_size}] (this CP rank's tokens), "
+                    f"got {tuple(position_ids.shape)}"
+                )
+            pos = position_ids.to(device=device, dtype=torch.float32).t()
+        q_table = self._table(pos, self.inv_freq_q)
+        k_table = q_table if self.shared_qk else self._table(pos, self.inv_freq_k)
+        return q_table, k_table
