@@ -47,11 +47,54 @@ def _cpu_device(device: Any) -> Any:
     return device
 
 
+def _run_backward_redirected(mode: TorchFunctionMode, tensors, grad_tensors, retain_graph, create_graph) -> None:
+    """Backward with the redirection active inside autograd Functions' ``backward``.
+
+    A TorchFunctionMode is switched off while its own handler runs, and ``torch.autograd.backward``
+    dispatches to the handler, so the backward passes of megatron's collectives (which allocate
+    on ``torch.cuda.current_device()``) would run unredirected. We therefore call the autograd
+    engine directly with the mode pushed again -- the same engine call megatron's own
+    ``custom_backward`` makes.
+    """
+    from torch.autograd import Variable
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    if grad_tensors is None:
+        grad_tensors = (None,) * len(tensors)
+    elif isinstance(grad_tensors, torch.Tensor):
+        grad_tensors = (grad_tensors,)
+    grads = []
+    for t, g in zip(tensors, grad_tensors):
+        if g is None:
+            if t.numel() != 1:
+                raise RuntimeError("grad can be implicitly created only for scalar outputs")
+            g = torch.ones_like(t)
+        grads.append(g)
+    keep = create_graph if retain_graph is None else retain_graph
+    with mode:
+        Variable._execution_engine.run_backward(
+            tensors, tuple(grads), keep, create_graph, tuple(), allow_unreachable=True, accumulate_grad=True
+        )
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placement requests to CPU (see module docstring)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            names = ("tensors", "grad_tensors", "retain_graph", "create_graph")
+            if func is torch.Tensor.backward:
+                names = ("tensors", "gradient", "retain_graph", "create_graph")
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+            if bound.get("inputs") is not None or bound.get("grad_variables") is not None:
+                return func(*args, **kwargs)
+            _run_backward_redirected(
+                self, bound[names[0]], bound.get(names[1]), bound.get("retain_graph"),
+                bool(bound.get("create_graph", False)),
+            )
+            return None
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.is_pinned:

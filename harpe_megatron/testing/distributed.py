@@ -16,6 +16,7 @@ import contextlib
 import os
 import queue as queue_lib
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Iterator
@@ -106,15 +107,24 @@ def run_distributed(
         p.start()
     results: dict[int, Any] = {}
     failures: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
         while len(results) + len(failures) < world_size:
             try:
-                rank, ok, payload = out.get(timeout=timeout)
+                rank, ok, payload = out.get(timeout=1.0)
             except queue_lib.Empty:
-                raise TimeoutError(
-                    f"run_distributed: ranks {sorted(set(range(world_size)) - set(results))} "
-                    f"gave no result within {timeout:.0f}s"
-                ) from None
+                pending = sorted(set(range(world_size)) - set(results))
+                dead = [r for r in pending if not procs[r].is_alive()]
+                if dead:
+                    raise RuntimeError(
+                        f"run_distributed: rank(s) {dead} exited (codes "
+                        f"{[procs[r].exitcode for r in dead]}) without a result"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"run_distributed: ranks {pending} gave no result within {timeout:.0f}s"
+                    ) from None
+                continue
             if ok:
                 results[rank] = payload
             else:
