@@ -79,9 +79,11 @@ class PerHeadRotaryEmbedding(nn.Module):
         self.rotary_interleaved = rotary_interleaved
         self.cp_group = cp_group
         np_local = num_heads // tp_size
-        local = inverse_frequencies(self.head_bases, head_dim)[tp_rank * np_local : (tp_rank + 1) * np_local]
-        self.register_buffer("inv_freq_q", local, persistent=False)
-        self.register_buffer("inv_freq_k", local[::per_group].clone(), persistent=False)
+        # Bases are kept as Python floats, not float buffers: megatron's Float16Module casts every
+        # floating buffer to bf16, which would ruin the frequencies. They are turned into fp32
+        # inverse frequencies on the target device at each call ([heads, d/2]: negligible).
+        self.local_q_bases = self.head_bases[tp_rank * np_local : (tp_rank + 1) * np_local]
+        self.local_k_bases = self.local_q_bases[::per_group]
         self.shared_qk = per_group == 1
 
     def _cp(self) -> tuple[int, int]:
@@ -94,9 +96,10 @@ class PerHeadRotaryEmbedding(nn.Module):
         cp_rank, cp_size = self._cp()
         return zigzag_positions(seq_len, cp_rank, cp_size, device=device).to(torch.float32)
 
-    def _table(self, pos: Tensor, inv_freq: Tensor) -> Tensor:
+    def _table(self, pos: Tensor, bases: list[float]) -> Tensor:
         # pos: [s, B] fp32; inv_freq: [h, d/2] -> angles [s, B, h, d/2]
-        angles = pos[:, :, None, None] * inv_freq.to(pos.device)[None, None]
+        inv_freq = inverse_frequencies(bases, self.head_dim).to(pos.device)
+        angles = pos[:, :, None, None] * inv_freq[None, None]
         if self.rotary_interleaved:
             return angles.repeat_interleave(2, dim=-1)
         return torch.cat((angles, angles), dim=-1)
@@ -112,9 +115,9 @@ class PerHeadRotaryEmbedding(nn.Module):
         Args:
             seq_len: global sequence length (all CP ranks together).
             position_ids: optional ``[b, s_local]`` positions of this rank's tokens.
-            device: where to build the tables (default: the buffers' device).
+            device: where to build the tables (default: CPU).
         """
-        device = device if device is not None else self.inv_freq_q.device
+        device = device if device is not None else torch.device("cpu")
         if position_ids is None:
             pos = self.positions(seq_len, device)[:, None]
         else:
@@ -125,6 +128,6 @@ class PerHeadRotaryEmbedding(nn.Module):
                     f"got {tuple(position_ids.shape)}"
                 )
             pos = position_ids.to(device=device, dtype=torch.float32).t()
-        q_table = self._table(pos, self.inv_freq_q)
-        k_table = q_table if self.shared_qk else self._table(pos, self.inv_freq_k)
+        q_table = self._table(pos, self.local_q_bases)
+        k_table = q_table if self.shared_qk else self._table(pos, self.local_k_bases)
         return q_table, k_table

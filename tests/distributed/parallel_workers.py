@@ -69,3 +69,42 @@ def loss_and_grads(model_cfg: ModelConfig, positional: PositionalConfig, full_st
 def all_layouts(model_cfg, positional, full_state, batch, layouts: list[dict]) -> list[dict]:
     """Run several layouts one after another in the same process group."""
     return [loss_and_grads(model_cfg, positional, full_state, batch, **layout) for layout in layouts]
+
+
+def cp_attention_vs_one_rank(seq: int, heads: int, groups: int, head_dim: int, seed: int = 0) -> float:
+    """Max |diff| of zigzag-CP attention (output and q/k/v grads) against one-rank attention.
+
+    Runs on a process group whose CP size is the world size; every rank builds the same global
+    tensors from ``seed`` and checks its own share.
+    """
+    from harpe_megatron.model.attention import causal_attention, context_parallel_causal_attention
+
+    cp_group = parallel_state.get_context_parallel_group()
+    cp_rank, cp = cp_group.rank(), cp_group.size()
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(seq, 2, heads, head_dim, generator=gen)
+    k = torch.randn(seq, 2, groups, head_dim, generator=gen)
+    v = torch.randn(seq, 2, groups, head_dim, generator=gen)
+    upstream = torch.randn(2, heads, seq, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = causal_attention(*(t.permute(1, 2, 0, 3) for t in full), scale)
+    ref.backward(upstream)
+
+    local = [slice_for_cp_rank(t, 0, cp_rank, cp).clone().requires_grad_() for t in (q, k, v)]
+    out = context_parallel_causal_attention(*local, scale, cp_group)
+    out.backward(slice_for_cp_rank(upstream, 2, cp_rank, cp))
+
+    diffs = [(out - slice_for_cp_rank(ref.detach(), 2, cp_rank, cp)).abs().max()]
+    for mine, theirs in zip(local, full):
+        diffs.append((mine.grad - slice_for_cp_rank(theirs.grad, 0, cp_rank, cp)).abs().max())
+    return max(d.item() for d in diffs)
+
+
+def layouts_and_cp_attention(model_cfg, positional, full_state, batch, layouts, attention_case: dict) -> dict:
+    """Several model layouts, then CP attention alone with CP = world size (one spawn for all)."""
+    results = all_layouts(model_cfg, positional, full_state, batch, layouts)
+    with megatron_parallel(cp=dist.get_world_size()):
+        attention_diff = cp_attention_vs_one_rank(**attention_case)
+    return {"layouts": results, "cp_attention_max_diff": attention_diff}

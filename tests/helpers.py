@@ -1,0 +1,32 @@
+"""Test helpers: tiny HF Llama models and the matching configs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from harpe_megatron.config.model import ModelConfig
+
+
+def tiny_model_config(num_query_groups: int = 2, vocab_size: int = 200, num_layers: int = 2) -> ModelConfig:
+    return ModelConfig(num_layers=num_layers, hidden_size=64, num_attention_heads=4,
+                       num_query_groups=num_query_groups, ffn_hidden_size=176, vocab_size=vocab_size)
+
+
+def tiny_hf_llama(m: ModelConfig, rope_theta: float = 10000.0, seed: int = 0) -> LlamaForCausalLM:
+    """A random HF Llama with the shapes of ``m``; weights large enough that every part matters."""
+    cfg = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, rms_norm_eps=m.norm_epsilon, rope_theta=rope_theta,
+        tie_word_embeddings=False, max_position_embeddings=4096, attention_bias=False, mlp_bias=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model

@@ -1,0 +1,29 @@
+"""The zigzag CP layout agrees with megatron-core's get_batch_on_this_cp_rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from harpe_megatron.parallel.zigzag import gathered_to_natural_order, slice_for_cp_rank, zigzag_positions
+from tests.conftest import FakeGroup
+
+
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+def test_matches_megatron_batch_split(cp_size):
+    seq = 8 * cp_size
+    tokens = torch.arange(2 * seq).reshape(2, seq)
+    shares = []
+    for r in range(cp_size):
+        ref = get_batch_on_this_cp_rank({"tokens": tokens.clone()}, cp_group=FakeGroup(r, cp_size))["tokens"]
+        ours = slice_for_cp_rank(tokens, 1, r, cp_size)
+        assert torch.equal(ours, ref)
+        assert torch.equal(zigzag_positions(seq, r, cp_size), ref[0])
+        shares.append(ours)
+    assert torch.equal(gathered_to_natural_order(torch.cat(shares, dim=1), 1, cp_size), tokens)
+
+
+def test_indivisible_length_is_an_error():
+    with pytest.raises(ValueError, match="divisible by 2 \\* context_parallel_size = 4"):
+        slice_for_cp_rank(torch.zeros(1, 6), 1, 0, 2)
