@@ -51,16 +51,25 @@ def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 120.0) -
 
 @contextlib.contextmanager
 def megatron_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> Iterator[None]:
-    """megatron ``parallel_state`` for (tp, pp, cp) on the current process group, torn down after."""
-    from megatron.core import parallel_state
+    """megatron ``parallel_state`` for (tp, pp, cp) on the current process group, torn down after.
 
-    with cpu_megatron(seed=seed):
+    On a machine without CUDA the CPU harness is active inside; with CUDA, megatron's own CUDA
+    RNG tracker is seeded instead and nothing is redirected.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    on_gpu = torch.cuda.is_available()
+    with contextlib.nullcontext() if on_gpu else cpu_megatron(seed=seed):
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             context_parallel_size=cp,
         )
+        if on_gpu:
+            torch.manual_seed(seed)
+            model_parallel_cuda_manual_seed(seed)
         try:
             yield
         finally:

@@ -7,6 +7,8 @@ finalize_model_grads with per-token loss normalisation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -22,13 +24,14 @@ pytestmark = pytest.mark.distributed
 SEQ, BATCH = 32, 2
 # Bases spread widely so that a wrong head-to-base assignment changes the loss visibly at SEQ=32.
 POSITIONAL = PositionalConfig(bases=UniformBases(b_min=20.0, b_max=2000.0))
-LOSS_ATOL = 2e-6   # measured: <= 4.8e-7 (fp32, gloo, torch 2.13)
-GRAD_ATOL = 1e-6   # measured: <= 2.3e-8
+LOSS_ATOL = 2e-6   # measured: equal to 7 digits (fp32, gloo, torch 2.13)
+GRAD_ATOL = 5e-6   # measured: <= 1.1e-6 (gradients up to ~0.3; fp32 summation order)
 
 
 @pytest.fixture(scope="module")
 def problem(single_rank):
-    m = tiny_model_config(num_query_groups=2, vocab_size=256)
+    # init std 0.2 (not 0.02): sharp attention, so positions and bases matter to the loss.
+    m = dataclasses.replace(tiny_model_config(num_query_groups=2, vocab_size=256), init_method_std=0.2)
     with megatron_parallel(seed=3):
         cfg = transformer_config(m, ParallelConfig(), use_cpu_initialization=True)
         model = build_model(m, POSITIONAL, cfg, max_sequence_length=SEQ)
@@ -80,3 +83,5 @@ def test_reference_depends_on_the_bases(problem):
     other = loss_and_grads(m, PositionalConfig(bases=UniformBases(b_min=20.0, b_max=2000.0, order="descending")),
                            full_state, batch)
     assert abs(other["loss"] - reference["loss"]) > 100 * LOSS_ATOL
+    grad_change = max((other["grads"][n] - g).abs().max().item() for n, g in reference["grads"].items())
+    assert grad_change > 100 * GRAD_ATOL
