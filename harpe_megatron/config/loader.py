@@ -1,0 +1,205 @@
+"""YAML <-> RunConfig, with dotted command-line overrides.
+
+* ``load_config(path, ["training.lr=3e-5", "parallel.tensor_model_parallel_size=2"])``.
+* YAML is read with ``yaml.safe_load`` only. Values of overrides are parsed as YAML scalars/lists
+  (``3e-5`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, ``null`` -> None).
+* Unknown keys, wrong types and invalid combinations raise :class:`ConfigError` whose message
+  starts with the file and the key path (``configs/x.yaml: training.lr: ...``).
+* ``model.preset`` selects an architecture from :mod:`harpe_megatron.model.presets`; the other
+  ``model.*`` keys override its fields.
+* ``config_to_dict`` gives the resolved tree (what is written to the run dir and checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+from harpe_megatron.config.model import ModelConfig, PositionalConfig
+from harpe_megatron.config.run import RunConfig
+from harpe_megatron.positional.bases import BASE_STRATEGIES, BaseStrategy
+
+__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the source and the key path."""
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries on a nested dict (creating sections as needed)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key component")
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _yaml_scalar(value)
+    return tree
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path}: may not be null")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e6" (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        sub = f"{path}.{name}" if path else name
+        inner, _ = _strip_optional(tp)
+        if isinstance(inner, type) and issubclass(inner, BaseStrategy):
+            kwargs[name] = _build_strategy(value, sub)
+        elif dataclasses.is_dataclass(inner):
+            kwargs[name] = _build_section(inner, value, sub)
+        else:
+            kwargs[name] = _coerce(value, tp, sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(path) or not path else f"{path}: {msg}") from None
+
+
+def _build_strategy(data: Any, path: str) -> BaseStrategy:
+    if not isinstance(data, dict) or "strategy" not in data:
+        raise ConfigError(f"{path}: expected a mapping with a 'strategy' key, one of {sorted(BASE_STRATEGIES)}")
+    fields = dict(data)
+    name = fields.pop("strategy")
+    if name not in BASE_STRATEGIES:
+        raise ConfigError(f"{path}.strategy: unknown strategy {name!r}; expected one of {sorted(BASE_STRATEGIES)}")
+    return _build(BASE_STRATEGIES[name], fields, path)
+
+
+def _build_section(cls: type, data: Any, path: str) -> Any:
+    if cls is ModelConfig and isinstance(data, dict) and "preset" in data:
+        from harpe_megatron.model.presets import PRESETS
+
+        data = dict(data)
+        name = data.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(f"{path}.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        base = {f.name: getattr(PRESETS[name], f.name) for f in dataclasses.fields(ModelConfig)}
+        data = {**base, **data}
+    return _build(cls, data, path)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Build and validate a RunConfig; errors are prefixed with ``source``."""
+    try:
+        return _build_section(RunConfig, tree or {}, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
+
+
+def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    apply_overrides(tree, overrides)
+    return config_from_dict(tree, source + (f" (with overrides {list(overrides)})" if overrides else ""))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (BaseStrategy, PositionalConfig)):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain YAML-able data (loads back to an equal RunConfig)."""
+    return _plain(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,195 @@
+"""The run config tree: one dataclass per YAML section, validated on construction.
+
+```yaml
+model: {preset: llama2-7b, ...}   # ModelConfig (a preset plus field overrides)
+positional: {bases: {strategy: paper}, position_ids: sequential}
+parallel: {tensor_model_parallel_size: 2, context_parallel_size: 4, sequence_parallel: true}
+data: {paths: [...], tokenizer_model: ..., seq_length: 131072}
+training: {micro_batch_size: 1, global_batch_size: 32, train_tokens: 6e9, lr: 2.0e-5, ...}
+checkpoint: {save: ..., save_interval: 200, keep_last: 3, pretrained: ...}
+logging: {log_interval: 1, tensorboard: true, wandb_project: null}
+run_dir: runs/harpe_128k
+```
+
+Cross-section rules live in :meth:`RunConfig.validate`; rules that need the world size (data
+parallel size, batch divisibility) in :meth:`RunConfig.validate_for_world`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig, validate_model_setup
+
+__all__ = ["DataConfig", "TrainingConfig", "CheckpointConfig", "LoggingConfig", "RunConfig"]
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from (megatron indexed datasets) and how they are packed."""
+
+    paths: list[str] = field(default_factory=list)  # indexed-dataset prefixes (no .bin/.idx)
+    weights: Optional[list[float]] = None  # blend weights, one per path (None: by size)
+    split: str = "98,2,0"  # train/valid/test share of every prefix
+    tokenizer_model: Optional[str] = None  # sentencepiece model (Llama-2 tokenizer.model)
+    seq_length: int = 4096
+    cache_dir: Optional[str] = None  # megatron's index cache (default: next to the data)
+    build_demo_corpus: bool = False  # launcher builds corpus + tokenizer + index if missing
+
+    def __post_init__(self) -> None:
+        if self.seq_length <= 0:
+            raise ValueError(f"data.seq_length must be positive, got {self.seq_length}")
+        if self.weights is not None and len(self.weights) != len(self.paths):
+            raise ValueError(
+                f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}"
+            )
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ValueError(f"data.split must look like '98,2,0', got {self.split!r}")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedule, precision and memory settings."""
+
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: Optional[int] = None
+    train_tokens: Optional[float] = None  # alternative to train_iters (rounded up to whole steps)
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    lr_decay_iters: Optional[int] = None  # default: train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    recompute_granularity: Optional[str] = None  # None | full | selective
+    recompute_method: Optional[str] = None  # uniform | block (with full)
+    recompute_num_layers: Optional[int] = None
+    seed: int = 1234
+    eval_interval: int = 0  # 0: never
+    eval_iters: int = 1
+    exit_interval: Optional[int] = None  # stop (after saving) at this step; for tests/schedulers
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "global_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"training.{key} must be positive, got {getattr(self, key)}")
+        if (self.train_iters is None) == (self.train_tokens is None):
+            raise ValueError("set exactly one of training.train_iters and training.train_tokens")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"training.precision: expected bf16, fp16 or fp32, got {self.precision!r}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(
+                f"training.lr_decay_style: expected constant, linear or cosine, got {self.lr_decay_style!r}"
+            )
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(
+                f"training.recompute_granularity: expected null, full or selective, got {self.recompute_granularity!r}"
+            )
+        if self.recompute_granularity == "full" and self.recompute_method not in ("uniform", "block"):
+            raise ValueError("training.recompute_method must be 'uniform' or 'block' with recompute_granularity=full")
+        if self.recompute_granularity != "full" and self.recompute_method is not None:
+            raise ValueError("training.recompute_method only applies to recompute_granularity=full")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"training.min_lr must be in [0, training.lr], got {self.min_lr}")
+
+    def resolved_train_iters(self, seq_length: int) -> int:
+        if self.train_iters is not None:
+            return self.train_iters
+        return math.ceil(self.train_tokens / (self.global_batch_size * seq_length))
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron dist-checkpointing: where, how often, how many, and the initial weights."""
+
+    save: Optional[str] = None  # default: <run_dir>/checkpoints
+    save_interval: int = 0  # 0: only at the end
+    keep_last: int = 3  # 0: keep all
+    load: Optional[str] = None  # resume from here (default: save dir, if it has a checkpoint)
+    pretrained: Optional[str] = None  # initial weights only (e.g. converted Llama-2-7B)
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 0 or self.keep_last < 0:
+            raise ValueError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    wandb_mode: str = "offline"  # online | offline (no network needed) | disabled
+    wandb_run_name: Optional[str] = None
+    peak_tflops: Optional[float] = None  # device peak for MFU (default: built-in table for H100/H200/A100)
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logging.wandb_mode: expected online, offline or disabled, got {self.wandb_mode!r}")
+        if self.log_interval <= 0:
+            raise ValueError(f"logging.log_interval must be positive, got {self.log_interval}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    positional: PositionalConfig = field(default_factory=PositionalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(train_iters=10))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        validate_model_setup(self.model, self.parallel, self.data.seq_length)
+        # Resolving the bases checks their count and GQA consistency against the model.
+        from harpe_megatron.positional.bases import per_query_head_bases
+
+        per_query_head_bases(self.positional.bases, self.model.num_attention_heads,
+                             self.model.num_query_groups, self.model.head_dim)
+        if self.parallel.pipeline_model_parallel_size > 1 and self.training.global_batch_size < (
+            self.training.micro_batch_size * self.parallel.pipeline_model_parallel_size
+        ):
+            raise ValueError(
+                "training.global_batch_size should give at least parallel.pipeline_model_parallel_size "
+                "micro-batches per data-parallel rank, or the pipeline idles"
+            )
+
+    @property
+    def model_parallel_size(self) -> int:
+        p = self.parallel
+        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP x PP x CP = {self.model_parallel_size} "
+                "(parallel.*)"
+            )
+        return world_size // self.model_parallel_size
+
+    def validate_for_world(self, world_size: int) -> None:
+        dp = self.data_parallel_size(world_size)
+        t = self.training
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+                f"training.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
+            )
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.data_parallel_size(world_size))

@@ -1,0 +1,182 @@
+"""Training checkpoints on megatron's dist_checkpointing: atomic, resumable, resharding.
+
+Layout of a save directory::
+
+    <save>/latest              text file naming the newest *complete* checkpoint ("iter_0000200")
+    <save>/iter_0000200/       a megatron distributed checkpoint:
+        model / optimizer      sharded tensors (any TP/PP/CP/DP layout can load them)
+        (common state)         iteration, consumed samples, LR scheduler, resolved config
+        rng/rank_00000.pt      per-rank RNG states (tensors only; loaded with weights_only=True)
+    <save>/iter_0000300.tmp/   a save in progress (or interrupted): never pointed to
+
+A save writes into ``iter_N.tmp``, every rank finishes, then rank 0 renames it to ``iter_N``,
+replaces ``latest`` atomically (write + fsync + rename) and prunes all but the newest
+``keep_last`` checkpoints. A crash at any point leaves ``latest`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+__all__ = [
+    "LATEST_FILE",
+    "checkpoint_name",
+    "find_latest",
+    "list_checkpoints",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model_weights",
+]
+
+LATEST_FILE = "latest"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories under ``save_dir``, oldest first."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _ITER_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_latest(load_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint named by ``<load_dir>/latest``, or None if there is no marker."""
+    marker = Path(load_dir) / LATEST_FILE
+    if not marker.is_file():
+        return None
+    name = marker.read_text().strip()
+    path = Path(load_dir) / name
+    if not _ITER_DIR.match(name) or not (path / "metadata.json").is_file():
+        raise RuntimeError(f"{marker} names {name!r}, which is not a complete checkpoint directory")
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states as tensors and plain Python values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(model_chunks: list, optimizer, is_loading: bool) -> dict[str, Any]:
+    if len(model_chunks) != 1:
+        raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported")
+    model_sd = model_chunks[0].sharded_state_dict()
+    state: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_METADATA)
+    return state
+
+
+def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, optimizer, scheduler,
+                    consumed_samples: int, config_yaml: str, keep_last: int) -> Path:
+    """Save a complete checkpoint for ``step`` (collective: every rank calls it)."""
+    root = Path(save_dir)
+    final = root / checkpoint_name(step)
+    tmp = root / (checkpoint_name(step) + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an interrupted save of the same step
+        tmp.mkdir()
+    dist.barrier()
+    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
+                 scheduler=scheduler.state_dict() if scheduler is not None else None)
+    dist_checkpointing.save(state, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST_FILE, final.name + "\n")
+        if keep_last > 0:
+            for _, old in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, scheduler) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and (same world size) RNG; returns the common state."""
+    path = Path(path)
+    state = _sharded_state(model_chunks, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    model_chunks[0].load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    num_rng = len(list((path / "rng").glob("rank_*.pt"))) if (path / "rng").is_dir() else 0
+    if rng_file.is_file() and num_rng == dist.get_world_size():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return {"iteration": int(loaded["iteration"]), "consumed_samples": int(loaded["consumed_samples"]),
+            "config_yaml": loaded.get("config_yaml"), "rng_restored": rng_file.is_file() and num_rng == dist.get_world_size()}
+
+
+def load_model_weights(path: str | os.PathLike, model_chunks: list) -> None:
+    """Initial weights only (a converted checkpoint or another run's); optimizer state is fresh."""
+    path = Path(path)
+    latest = find_latest(path)
+    if latest is not None:
+        path = latest
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"checkpoint.pretrained: {path} is not a megatron distributed checkpoint "
+                                "(no metadata.json)")
+    state = {"model": model_chunks[0].sharded_state_dict()}
+    loaded = dist_checkpointing.load(state, str(path))
+    model_chunks[0].load_state_dict(loaded["model"])

@@ -1,0 +1,140 @@
+"""Throughput accounting (FLOPs, MFU), the console line and the metric sinks.
+
+Model FLOPs per token, Llama decoder (forward), for sequence length s, hidden h, layers L,
+query heads n, KV groups g, head dim d, FFN f, vocabulary V:
+
+    per layer:  2h(nd + 2gd)     QKV projections
+              + 2h(nd)           attention output projection
+              + 2 * s * n * d    QK^T and PV with a causal mask, *as computed*: a causal
+                                 kernel skips the upper triangle, so each token attends on
+                                 average to s/2 keys: 2 matmuls x 2 FLOPs x (s/2) x n x d
+              + 6hf              SwiGLU (gate, up, down)
+    once:       2hV              output layer
+
+Training = 3x forward (backward costs two forwards). Recomputation is not counted (MFU is model
+FLOPs utilisation). MFU = achieved FLOP/s per GPU / peak dense FLOP/s of the device for the
+training precision (``logging.peak_tflops`` overrides the built-in table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from harpe_megatron.config.model import ModelConfig
+
+__all__ = ["training_flops_per_token", "peak_tflops", "memory_gib", "format_step_line", "MetricSinks"]
+
+# Dense peak TFLOP/s (no sparsity) by device-name fragment and precision.
+_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+}
+
+
+def training_flops_per_token(m: ModelConfig, seq_length: int) -> float:
+    """Model FLOPs per trained token (forward + backward), see the module docstring."""
+    h, d, n, g = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_query_groups
+    per_layer = 2 * h * (n * d + 2 * g * d) + 2 * h * n * d + 2 * seq_length * n * d + 6 * h * m.ffn_hidden_size
+    forward = m.num_layers * per_layer + 2 * h * m.vocab_size
+    return 3.0 * forward
+
+
+def peak_tflops(precision: str, override: Optional[float] = None) -> Optional[float]:
+    """Peak dense TFLOP/s of the current CUDA device (None on CPU or unknown devices)."""
+    if override is not None:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, table in _PEAK_TFLOPS.items():
+        if key in name:
+            return table[precision]
+    return None
+
+
+def memory_gib() -> tuple[str, float]:
+    """("gpu", peak allocated GiB) on CUDA, else ("rss", peak resident set GiB of this process)."""
+    if torch.cuda.is_available():
+        return "gpu", torch.cuda.max_memory_allocated() / 2**30
+    return "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def format_step_line(step: int, total: int, metrics: dict[str, Any]) -> str:
+    """The stable one-line-per-step console format."""
+    mfu = metrics.get("mfu")
+    mem_kind, mem = metrics["memory"]
+    parts = [
+        f"step {step:>6}/{total}",
+        f"loss {metrics['loss']:.4f}",
+        f"lr {metrics['lr']:.3e}",
+        f"grad_norm {metrics['grad_norm']:.3f}",
+        f"tokens/s {metrics['tokens_per_s']:,.0f}",
+        f"TFLOP/s/GPU {metrics['tflops_per_gpu']:.2f}",
+        f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}",
+        f"mem({mem_kind}) {mem:.2f} GiB",
+    ]
+    if metrics.get("skipped"):
+        parts.append(f"skipped {metrics['skipped']}")
+    return " | ".join(parts)
+
+
+class MetricSinks:
+    """TensorBoard, W&B and a JSONL file of metrics, on the last rank only (others get a no-op).
+
+    The last rank is used because it holds the loss (last pipeline stage) and, under DP x CP,
+    the loss logged there is already the global token-weighted mean.
+    """
+
+    def __init__(self, enabled: bool, run_dir: str, tensorboard: bool, wandb_project: Optional[str],
+                 wandb_mode: str, wandb_run_name: Optional[str], config: dict[str, Any]):
+        self.enabled = enabled
+        self._tb = None
+        self._wandb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                warnings.warn("logging.tensorboard is true but the tensorboard package is not installed "
+                              "(pip install tensorboard); metrics go to metrics.jsonl only")
+        if wandb_project and wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed "
+                                   "(pip install wandb, or set logging.wandb_project: null)") from exc
+            self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, mode=wandb_mode,
+                                     dir=run_dir, config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

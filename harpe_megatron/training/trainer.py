@@ -1,0 +1,243 @@
+"""The training loop on megatron-core: DDP, (distributed) optimizer, schedules, checkpoints.
+
+One step = one global batch: ``num_microbatches`` micro-batches per data-parallel rank through
+megatron's forward/backward schedule (1F1B when pipeline parallel), gradients reduced by
+megatron's DDP and divided by the global token count (``calculate_per_token_loss``), one
+optimizer step (with gradient clipping), one LR-scheduler step. The logged loss is the global
+token-weighted mean over DP x CP and all micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from harpe_megatron.config.loader import config_to_dict, save_config
+from harpe_megatron.config.run import RunConfig
+from harpe_megatron.model.builder import build_model, transformer_config
+from harpe_megatron.training.checkpointing import find_latest, load_checkpoint, load_model_weights, save_checkpoint
+from harpe_megatron.training.data import TrainingData
+from harpe_megatron.training.initialize import distributed_run
+from harpe_megatron.training.metrics import (
+    MetricSinks,
+    format_step_line,
+    memory_gib,
+    peak_tflops,
+    training_flops_per_token,
+)
+from harpe_megatron.training.step import forward_step
+
+__all__ = ["train", "TrainResult"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run did (identical on every rank)."""
+
+    losses: dict[int, float]  # step -> global training loss
+    eval_losses: dict[int, float]
+    last_step: int
+    checkpoint: Optional[str]
+    tokens_per_s: Optional[float]  # mean over the steps after the first (warm-up)
+
+
+def _log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _build_model(cfg: RunConfig):
+    dtype = _DTYPES[cfg.training.precision]
+    on_gpu = torch.cuda.is_available()
+    t = cfg.training
+    tconfig = transformer_config(
+        cfg.model, cfg.parallel, params_dtype=dtype, use_cpu_initialization=not on_gpu,
+        calculate_per_token_loss=True,
+        recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+        deallocate_pipeline_outputs=True,
+    )
+    model = build_model(
+        cfg.model, cfg.positional, tconfig, max_sequence_length=cfg.data.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    if dtype != torch.float32:
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=t.overlap_grad_reduce,
+        overlap_param_gather=t.overlap_param_gather,
+        use_distributed_optimizer=t.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if t.overlap_grad_reduce:
+        tconfig.no_sync_func = ddp.no_sync
+        tconfig.grad_sync_func = ddp.start_grad_sync
+    return [ddp], tconfig
+
+
+def _build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int):
+    t = cfg.training
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16", params_dtype=_DTYPES[t.precision],
+        use_distributed_optimizer=t.use_distributed_optimizer,
+        overlap_param_gather=t.overlap_param_gather,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    decay_iters = t.lr_decay_iters or train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=max(decay_iters, t.lr_warmup_iters + 1),
+        lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=max(train_iters, 1), wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _global_loss(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[loss_sum, tokens] over micro-batches and DP x CP, known on every rank afterwards."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage():
+        for r in reports:
+            total += r["lm loss"].to(device=device, dtype=torch.float64)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    # The last pipeline stage holds the loss; the last rank of the world is on it.
+    dist.broadcast(total, src=dist.get_world_size() - 1)
+    return total
+
+
+def _run_schedule(cfg: RunConfig, model_chunks: list, data_iter: Iterator, num_microbatches: int,
+                  forward_only: bool) -> torch.Tensor:
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iter, model=model_chunks,
+        num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size, forward_only=forward_only,
+    )
+    return _global_loss(reports)
+
+
+def _evaluate(cfg: RunConfig, model_chunks: list, data: TrainingData, num_microbatches: int) -> float:
+    for m in model_chunks:
+        m.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        valid_iter = data.valid_iterator()
+        for _ in range(cfg.training.eval_iters):
+            total += _run_schedule(cfg, model_chunks, valid_iter, num_microbatches, forward_only=True).cpu()
+    for m in model_chunks:
+        m.train()
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; returns what happened."""
+    with distributed_run(cfg):
+        return _train(cfg)
+
+
+def _train(cfg: RunConfig) -> TrainResult:
+    world = dist.get_world_size()
+    t = cfg.training
+    train_iters = t.resolved_train_iters(cfg.data.seq_length)
+    num_microbatches = cfg.num_microbatches(world)
+    run_dir = Path(cfg.run_dir)
+    save_dir = Path(cfg.checkpoint.save or run_dir / "checkpoints")
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if dist.get_rank() == 0:
+        save_config(cfg, run_dir / "config.yaml")
+
+    model_chunks, tconfig = _build_model(cfg)
+    optimizer, scheduler = _build_optimizer(cfg, model_chunks, train_iters)
+
+    step, consumed = 0, 0
+    resume_from = find_latest(cfg.checkpoint.load or save_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model_chunks, optimizer, scheduler)
+        step, consumed = state["iteration"], state["consumed_samples"]
+        _log(f"[harpe] resumed from {resume_from} at step {step} ({consumed} samples consumed"
+             f"{'' if state['rng_restored'] else '; RNG not restored: different world size'})")
+    elif cfg.checkpoint.pretrained:
+        load_model_weights(cfg.checkpoint.pretrained, model_chunks)
+        _log(f"[harpe] initial weights from {cfg.checkpoint.pretrained}")
+
+    data = TrainingData(cfg, world, consumed_train_samples=consumed, total_train_steps=train_iters)
+    train_iter = data.train_iterator()
+    flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
+    peak = peak_tflops(t.precision, cfg.logging.peak_tflops)
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    sinks = MetricSinks(enabled=dist.get_rank() == 0, run_dir=str(run_dir), tensorboard=cfg.logging.tensorboard,
+                        wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+                        wandb_run_name=cfg.logging.wandb_run_name, config=config_to_dict(cfg))
+    _log(f"[harpe] world {world} = TP {cfg.parallel.tensor_model_parallel_size} x PP "
+         f"{cfg.parallel.pipeline_model_parallel_size} x CP {cfg.parallel.context_parallel_size} x DP "
+         f"{cfg.data_parallel_size(world)}; {num_microbatches} micro-batch(es)/step; "
+         f"{tokens_per_step:,} tokens/step; steps {step}->{train_iters}; run dir {run_dir}")
+
+    losses: dict[int, float] = {}
+    eval_losses: dict[int, float] = {}
+    speeds: list[float] = []
+    last_saved: Optional[Path] = None
+    stop_at = min(train_iters, t.exit_interval) if t.exit_interval else train_iters
+    for m in model_chunks:
+        m.train()
+    while step < stop_at:
+        start = time.perf_counter()
+        for m in model_chunks:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        total = _run_schedule(cfg, model_chunks, train_iter, num_microbatches, forward_only=False)
+        update_ok, grad_norm, _ = optimizer.step()
+        if update_ok:
+            scheduler.step(increment=1)
+        step += 1
+        consumed += t.global_batch_size
+        elapsed = time.perf_counter() - start
+        loss = (total[0] / total[1]).item()
+        losses[step] = loss
+        tokens_per_s = tokens_per_step / elapsed
+        if step > 1 or resume_from is not None:
+            speeds.append(tokens_per_s)
+        tflops = flops_per_token * tokens_per_s / world / 1e12
+        metrics = {
+            "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops,
+            "mfu": tflops / peak if peak else None, "memory": memory_gib(), "step_time_s": elapsed,
+        }
+        if step % cfg.logging.log_interval == 0 or step == stop_at:
+            _log(format_step_line(step, train_iters, metrics))
+        sinks.log(step, {k: v for k, v in metrics.items() if k != "memory"} | {"memory_gib": metrics["memory"][1]})
+        if t.eval_interval and step % t.eval_interval == 0:
+            eval_losses[step] = _evaluate(cfg, model_chunks, data, num_microbatches)
+            _log(f"[harpe] eval at step {step}: loss {eval_losses[step]:.4f}")
+            sinks.log(step, {"eval_loss": eval_losses[step]})
+        interval = cfg.checkpoint.save_interval
+        if (interval and step % interval == 0) or step == stop_at:
+            last_saved = save_checkpoint(save_dir, step, model_chunks, optimizer, scheduler, consumed,
+                                         config_yaml, cfg.checkpoint.keep_last)
+            _log(f"[harpe] saved checkpoint {last_saved}")
+    sinks.close()
+    return TrainResult(losses=losses, eval_losses=eval_losses, last_step=step,
+                       checkpoint=str(last_saved) if last_saved else None,
+                       tokens_per_s=sum(speeds) / len(speeds) if speeds else None)

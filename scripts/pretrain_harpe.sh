@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Launch harpe-megatron pretraining.
+#
+#   bash scripts/pretrain_harpe.sh [key.path=value ...]
+#       Starts torchrun itself (GPUS_PER_NODE ranks on this node, NNODES nodes in all).
+#   torchrun --nproc-per-node 8 ... --no-python scripts/pretrain_harpe.sh [key.path=value ...]
+#       Already a rank under torchrun (RANK/LOCAL_RANK set): runs that one rank.
+#
+# Environment (defaults in brackets):
+#   CONFIG         YAML run config                     [configs/tiny_cpu.yaml: tiny HARPE on CPU]
+#   NNODES         number of nodes                     [1]
+#   NODE_RANK      this node's index                   [0]
+#   GPUS_PER_NODE  ranks per node                      [#GPUs, or 2 on a CPU-only machine]
+#   MASTER_ADDR    rendezvous host                     [127.0.0.1]
+#   MASTER_PORT    rendezvous port                     [29500]
+#   PYTHON         interpreter with harpe_megatron     [python3 if it imports harpe_megatron,
+#                                                       else .venv/bin/python, set up on first use]
+# Extra arguments are config overrides, e.g. training.lr=3e-5 parallel.context_parallel_size=8.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CONFIG="${CONFIG:-$ROOT/configs/tiny_cpu.yaml}"
+
+if [ -z "${PYTHON:-}" ]; then
+  if python3 -c "import harpe_megatron, megatron.core" >/dev/null 2>&1; then
+    PYTHON=python3
+  else
+    if [ ! -x "$ROOT/.venv/bin/python" ] || ! "$ROOT/.venv/bin/python" -c "import harpe_megatron, megatron.core" >/dev/null 2>&1; then
+      if [ -n "${LOCAL_RANK:-}" ]; then
+        echo "pretrain_harpe.sh: no Python environment with harpe_megatron; run 'bash scripts/setup_venv.sh' first or set PYTHON" >&2
+        exit 1
+      fi
+      bash "$ROOT/scripts/setup_venv.sh" >&2
+    fi
+    PYTHON="$ROOT/.venv/bin/python"
+  fi
+fi
+export PYTHONUNBUFFERED=1
+
+if [ -n "${LOCAL_RANK:-}" ] && [ -n "${RANK:-}" ]; then
+  # One rank of a torchrun job (torchrun --no-python scripts/pretrain_harpe.sh ...).
+  exec "$PYTHON" -m harpe_megatron.train --config "$CONFIG" "$@"
+fi
+
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  GPUS_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+# Build the demo corpus/tokenizer/index first when the config asks for it (data.build_demo_corpus).
+"$PYTHON" -m harpe_megatron.data.prepare_run --config "$CONFIG" "$@"
+
+echo "[pretrain_harpe] config $CONFIG | nodes $NNODES (this: $NODE_RANK) x $GPUS_PER_NODE ranks | master $MASTER_ADDR:$MASTER_PORT"
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+  -m harpe_megatron.train --config "$CONFIG" "$@"
