@@ -36,11 +36,14 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model_weights",
+    "unwrap_model",
 ]
 
 LATEST_FILE = "latest"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
-_OPT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# "fully_reshardable": canonical per-parameter optimizer state, so a checkpoint resumes at another
+# TP/PP/DP layout (gathered on DP rank 0 when saving; fine for the sizes we save).
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def checkpoint_name(step: int) -> str:
@@ -108,10 +111,72 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer its state tensors (so a checkpoint can be loaded into them).
+
+    megatron's DistributedOptimizer builds its loading state dict from its current state, which a
+    torch Adam (the fallback without apex/TE) only has after a first step. We take one step with
+    zero gradients and lr = weight decay = 0, which allocates the state and changes no parameter;
+    the loaded checkpoint then overwrites the state, including the step count.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` plus a work-around for megatron-core 0.16.1 on its torch-Adam
+    fallback (no apex/TE, i.e. CPU): there, ``DistributedOptimizer.load_state_dict`` first puts
+    Adam's ``step`` into every parameter's state and then copies the fully-reshardable parameter
+    state key by key, failing on ``step`` (which that format does not store per parameter). We do
+    the two halves ourselves with ``step`` set aside in between, and un-share the step tensors.
+    Other set-ups take the plain call.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    fallback = (
+        not distrib_optimizer.HAVE_APEX_OR_TE
+        and len(opts) == 1
+        and isinstance(opts[0], distrib_optimizer.DistributedOptimizer)
+        and state.get("param_state_sharding_type") == "fully_reshardable"
+    )
+    if not fallback:
+        optimizer.load_state_dict(state)
+        return
+    opt = opts[0]
+    state = dict(state)
+    param_state = state.pop("param_state")
+    opt.load_state_dict(state)
+    steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for p, step in steps.items():
+        # megatron hands every parameter the *same* step tensor, which torch's foreach Adam would
+        # then increment once per parameter per step: give each its own.
+        opt.optimizer.state[p]["step"] = step.detach().clone()
+
+
+def unwrap_model(module):
+    """The bare model under megatron's DDP / Float16Module wrappers (their ``.module``)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
 def _sharded_state(model_chunks: list, optimizer, is_loading: bool) -> dict[str, Any]:
     if len(model_chunks) != 1:
         raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported")
-    model_sd = model_chunks[0].sharded_state_dict()
+    model_sd = unwrap_model(model_chunks[0]).sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_METADATA)
@@ -153,11 +218,13 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
 def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, scheduler) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and (same world size) RNG; returns the common state."""
     path = Path(path)
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
-    model_chunks[0].load_state_dict(loaded["model"])
+    unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
@@ -177,6 +244,6 @@ def load_model_weights(path: str | os.PathLike, model_chunks: list) -> None:
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"checkpoint.pretrained: {path} is not a megatron distributed checkpoint "
                                 "(no metadata.json)")
-    state = {"model": model_chunks[0].sharded_state_dict()}
-    loaded = dist_checkpointing.load(state, str(path))
-    model_chunks[0].load_state_dict(loaded["model"])
+    model = unwrap_model(model_chunks[0])
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(loaded["model"])
