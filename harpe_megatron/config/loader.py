@@ -24,6 +24,9 @@ import yaml
 from harpe_megatron.config.model import ModelConfig, PositionalConfig
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.positional.bases import BASE_STRATEGIES, BaseStrategy
+from harpe_megatron.positional.scaling import ROPE_SCALINGS, RopeScaling
+
+_POLYMORPHIC = {BaseStrategy: (BASE_STRATEGIES, "strategy"), RopeScaling: (ROPE_SCALINGS, "type")}
 
 __all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config"]
 
@@ -116,8 +119,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
         tp = hints[name]
         sub = f"{path}.{name}" if path else name
         inner, _ = _strip_optional(tp)
-        if isinstance(inner, type) and issubclass(inner, BaseStrategy):
-            kwargs[name] = _build_strategy(value, sub)
+        if isinstance(inner, type) and issubclass(inner, (BaseStrategy, RopeScaling)):
+            registry, key = _POLYMORPHIC[BaseStrategy if issubclass(inner, BaseStrategy) else RopeScaling]
+            kwargs[name] = _build_variant(value, sub, registry, key)
         elif dataclasses.is_dataclass(inner):
             kwargs[name] = _build_section(inner, value, sub)
         else:
@@ -131,14 +135,15 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(msg if msg.startswith(path) or not path else f"{path}: {msg}") from None
 
 
-def _build_strategy(data: Any, path: str) -> BaseStrategy:
-    if not isinstance(data, dict) or "strategy" not in data:
-        raise ConfigError(f"{path}: expected a mapping with a 'strategy' key, one of {sorted(BASE_STRATEGIES)}")
+def _build_variant(data: Any, path: str, registry: dict[str, type], key: str) -> Any:
+    """A section whose ``key`` entry picks the dataclass (``bases.strategy``, ``scaling.type``)."""
+    if not isinstance(data, dict) or key not in data:
+        raise ConfigError(f"{path}: expected a mapping with a {key!r} key, one of {sorted(registry)}")
     fields = dict(data)
-    name = fields.pop("strategy")
-    if name not in BASE_STRATEGIES:
-        raise ConfigError(f"{path}.strategy: unknown strategy {name!r}; expected one of {sorted(BASE_STRATEGIES)}")
-    return _build(BASE_STRATEGIES[name], fields, path)
+    name = fields.pop(key)
+    if name not in registry:
+        raise ConfigError(f"{path}.{key}: unknown {key} {name!r}; expected one of {sorted(registry)}")
+    return _build(registry[name], fields, path)
 
 
 def _build_section(cls: type, data: Any, path: str) -> Any:
@@ -182,7 +187,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (BaseStrategy, PositionalConfig)):
+    if isinstance(value, (BaseStrategy, RopeScaling, PositionalConfig)):
         return value.to_dict()
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from harpe_megatron.positional.bases import BaseStrategy, PaperBases, base_strategy_from_dict
+from harpe_megatron.positional.scaling import ROPE_SCALINGS, NoScaling, RopeScaling
 
 __all__ = ["ModelConfig", "PositionalConfig", "ParallelConfig", "validate_model_setup", "padded_vocab_size"]
 
@@ -58,27 +59,37 @@ class ModelConfig:
 
 @dataclass
 class PositionalConfig:
-    """RoPE: how heads get their bases and where positions come from.
+    """RoPE: how heads get their bases, how frequencies are scaled, where positions come from.
+
+    ``scaling``: ``{type: none}`` (default), ``linear`` (PI), ``ntk`` or ``yarn``; see
+    :mod:`harpe_megatron.positional.scaling`.
 
     ``position_ids``: ``sequential`` (0..S-1 of the packed sequence, zigzag-sharded under CP) or
     ``from_batch`` (per-sample ids from the data pipeline, e.g. CREAM/PoSE; required then).
     """
 
     bases: BaseStrategy = field(default_factory=PaperBases)
+    scaling: RopeScaling = field(default_factory=NoScaling)
     position_ids: str = "sequential"
     rotary_interleaved: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bases, dict):
             self.bases = base_strategy_from_dict(self.bases)
+        if isinstance(self.scaling, dict):
+            spec = dict(self.scaling)
+            name = spec.pop("type", None)
+            if name not in ROPE_SCALINGS:
+                raise ValueError(f"positional.scaling.type: expected one of {sorted(ROPE_SCALINGS)}, got {name!r}")
+            self.scaling = ROPE_SCALINGS[name](**spec)
         if self.position_ids not in ("sequential", "from_batch"):
             raise ValueError(
                 f"positional.position_ids: expected 'sequential' or 'from_batch', got {self.position_ids!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bases": self.bases.to_dict(), "position_ids": self.position_ids,
-                "rotary_interleaved": self.rotary_interleaved}
+        return {"bases": self.bases.to_dict(), "scaling": self.scaling.to_dict(),
+                "position_ids": self.position_ids, "rotary_interleaved": self.rotary_interleaved}
 
 
 @dataclass

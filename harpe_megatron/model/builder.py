@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -27,10 +28,18 @@ def transformer_config(
     parallel: ParallelConfig,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool = False,
+    positional: Optional[PositionalConfig] = None,
     **overrides,
 ) -> TransformerConfig:
-    """megatron ``TransformerConfig`` for a Llama decoder (extra TransformerConfig fields via overrides)."""
+    """megatron ``TransformerConfig`` for a Llama decoder (extra TransformerConfig fields via overrides).
+
+    A RoPE scaling with an attention temperature (YaRN's mscale on q and k) enters as
+    ``softmax_scale = mscale^2 / sqrt(head_dim)``: scaling q and k by mscale scales their dot
+    products by mscale^2, and the softmax sees nothing else.
+    """
     validate_model_setup(model, parallel)
+    factor = positional.scaling.attention_factor if positional is not None else 1.0
+    softmax_scale = factor**2 / math.sqrt(model.head_dim) if factor != 1.0 else None
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -61,6 +70,7 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=use_cpu_initialization,
         pipeline_dtype=params_dtype,
+        softmax_scale=softmax_scale,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -99,6 +109,7 @@ def build_model(
         head_bases=model_head_bases(model, positional),
         position_ids_mode=positional.position_ids,
         rotary_interleaved=positional.rotary_interleaved,
+        rope_scaling=positional.scaling,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,

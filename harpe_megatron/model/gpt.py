@@ -34,6 +34,8 @@ class HarpeGPTModel(GPTModel):
         position_ids_mode: ``"sequential"`` (positions 0..S-1, zigzag-sharded under CP; the
             ``position_ids`` argument of ``forward`` is ignored as in megatron) or
             ``"from_batch"`` (``position_ids`` ``[b, s_local]`` drive the rotation; required).
+        rope_scaling: a :class:`~harpe_megatron.positional.scaling.RopeScaling` (PI/NTK/YaRN); its
+            attention temperature must be in ``config.softmax_scale`` (see model/builder.py).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class HarpeGPTModel(GPTModel):
         head_bases: Sequence[float],
         position_ids_mode: str = "sequential",
         rotary_interleaved: bool = False,
+        rope_scaling=None,
         pre_process: bool = True,
         post_process: bool = True,
         parallel_output: bool = True,
@@ -81,6 +84,7 @@ class HarpeGPTModel(GPTModel):
             tp_size=self.pg_collection.tp.size(),
             cp_group=self.pg_collection.cp,
             rotary_interleaved=rotary_interleaved,
+            scaling=rope_scaling,
         )
 
     @property

@@ -27,17 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from harpe_megatron.parallel.zigzag import zigzag_positions
+from harpe_megatron.positional.scaling import NoScaling, RopeScaling
+from harpe_megatron.positional.scaling import plain_inverse_frequencies as inverse_frequencies
 
 __all__ = ["PerHeadRotaryEmbedding", "inverse_frequencies"]
-
-
-def inverse_frequencies(bases: Sequence[float] | Tensor, head_dim: int) -> Tensor:
-    """``[len(bases), head_dim/2]`` fp32 inverse frequencies ``base^(-2i/d)`` (megatron/HF formula)."""
-    if head_dim % 2:
-        raise ValueError(f"rotary head dim must be even, got {head_dim}")
-    b = torch.as_tensor(bases, dtype=torch.float32).reshape(-1, 1)
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-    return 1.0 / (b ** exponents)
 
 
 class PerHeadRotaryEmbedding(nn.Module):
@@ -51,6 +44,7 @@ class PerHeadRotaryEmbedding(nn.Module):
         tp_rank, tp_size: tensor-parallel coordinates (heads are split across TP ranks).
         cp_group: context-parallel process group (``None`` or size 1: no CP).
         rotary_interleaved: GPT-J layout instead of rotate-half.
+        scaling: frequency scaling (PI / NTK / YaRN) applied to every head with its own base.
     """
 
     def __init__(
@@ -62,6 +56,7 @@ class PerHeadRotaryEmbedding(nn.Module):
         tp_size: int = 1,
         cp_group: Optional[torch.distributed.ProcessGroup] = None,
         rotary_interleaved: bool = False,
+        scaling: Optional[RopeScaling] = None,
     ) -> None:
         super().__init__()
         num_heads = len(head_bases)
@@ -77,6 +72,7 @@ class PerHeadRotaryEmbedding(nn.Module):
         self.head_bases = [float(b) for b in head_bases]
         self.head_dim = head_dim
         self.rotary_interleaved = rotary_interleaved
+        self.scaling = scaling if scaling is not None else NoScaling()
         self.cp_group = cp_group
         np_local = num_heads // tp_size
         # Bases are kept as Python floats, not float buffers: megatron's Float16Module casts every
@@ -98,7 +94,7 @@ class PerHeadRotaryEmbedding(nn.Module):
 
     def _table(self, pos: Tensor, bases: list[float]) -> Tensor:
         # pos: [s, B] fp32; inv_freq: [h, d/2] -> angles [s, B, h, d/2]
-        inv_freq = inverse_frequencies(bases, self.head_dim).to(pos.device)
+        inv_freq = self.scaling.inverse_frequencies(bases, self.head_dim).to(pos.device)
         angles = pos[:, :, None, None] * inv_freq[None, None]
         if self.rotary_interleaved:
             return angles.repeat_interleave(2, dim=-1)

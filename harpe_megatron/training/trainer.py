@@ -65,7 +65,7 @@ def _build_model(cfg: RunConfig):
     on_gpu = torch.cuda.is_available()
     t = cfg.training
     tconfig = transformer_config(
-        cfg.model, cfg.parallel, params_dtype=dtype, use_cpu_initialization=not on_gpu,
+        cfg.model, cfg.parallel, params_dtype=dtype, use_cpu_initialization=not on_gpu, positional=cfg.positional,
         calculate_per_token_loss=True,
         recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,

@@ -16,7 +16,7 @@ from tests.distributed.training_workers import train_with
 pytestmark = pytest.mark.distributed
 
 STEPS = 20
-# Measured: TP=2 and CP=2 match one rank to <= 3.6e-7 over 20 steps (fp32); resume is bitwise.
+# Measured: TP=2, CP=2 (and PP=2 from a common initial checkpoint) match one rank to <= 3.6e-7 over 20 steps (fp32); resume is bitwise.
 LOSS_ATOL = 2e-5
 
 
@@ -52,8 +52,9 @@ def test_loss_falls(setup):
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
-                                    ["parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2"]],
-                         ids=["tp2", "cp2"])
+                                    ["parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2"],
+                                    ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]],
+                         ids=["tp2", "cp2", "pp2"])
 def test_parallel_layout_matches_one_rank(setup, layout):
     config, base, root, reference = setup
     name = "_".join(x.split("=")[0].split(".")[-1] + x.split("=")[1] for x in layout)
