@@ -23,14 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from harpe_megatron.training.trainer import train
-
-    result = train(cfg)
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[harpe] done: {result.last_step} steps; last checkpoint {result.checkpoint}; "
-              f"run dir {cfg.run_dir}", flush=True)
+    from harpe_megatron.training.stages import run_stages
+    from harpe_megatron.training.trainer import train
+
+    results = run_stages(cfg) if cfg.stages else [train(cfg)]
+    if dist.get_rank() == 0:
+        for r in results:
+            if r is not None:
+                print(f"[harpe] done: step {r.last_step}; last checkpoint {r.checkpoint}", flush=True)
+        print(f"[harpe] run dir {cfg.run_dir}", flush=True)
+    dist.destroy_process_group()
     return 0
 
 

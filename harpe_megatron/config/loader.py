@@ -124,6 +124,13 @@ def _build(cls: type, data: Any, path: str) -> Any:
             kwargs[name] = _build_variant(value, sub, registry, key)
         elif dataclasses.is_dataclass(inner):
             kwargs[name] = _build_section(inner, value, sub)
+        elif typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+            if value is None:
+                kwargs[name] = _coerce(value, tp, sub)
+                continue
+            if not isinstance(value, list):
+                raise ConfigError(f"{sub}: expected a list of mappings, got {type(value).__name__}")
+            kwargs[name] = [_build(typing.get_args(inner)[0], v, f"{sub}[{i}]") for i, v in enumerate(value)]
         else:
             kwargs[name] = _coerce(value, tp, sub)
     try:

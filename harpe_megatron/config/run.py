@@ -23,7 +23,7 @@ from typing import Optional
 
 from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig, validate_model_setup
 
-__all__ = ["DataConfig", "TrainingConfig", "CheckpointConfig", "LoggingConfig", "RunConfig"]
+__all__ = ["DataConfig", "TrainingConfig", "CheckpointConfig", "LoggingConfig", "StageConfig", "RunConfig"]
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TrainingConfig:
         for key in ("micro_batch_size", "global_batch_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"training.{key} must be positive, got {getattr(self, key)}")
-        if (self.train_iters is None) == (self.train_tokens is None):
+        if self.train_iters is not None and self.train_tokens is not None:
             raise ValueError("set exactly one of training.train_iters and training.train_tokens")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"training.precision: expected bf16, fp16 or fp32, got {self.precision!r}")
@@ -106,6 +106,8 @@ class TrainingConfig:
     def resolved_train_iters(self, seq_length: int) -> int:
         if self.train_iters is not None:
             return self.train_iters
+        if self.train_tokens is None:
+            raise ValueError("set exactly one of training.train_iters and training.train_tokens")
         return math.ceil(self.train_tokens / (self.global_batch_size * seq_length))
 
 
@@ -141,6 +143,31 @@ class LoggingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage schedule (e.g. ABF 1e6@32k -> 2e6@64k -> 5e6@128k).
+
+    A stage is the run config with these fields replaced; fields left null keep the run's value.
+    ``rope_base`` sets one base for all heads (ABF); ``train_iters`` / ``train_tokens`` say how
+    long this stage trains (one of them).
+    """
+
+    name: str = "stage"
+    seq_length: Optional[int] = None
+    rope_base: Optional[float] = None
+    train_iters: Optional[int] = None
+    train_tokens: Optional[float] = None
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    global_batch_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if (self.train_iters is None) == (self.train_tokens is None):
+            raise ValueError(f"stages[{self.name}]: set exactly one of train_iters and train_tokens")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"stages: stage name {self.name!r} must be non-empty and contain no '/'")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     positional: PositionalConfig = field(default_factory=PositionalConfig)
@@ -149,6 +176,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(train_iters=10))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stages: Optional[list[StageConfig]] = None  # multi-stage schedule (training/stages.py)
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -156,6 +184,12 @@ class RunConfig:
 
     def validate(self) -> None:
         validate_model_setup(self.model, self.parallel, self.data.seq_length)
+        for stage in self.stages or []:
+            validate_model_setup(self.model, self.parallel, stage.seq_length or self.data.seq_length)
+        if not self.stages and self.training.train_iters is None and self.training.train_tokens is None:
+            raise ValueError("set exactly one of training.train_iters and training.train_tokens")
+        if self.stages is not None and len({s.name for s in self.stages}) != len(self.stages):
+            raise ValueError("stages: stage names must be unique")
         # Resolving the bases checks their count and GQA consistency against the model.
         from harpe_megatron.positional.bases import per_query_head_bases
 
