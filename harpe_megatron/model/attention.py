@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -40,8 +41,9 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from harpe_megatron.parallel.zigzag import gathered_to_natural_order, zigzag_chunk_ids
+from harpe_megatron.positional.rotary import split_rotary_table
 
-__all__ = ["SDPAttention", "causal_attention", "context_parallel_causal_attention"]
+__all__ = ["SDPAttention", "HarpeSelfAttention", "causal_attention", "context_parallel_causal_attention"]
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
@@ -148,3 +150,19 @@ class SDPAttention(MegatronModule):
             )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+class HarpeSelfAttention(SelfAttention):
+    """megatron ``SelfAttention`` that takes our per-head rotary table (packed for GQA).
+
+    The table travels through the decoder block as one tensor (activation checkpointing saves
+    its arguments with ``save_for_backward``, which cannot hold a tuple); here it is split into
+    the ``(query_table, key_table)`` pair that ``SelfAttention`` applies to q and k.
+    """
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        if isinstance(rotary_pos_emb, Tensor):
+            rotary_pos_emb = split_rotary_table(
+                rotary_pos_emb, self.num_attention_heads_per_partition, self.num_query_groups_per_partition
+            )
+        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)

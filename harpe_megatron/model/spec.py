@@ -2,6 +2,7 @@
 
 * TE spec (NGC images): megatron's ``get_gpt_layer_with_transformer_engine_spec`` (fused
   norm+linear, ``TEDotProductAttention`` with context parallelism), final norm ``TENorm``.
+* Both use :class:`HarpeSelfAttention` (megatron's SelfAttention that unpacks our rotary table).
 * Local spec (CPU, CI, GPUs without TE): megatron's local spec with our :class:`RMSNorm` (sequence
   parallel capable) and :class:`SDPAttention` (context parallel capable) swapped in via
   ModuleSpec submodules; nothing is monkey-patched.
@@ -25,7 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from harpe_megatron.model.attention import SDPAttention
+from harpe_megatron.model.attention import HarpeSelfAttention, SDPAttention
 from harpe_megatron.model.norm import RMSNorm
 
 __all__ = ["transformer_engine_available", "layer_spec", "block_spec"]
@@ -39,11 +40,13 @@ def transformer_engine_available() -> bool:
 def layer_spec(use_transformer_engine: bool) -> ModuleSpec:
     """One Llama decoder layer (RMSNorm, SwiGLU MLP, causal self-attention, no biases)."""
     if use_transformer_engine:
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    spec.submodules.input_layernorm = RMSNorm
-    spec.submodules.pre_mlp_layernorm = RMSNorm
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
+    else:
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.self_attention.module = HarpeSelfAttention
     return spec
 
 

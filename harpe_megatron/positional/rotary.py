@@ -8,9 +8,12 @@ Replaces megatron's ``RotaryEmbedding`` (one base, lru-cached, CUDA-bound). Conv
   *angles*; megatron's apply path takes ``cos``/``sin`` of it.
 * Head order is megatron's: query head ``h`` belongs to KV group ``h // (heads / groups)``; TP rank
   ``t`` owns query heads ``[t * np, (t+1) * np)`` and groups ``[t * ng, (t+1) * ng)``.
-* Output is a ``(query_table, key_table)`` tuple with shapes ``[s, 1, np, d]`` and
-  ``[s, 1, ng, d]`` (``[s, b, ., d]`` with per-sample position ids), which megatron's unfused
-  ``apply_rotary_pos_emb`` broadcasts against ``[s, b, heads, d]``. For MHA both are one tensor.
+* Output is one tensor. MHA: ``[s, 1, np, d]`` (``[s, b, np, d]`` with per-sample position ids),
+  which megatron's unfused ``apply_rotary_pos_emb`` broadcasts against q and k ``[s, b, heads, d]``.
+  GQA: the query and key tables packed along the head axis, ``[s, 1, np + ng, d]``;
+  :class:`~harpe_megatron.model.attention.HarpeSelfAttention` splits it into the
+  ``(query_table, key_table)`` pair megatron's ``SelfAttention`` accepts. One tensor (not a
+  tuple) is what megatron's activation checkpointing can save between layers.
 * Positions are those of the tokens on this rank: the zigzag share of ``arange(S_global)`` under
   context parallelism (:mod:`harpe_megatron.parallel.zigzag`), or the given per-sample
   ``position_ids`` ``[b, s_local]`` (already sharded like the tokens; CREAM/PoSE).
@@ -30,7 +33,7 @@ from harpe_megatron.parallel.zigzag import zigzag_positions
 from harpe_megatron.positional.scaling import NoScaling, RopeScaling
 from harpe_megatron.positional.scaling import plain_inverse_frequencies as inverse_frequencies
 
-__all__ = ["PerHeadRotaryEmbedding", "inverse_frequencies"]
+__all__ = ["PerHeadRotaryEmbedding", "inverse_frequencies", "split_rotary_table"]
 
 
 class PerHeadRotaryEmbedding(nn.Module):
@@ -105,7 +108,7 @@ class PerHeadRotaryEmbedding(nn.Module):
         seq_len: int,
         position_ids: Optional[Tensor] = None,
         device: Optional[torch.device] = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Tensor:
         """Tables for a global sequence of ``seq_len`` tokens (see module docstring).
 
         Args:
@@ -125,5 +128,19 @@ class PerHeadRotaryEmbedding(nn.Module):
                 )
             pos = position_ids.to(device=device, dtype=torch.float32).t()
         q_table = self._table(pos, self.local_q_bases)
-        k_table = q_table if self.shared_qk else self._table(pos, self.local_k_bases)
-        return q_table, k_table
+        if self.shared_qk:
+            return q_table
+        return torch.cat([q_table, self._table(pos, self.local_k_bases)], dim=2)
+
+    def split(self, table: Tensor) -> tuple[Tensor, Tensor]:
+        """``(query_table, key_table)`` from :meth:`forward`'s output."""
+        return split_rotary_table(table, len(self.local_q_bases), len(self.local_k_bases))
+
+
+def split_rotary_table(table: Tensor, np_local: int, ng_local: int) -> tuple[Tensor, Tensor]:
+    """Query and key tables from a (possibly packed) per-head table, see the module docstring."""
+    if table.size(2) == np_local:
+        return table, table
+    if table.size(2) != np_local + ng_local:
+        raise ValueError(f"rotary table has {table.size(2)} heads, expected {np_local} or {np_local + ng_local}")
+    return table[:, :, :np_local], table[:, :, np_local:]

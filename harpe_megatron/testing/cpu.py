@@ -195,6 +195,10 @@ _CUDA_REPLACEMENTS: dict[str, Any] = {
 }
 
 
+# megatron's activation checkpointing reads torch.cuda.random.get_rng_state directly.
+_CUDA_RANDOM_REPLACEMENTS = ("get_rng_state", "set_rng_state")
+
+
 @contextlib.contextmanager
 def cpu_megatron(seed: int | None = None) -> Iterator[None]:
     """Run megatron-core on CPU inside this context (re-entrant).
@@ -213,7 +217,12 @@ def cpu_megatron(seed: int | None = None) -> Iterator[None]:
             _STATE.depth -= 1
         return
 
+    import torch.cuda.random as cuda_random
+
     saved_cuda = {name: getattr(torch.cuda, name) for name in _CUDA_REPLACEMENTS}
+    saved_random = {name: getattr(cuda_random, name) for name in _CUDA_RANDOM_REPLACEMENTS}
+    for name in _CUDA_RANDOM_REPLACEMENTS:
+        setattr(cuda_random, name, _CUDA_REPLACEMENTS[name])
     saved_tracker = (mcore_random._CUDA_RNG_STATE_TRACKER, mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
     for name, fn in _CUDA_REPLACEMENTS.items():
         setattr(torch.cuda, name, fn)
@@ -229,4 +238,6 @@ def cpu_megatron(seed: int | None = None) -> Iterator[None]:
         _STATE.depth = 0
         for name, fn in saved_cuda.items():
             setattr(torch.cuda, name, fn)
+        for name, fn in saved_random.items():
+            setattr(cuda_random, name, fn)
         mcore_random._CUDA_RNG_STATE_TRACKER, mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved_tracker

@@ -31,7 +31,7 @@ def test_constant_base_table_equals_megatron_rotary(base, cp_size):
     for cp_rank in range(cp_size):
         group = FakeGroup(cp_rank, cp_size)
         ours = PerHeadRotaryEmbedding([base] * 4, HEAD_DIM, num_query_groups=4, cp_group=group)
-        q_table, k_table = ours(seq)
+        q_table, k_table = ours.split(ours(seq))
         with cpu_megatron():
             stock = RotaryEmbedding(kv_channels=HEAD_DIM, rotary_percent=1.0, rotary_base=base,
                                     use_cpu_initialization=True, cp_group=group)
@@ -46,7 +46,7 @@ def test_constant_base_table_equals_megatron_rotary(base, cp_size):
 def test_each_head_rotates_like_hf_llama_with_its_base():
     seq, batch, heads = 40, 2, len(PAPER_LIKE)
     rope = PerHeadRotaryEmbedding(PAPER_LIKE, HEAD_DIM, num_query_groups=heads)
-    q_table, _ = rope(seq)
+    q_table, _ = rope.split(rope(seq))
     x = torch.randn(seq, batch, heads, HEAD_DIM)
     rotated = apply_rotary_pos_emb(x, q_table, config=_mcore_config(heads), cp_group=FakeGroup(0, 1))
     pos = torch.arange(seq)[None].expand(batch, seq)
@@ -58,19 +58,23 @@ def test_each_head_rotates_like_hf_llama_with_its_base():
         hf_q, _ = hf_apply_rotary_pos_emb(xh, xh, cos, sin)
         torch.testing.assert_close(rotated[:, :, h], hf_q[:, 0].permute(1, 0, 2), rtol=0, atol=2e-6)
     # The heads really differ: a single base would not reproduce them.
-    single = apply_rotary_pos_emb(x, rope(seq)[0][:, :, :1].expand(-1, -1, heads, -1),
+    single = apply_rotary_pos_emb(x, rope.split(rope(seq))[0][:, :, :1].expand(-1, -1, heads, -1),
                                   config=_mcore_config(heads), cp_group=FakeGroup(0, 1))
     assert (single[:, :, -1] - rotated[:, :, -1]).abs().max() > 1e-3
 
 
 def test_gqa_key_table_has_one_row_per_group_and_tp_slices_heads():
     bases = [1e4, 1e4, 5e5, 5e5, 2e6, 2e6, 3e6, 3e6]  # 8 query heads, 4 KV groups
-    full_q, full_k = PerHeadRotaryEmbedding(bases, HEAD_DIM, num_query_groups=4)(32)
+    full = PerHeadRotaryEmbedding(bases, HEAD_DIM, num_query_groups=4)
+    packed = full(32)
+    assert packed.shape == (32, 1, 8 + 4, HEAD_DIM)  # query and key tables packed for GQA
+    full_q, full_k = full.split(packed)
     assert full_q.shape[2] == 8 and full_k.shape[2] == 4
     for g in range(4):
         torch.testing.assert_close(full_k[:, :, g], full_q[:, :, 2 * g], rtol=0, atol=0)
     for tp_rank in range(2):
-        q, k = PerHeadRotaryEmbedding(bases, HEAD_DIM, num_query_groups=4, tp_rank=tp_rank, tp_size=2)(32)
+        rope = PerHeadRotaryEmbedding(bases, HEAD_DIM, num_query_groups=4, tp_rank=tp_rank, tp_size=2)
+        q, k = rope.split(rope(32))
         assert torch.equal(q, full_q[:, :, 4 * tp_rank : 4 * tp_rank + 4])
         assert torch.equal(k, full_k[:, :, 2 * tp_rank : 2 * tp_rank + 2])
 
@@ -83,12 +87,12 @@ def test_bases_differing_inside_a_kv_group_are_rejected():
 def test_per_sample_position_ids():
     rope = PerHeadRotaryEmbedding(PAPER_LIKE, HEAD_DIM, num_query_groups=4)
     seq = 24
-    sequential, _ = rope(seq)
-    same, _ = rope(seq, position_ids=torch.arange(seq)[None].expand(3, seq))
+    sequential, _ = rope.split(rope(seq))
+    same, _ = rope.split(rope(seq, position_ids=torch.arange(seq)[None].expand(3, seq)))
     assert same.shape == (seq, 3, 4, HEAD_DIM)
     assert torch.equal(same, sequential.expand(-1, 3, -1, -1))
     ids = torch.stack([torch.arange(seq) * 7, torch.randint(0, 100000, (seq,)).sort().values])
-    table, _ = rope(seq, position_ids=ids)
+    table, _ = rope.split(rope(seq, position_ids=ids))
     inv = inverse_frequencies(PAPER_LIKE, HEAD_DIM)
     expected = ids.t()[:, :, None, None].float() * inv[None, None]
     torch.testing.assert_close(table[..., : HEAD_DIM // 2], expected, rtol=0, atol=0)
@@ -99,18 +103,18 @@ def test_position_ids_must_be_this_cp_ranks_share():
     rope = PerHeadRotaryEmbedding(PAPER_LIKE, HEAD_DIM, num_query_groups=4, cp_group=FakeGroup(0, 2))
     with pytest.raises(ValueError, match=r"position_ids must be \[batch, 16\]"):
         rope(32, position_ids=torch.arange(32)[None])
-    table, _ = rope(32, position_ids=torch.arange(16)[None])
+    table, _ = rope.split(rope(32, position_ids=torch.arange(16)[None]))
     assert table.shape[0] == 16
 
 
 def test_no_stale_tables_when_length_changes():
     rope = PerHeadRotaryEmbedding(PAPER_LIKE, HEAD_DIM, num_query_groups=4)
-    short, _ = rope(8)
-    long, _ = rope(64)
-    again, _ = rope(8)
+    short, _ = rope.split(rope(8))
+    long, _ = rope.split(rope(64))
+    again, _ = rope.split(rope(8))
     assert long.shape[0] == 64 and torch.equal(short, again)
     torch.testing.assert_close(long[:8], short, rtol=0, atol=0)
-    other, _ = PerHeadRotaryEmbedding([2e6] * 4, HEAD_DIM, num_query_groups=4)(8)
+    other = PerHeadRotaryEmbedding([2e6] * 4, HEAD_DIM, num_query_groups=4)(8)
     assert not torch.equal(other, short)
 
 
@@ -120,13 +124,13 @@ def test_interleaved_layout_matches_megatron():
         stock = RotaryEmbedding(kv_channels=HEAD_DIM, rotary_percent=1.0, rotary_interleaved=True,
                                 use_cpu_initialization=True, cp_group=FakeGroup(0, 1))
         ref = RotaryEmbedding.forward.__wrapped__(stock, 16)
-    assert torch.equal(rope(16)[0][:, :, 0], ref[:, :, 0])
+    assert torch.equal(rope.split(rope(16))[0][:, :, 0], ref[:, :, 0])
 
 
 def test_table_stays_fp32_when_the_model_is_cast_to_bf16():
     rope = PerHeadRotaryEmbedding(PAPER_LIKE, HEAD_DIM, num_query_groups=4)
-    reference, _ = rope(4096)
+    reference, _ = rope.split(rope(4096))
     rope = rope.bfloat16()  # what megatron's Float16Module does to the whole model
-    table, _ = rope(4096)
+    table, _ = rope.split(rope(4096))
     assert table.dtype == torch.float32
     assert torch.equal(table, reference)

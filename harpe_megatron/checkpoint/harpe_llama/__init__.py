@@ -1,0 +1,27 @@
+"""The HF modeling code for per-head-RoPE (HARPE) Llama models.
+
+``configuration_harpe_llama.py`` and ``modeling_harpe_llama.py`` are self-contained: the export
+(tools/convert_to_hf.py) copies them into the HF folder, where
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` imports them.
+:func:`register` makes the Auto classes know ``harpe_llama`` inside this process without remote code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["SHIPPED_FILES", "register"]
+
+SHIPPED_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_harpe_llama.py", "modeling_harpe_llama.py"))
+
+
+def register() -> None:
+    """Register ``harpe_llama`` with AutoConfig / AutoModel / AutoModelForCausalLM (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from harpe_megatron.checkpoint.harpe_llama.configuration_harpe_llama import HarpeLlamaConfig
+    from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import HarpeLlamaForCausalLM, HarpeLlamaModel
+
+    AutoConfig.register(HarpeLlamaConfig.model_type, HarpeLlamaConfig, exist_ok=True)
+    AutoModel.register(HarpeLlamaConfig, HarpeLlamaModel, exist_ok=True)
+    AutoModelForCausalLM.register(HarpeLlamaConfig, HarpeLlamaForCausalLM, exist_ok=True)

@@ -1,0 +1,214 @@
+"""HARPE Llama: Hugging Face Llama with one RoPE base per attention head.
+
+Shipped into exported HF folders and imported by
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``. What that runs: this
+file and ``configuration_harpe_llama.py``; both import only ``torch`` and ``transformers`` (its
+Llama classes) and define the classes below. Nothing is downloaded, executed at import time or
+patched globally.
+
+Only the rotary position embedding differs from ``LlamaForCausalLM``; the weights, their names
+and everything else are Llama's:
+
+* :class:`HarpeLlamaRotaryEmbedding` returns ``(cos, sin)`` of shape ``[batch, kv_heads, seq,
+  head_dim]``: one row per KV group, with the group's base (``config.harpe_rope_bases`` lists one
+  base per query head; the heads of a group share it). Frequencies ``base^(-2i/d)`` and angles
+  are computed in fp32 from the bases (kept as Python floats, so casting the model to bf16 does
+  not touch them) and cast to the activations' dtype, as in Llama.
+* :class:`HarpeLlamaAttention` applies them rotate-half style: keys ``[b, kv_heads, s, d]``
+  directly, queries viewed as ``[b, kv_heads, heads_per_group, s, d]`` so that every query head
+  uses its group's table without materialising per-query-head copies. Keys are rotated before
+  they enter the KV cache, exactly as in Llama, so ``generate()`` with a cache works.
+
+Tested with transformers 5.x; the ``past_key_value``/attention-interface fallbacks aim at 4.4x.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    eager_attention_forward,
+    rotate_half,
+)
+
+try:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # pragma: no cover
+    ALL_ATTENTION_FUNCTIONS = None
+
+from .configuration_harpe_llama import HarpeLlamaConfig
+
+__all__ = [
+    "HarpeLlamaRotaryEmbedding",
+    "HarpeLlamaAttention",
+    "HarpeLlamaDecoderLayer",
+    "HarpeLlamaModel",
+    "HarpeLlamaForCausalLM",
+    "harpe_group_bases",
+]
+
+
+def harpe_group_bases(config) -> list[float]:
+    """One base per KV group from ``config.harpe_rope_bases`` (validated)."""
+    heads = config.num_attention_heads
+    groups = getattr(config, "num_key_value_heads", None) or heads
+    bases = getattr(config, "harpe_rope_bases", None)
+    if bases is None or len(bases) != heads:
+        raise ValueError(f"harpe_rope_bases must list one RoPE base per query head ({heads}), got {bases!r}")
+    bases = [float(b) for b in bases]
+    if any(not math.isfinite(b) or b <= 1.0 for b in bases):
+        raise ValueError(f"every RoPE base must be a finite number > 1, got {bases}")
+    per_group = heads // groups
+    for g in range(groups):
+        group = bases[g * per_group : (g + 1) * per_group]
+        if len(set(group)) != 1:
+            raise ValueError(f"query heads of KV group {g} must share one RoPE base, got {group}")
+    return bases[::per_group]
+
+
+class HarpeLlamaRotaryEmbedding(nn.Module):
+    """Per-KV-group rotary tables: ``forward(x, position_ids) -> (cos, sin)``, ``[b, groups, s, d]``."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.group_bases = harpe_group_bases(config)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"rotary head dim must be even, got {self.head_dim}")
+        self.attention_scaling = 1.0
+        self._inv_freq: dict[str, torch.Tensor] = {}  # per device; deliberately not a buffer
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """``[groups, d/2]`` fp32 ``base^(-2i/d)``."""
+        key = str(device)
+        if key not in self._inv_freq:
+            bases = torch.tensor(self.group_bases, dtype=torch.float32, device=device).reshape(-1, 1)
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).to(torch.float32)
+            self._inv_freq[key] = 1.0 / (bases ** (exponents / self.head_dim))
+        return self._inv_freq[key]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq(x.device)
+        angles = position_ids[:, None, :, None].to(torch.float32) * inv_freq[None, :, None, :]
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def apply_harpe_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate ``q [b, heads, s, d]`` and ``k [b, groups, s, d]`` with group tables ``[b|1, groups, s, d]``."""
+    groups = k.shape[1]
+    qg = q.unflatten(1, (groups, q.shape[1] // groups))
+    cq, sq = cos[:, :, None], sin[:, :, None]
+    q_embed = ((qg * cq) + (rotate_half(qg) * sq)).flatten(1, 2)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def _attention_interface(impl: str) -> Callable:
+    if ALL_ATTENTION_FUNCTIONS is None:
+        return eager_attention_forward
+    getter = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if getter is not None:
+        return getter(impl, eager_attention_forward)
+    return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+class HarpeLlamaAttention(LlamaAttention):
+    """Llama attention whose rotary tables hold one row per KV group (see module docstring)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        if past_key_values is None:
+            past_key_values = kwargs.pop("past_key_value", None)  # transformers 4.x spelling
+        else:
+            kwargs.pop("past_key_value", None)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_harpe_rotary(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention = _attention_interface(self.config._attn_implementation)
+        attn_output, attn_weights = attention(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class HarpeLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = HarpeLlamaAttention(config=config, layer_idx=layer_idx)
+
+
+class HarpeLlamaModel(LlamaModel):
+    """``LlamaModel`` with HARPE layers and rotary embedding (``forward`` is Llama's)."""
+
+    config_class = HarpeLlamaConfig
+    _no_split_modules = ["HarpeLlamaDecoderLayer"]
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [HarpeLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = HarpeLlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class HarpeLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` on :class:`HarpeLlamaModel` (same weight names, same ``forward``)."""
+
+    config_class = HarpeLlamaConfig
+    _no_split_modules = ["HarpeLlamaDecoderLayer"]
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = HarpeLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+try:  # lets save_pretrained() of a loaded model copy this file and write auto_map again
+    HarpeLlamaModel.register_for_auto_class("AutoModel")
+    HarpeLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+except Exception:  # pragma: no cover
+    pass

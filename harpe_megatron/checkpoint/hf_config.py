@@ -1,0 +1,240 @@
+"""HF ``config.json`` <-> our model/positional config, plus the other small HF metadata files.
+
+Import (:func:`megatron_trees_from_hf`): a Llama ``config.json`` (``model_type`` ``llama``, or
+our own ``harpe_llama`` export) becomes the ``model`` and ``positional`` sections of a RunConfig
+tree. Plain Llama gets one constant base, ``rope_theta``; ``harpe_llama`` gets its
+``harpe_rope_bases`` as an explicit list. Unsupported features are refused with the key named:
+other model types, RoPE scaling (``rope_scaling`` / ``rope_parameters.rope_type`` other than
+``default``), biases, an activation other than SiLU, a ``head_dim`` that is not
+``hidden_size / num_attention_heads``. Tied embeddings are supported.
+
+Export (:func:`hf_config_dict`): one base for every head -> a plain ``LlamaForCausalLM`` config
+(``rope_theta`` = that base); per-head bases -> ``model_type: harpe_llama`` with
+``harpe_rope_bases`` (one float per query head, HF = megatron head order) and an ``auto_map``
+pointing at the modeling code shipped in the folder. Both ``rope_theta`` (read by transformers
+4.x) and ``rope_parameters`` (5.x) are written, and ``torch_dtype`` as well as ``dtype``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from harpe_megatron.config.model import ModelConfig
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "HARPE_MODEL_TYPE",
+    "HARPE_AUTO_MAP",
+    "read_hf_config",
+    "megatron_trees_from_hf",
+    "expected_hf_shapes",
+    "hf_config_dict",
+    "generation_config_dict",
+    "dtype_name",
+    "DTYPES",
+]
+
+HARPE_MODEL_TYPE = "harpe_llama"
+SUPPORTED_MODEL_TYPES = ("llama", HARPE_MODEL_TYPE)
+HARPE_AUTO_MAP = {
+    "AutoConfig": "configuration_harpe_llama.HarpeLlamaConfig",
+    "AutoModel": "modeling_harpe_llama.HarpeLlamaModel",
+    "AutoModelForCausalLM": "modeling_harpe_llama.HarpeLlamaForCausalLM",
+}
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of HF configs)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found (an HF model folder needs its config.json)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def _rope_settings(cfg: dict[str, Any], source: str) -> float:
+    """The RoPE base of a Llama config; refuses any kind of RoPE scaling."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta")
+    for key, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise ValueError(f"{source}: {key} must be a mapping, got {spec!r}")
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind != "default":
+            raise ValueError(
+                f"{source}: {key}.rope_type={kind!r} (RoPE scaling) is not supported; only plain RoPE "
+                "('default') converts. Express position interpolation through positional.bases instead"
+            )
+        if theta is None and "rope_theta" in spec:
+            theta = spec["rope_theta"]
+    theta = 10000.0 if theta is None else float(theta)
+    if not theta > 1.0:
+        raise ValueError(f"{source}: rope_theta must be > 1, got {theta}")
+    return theta
+
+
+def megatron_trees_from_hf(cfg: dict[str, Any], source: str = "config.json") -> dict[str, dict[str, Any]]:
+    """``{"model": {...}, "positional": {...}}`` (RunConfig sections) for an HF Llama config."""
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not supported; this converter handles Llama "
+            f"checkpoints ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+    def need(key: str) -> Any:
+        if cfg.get(key) is None:
+            raise ValueError(f"{source}: missing required key {key!r}")
+        return cfg[key]
+
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    groups = int(cfg.get("num_key_value_heads") or heads)
+    if cfg.get("head_dim") is not None and heads and int(cfg["head_dim"]) * heads != hidden:
+        raise ValueError(
+            f"{source}: head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads "
+            f"= {hidden}/{heads}; such models are not supported"
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act={act!r} is not supported (Llama uses 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise ValueError(f"{source}: {key}=true is not supported (the megatron model has no linear biases)")
+    theta = _rope_settings(cfg, source)
+    model = {
+        "num_layers": int(need("num_hidden_layers")),
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_query_groups": groups,
+        "ffn_hidden_size": int(need("intermediate_size")),
+        "vocab_size": int(need("vocab_size")),
+        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "init_method_std": float(cfg.get("initializer_range", 0.02)),
+        "untie_embeddings_and_output_weights": not bool(cfg.get("tie_word_embeddings", False)),
+        "pretrained_context_length": int(cfg.get("max_position_embeddings", 4096)),
+    }
+    if model_type == HARPE_MODEL_TYPE:
+        bases = cfg.get("harpe_rope_bases")
+        if not isinstance(bases, list) or len(bases) != heads:
+            raise ValueError(f"{source}: harpe_rope_bases must list one base per query head ({heads})")
+        bases_spec = {"strategy": "explicit", "values": [float(b) for b in bases]}
+    else:
+        bases_spec = {"strategy": "constant", "base": theta}
+    return {"model": model, "positional": {"bases": bases_spec, "position_ids": "sequential",
+                                          "rotary_interleaved": False}}
+
+
+def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of an HF Llama checkpoint with architecture ``m``."""
+    h, d = m.hidden_size, m.head_dim
+    q, kv, f = m.num_attention_heads * d, m.num_query_groups * d, m.ffn_hidden_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (m.vocab_size, h)}
+    for i in range(m.num_layers):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        })
+    out["model.norm.weight"] = (h,)
+    if m.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = (m.vocab_size, h)
+    return out
+
+
+def hf_config_dict(
+    m: ModelConfig,
+    head_bases: Sequence[float],
+    dtype: torch.dtype,
+    max_position_embeddings: int,
+    bos_token_id: Optional[int] = 1,
+    eos_token_id: Optional[int] = 2,
+    pad_token_id: Optional[int] = None,
+) -> dict[str, Any]:
+    """``config.json`` for an exported model (see module docstring)."""
+    import transformers
+
+    bases = [float(b) for b in head_bases]
+    if len(bases) != m.num_attention_heads:
+        raise ValueError(f"need one base per query head ({m.num_attention_heads}), got {len(bases)}")
+    per_head = len(set(bases)) > 1
+    theta = min(bases)
+    cfg: dict[str, Any] = {
+        "architectures": ["HarpeLlamaForCausalLM" if per_head else "LlamaForCausalLM"],
+        "model_type": HARPE_MODEL_TYPE if per_head else "llama",
+    }
+    if per_head:
+        cfg["auto_map"] = dict(HARPE_AUTO_MAP)
+    cfg.update({
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(max_position_embeddings),
+        "initializer_range": m.init_method_std,
+        "rms_norm_eps": m.norm_epsilon,
+        "use_cache": True,
+        "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
+        # Per-head models ignore rope_theta (harpe_rope_bases drive the rotary embedding); it is
+        # kept because LlamaConfig expects it.
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "dtype": dtype_name(dtype),
+        "torch_dtype": dtype_name(dtype),
+        "transformers_version": transformers.__version__,
+    })
+    if per_head:
+        cfg["harpe_rope_bases"] = bases
+    return cfg
+
+
+def generation_config_dict(bos_token_id: Optional[int], eos_token_id: Optional[int],
+                           pad_token_id: Optional[int] = None) -> dict[str, Any]:
+    import transformers
+
+    out: dict[str, Any] = {"_from_model_config": True}
+    for key, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+                       ("pad_token_id", pad_token_id)):
+        if value is not None:
+            out[key] = value
+    out["transformers_version"] = transformers.__version__
+    return out

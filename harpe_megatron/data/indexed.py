@@ -1,0 +1,216 @@
+"""Writing megatron indexed datasets (``<prefix>.bin`` / ``<prefix>.idx``) from documents.
+
+One document = one sequence entry (and one document entry) of megatron's ``IndexedDataset``:
+``[BOS] tokens(text) EOS``, BOS only with ``add_bos=True`` (the Llama-2 convention for
+continual pretraining is EOS-separated documents without BOS). Token dtype: megatron's
+``DType.optimal_dtype(vocab_size)`` (``uint16`` below 65500 ids, e.g. Llama-2's 32000, else
+``int32``). Documents whose text has no token are skipped (counted in the report).
+
+Length upsampling (:mod:`harpe_megatron.data.upsample`) decides per document after tokenization;
+dropped documents are not written. The report (before/after statistics) is written next to the
+data as ``<prefix>.report.json``.
+
+Atomicity: everything is written under temporary names in the output directory
+(``<prefix>.tmp-<pid>.*``) and renamed at the end (``.bin``, ``.report.json``, then ``.idx``),
+so an error or an interrupt leaves no output file, only the previous state. Existing outputs are
+refused unless ``overwrite=True``.
+
+Tokenization can run in ``workers`` processes; documents are batched, at most ``2 * workers``
+batches are in flight (bounded memory) and written in input order, so the output does not depend
+on the number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from tqdm import tqdm
+
+from harpe_megatron.data.jsonl import Document
+from harpe_megatron.data.tokenizer import SentencePieceTokenizer
+from harpe_megatron.data.upsample import DEFAULT_BIN_EDGES, LengthUpsampler, UpsamplingReport
+
+__all__ = ["PreprocessResult", "output_paths", "token_dtype", "write_indexed_dataset"]
+
+
+@dataclass
+class PreprocessResult:
+    """What :func:`write_indexed_dataset` wrote."""
+
+    prefix: str
+    bin_path: str
+    idx_path: str
+    report_path: str
+    documents: int  # documents written
+    tokens: int  # tokens written (including EOS/BOS)
+    dtype: str
+    report: dict[str, Any]
+
+
+def output_paths(prefix: str) -> dict[str, str]:
+    """The files the preprocessor writes for ``prefix``."""
+    return {"bin": prefix + ".bin", "idx": prefix + ".idx", "report": prefix + ".report.json"}
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """The numpy dtype megatron picks for token ids of a vocabulary of ``vocab_size``."""
+    return DType.optimal_dtype(vocab_size)
+
+
+_WORKER_TOKENIZER: SentencePieceTokenizer | None = None
+
+
+def _init_worker(tokenizer: SentencePieceTokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+    torch.set_num_threads(1)
+
+
+def _encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
+    assert _WORKER_TOKENIZER is not None
+    return [np.asarray(_WORKER_TOKENIZER.tokenize(t), dtype=np.int64) for t in texts]
+
+
+def _batches(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _tokenized(
+    documents: Iterable[Document], tokenizer: SentencePieceTokenizer, workers: int, batch_size: int
+) -> Iterator[tuple[Document, np.ndarray]]:
+    """(document, token ids) in input order, tokenized in ``workers`` processes."""
+    if workers <= 1:
+        for doc in documents:
+            yield doc, np.asarray(tokenizer.tokenize(doc.text), dtype=np.int64)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in _batches(documents, batch_size):
+            pending.append((batch, pool.apply_async(_encode_batch, ([d.text for d in batch],))))
+            if len(pending) >= 2 * workers:
+                docs, result = pending.popleft()
+                yield from zip(docs, result.get())
+        while pending:
+            docs, result = pending.popleft()
+            yield from zip(docs, result.get())
+
+
+def _remove(paths: Iterable[str]) -> None:
+    for p in paths:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+def write_indexed_dataset(
+    documents: Iterable[Document],
+    tokenizer: SentencePieceTokenizer,
+    output_prefix: str,
+    *,
+    upsampler: LengthUpsampler | None = None,
+    bin_edges: Sequence[int] = DEFAULT_BIN_EDGES,
+    add_bos: bool = False,
+    workers: int = 1,
+    batch_size: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PreprocessResult:
+    """Tokenize ``documents``, apply ``upsampler`` and write ``output_prefix.{bin,idx,report.json}``.
+
+    ``upsampler=None`` keeps every document (the report still uses the default 4096-token
+    threshold to define "long"). Raises ``FileExistsError`` if an output exists and not
+    ``overwrite``; ``ValueError`` if a token id is outside ``[0, vocab_size)`` (naming the
+    document's ``file:line``) or if no document is left to write.
+    """
+    upsampler = upsampler or LengthUpsampler.keep_all()
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if add_bos:
+        bos = tokenizer.bos  # raises if the model has none
+    outputs = output_paths(output_prefix)
+    existing = [p for p in outputs.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"output exists: {', '.join(existing)} (pass overwrite=True / --overwrite to replace)")
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
+    tmp = output_paths(tmp_prefix)
+
+    vocab_size = tokenizer.vocab_size
+    dtype = token_dtype(vocab_size)
+    eod = tokenizer.eod
+    report = UpsamplingReport(upsampler, bin_edges)
+    written_docs = written_tokens = empty = 0
+    builder = None
+    bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc", disable=not progress,
+               file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    try:
+        builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
+        for doc, ids in _tokenized(documents, tokenizer, workers, batch_size):
+            bar.update(1)
+            if ids.size == 0:
+                empty += 1
+                continue
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= vocab_size:
+                bad = hi if hi >= vocab_size else lo
+                raise ValueError(f"{doc.where}: token id {bad} outside the vocabulary [0, {vocab_size}) "
+                                 f"of {tokenizer.model_path}")
+            parts = ([np.array([bos], dtype=np.int64)] if add_bos else []) + [ids, np.array([eod], dtype=np.int64)]
+            tokens = np.concatenate(parts)
+            kept = upsampler.keep(doc.index, tokens.size)
+            report.add(doc.source, int(tokens.size), kept)
+            if not kept:
+                continue
+            builder.add_item(torch.from_numpy(tokens))
+            builder.end_document()
+            written_docs += 1
+            written_tokens += int(tokens.size)
+            if written_docs % 1000 == 0:
+                bar.set_postfix(kept=written_docs, tokens=written_tokens, refresh=False)
+        bar.set_postfix(kept=written_docs, tokens=written_tokens)
+        if written_docs == 0:
+            raise ValueError(
+                f"no document left to write to {output_prefix} (input documents: {report.to_dict()['total']['before']['documents']}, "
+                f"empty: {empty}); lower short_threshold or raise short_keep_prob"
+            )
+        builder.finalize(tmp["idx"])
+        summary = report.to_dict()
+        summary["empty_documents_skipped"] = empty
+        summary["output"] = {"prefix": output_prefix, "documents": written_docs, "tokens": written_tokens,
+                             "dtype": np.dtype(dtype).name, "tokenizer": tokenizer.model_path,
+                             "vocab_size": vocab_size, "add_bos": add_bos, "eod": eod}
+        with open(tmp["report"], "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        for key in ("bin", "report", "idx"):  # the .idx last: both data files present => complete
+            os.replace(tmp[key], outputs[key])
+    except BaseException:
+        if builder is not None and not builder.data_file.closed:
+            builder.data_file.close()
+        _remove(tmp.values())
+        raise
+    finally:
+        bar.close()
+    return PreprocessResult(
+        prefix=output_prefix, bin_path=outputs["bin"], idx_path=outputs["idx"], report_path=outputs["report"],
+        documents=written_docs, tokens=written_tokens, dtype=np.dtype(dtype).name, report=summary,
+    )
