@@ -32,3 +32,13 @@ def single_rank():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small real demo build (corpus from text on this machine, tokenizer, indexed dataset)."""
+    from harpe_megatron.data.demo import prepare_demo_data
+
+    out = prepare_demo_data(tmp_path_factory.mktemp("demo_data"), vocab_size=512, max_docs=300,
+                            progress=False, log=lambda msg: None)
+    return out.as_dict()

@@ -109,7 +109,8 @@ def run_distributed(
     port = free_port()
     layout = dict(tp=tp, pp=pp, cp=cp, seed=seed)
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, layout, fn, args, out), daemon=True)
+        # not daemonic: ranks start processes of their own (dist_checkpointing writers)
+        ctx.Process(target=_worker, args=(r, world_size, port, layout, fn, args, out), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:

@@ -1,0 +1,48 @@
+"""Launcher step: build a run's demo data when its config asks for it.
+
+``python -m harpe_megatron.data.prepare_run --config CONFIG [overrides]`` -- if
+``data.build_demo_corpus`` is true and the config's data files are missing, build the demo
+corpus, tokenizer and indexed dataset where ``data.paths[0]`` / ``data.tokenizer_model`` point
+(a tokenizer of ``model.vocab_size`` pieces). Otherwise it checks nothing and does nothing, so it
+is safe to run before every launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harpe_megatron.config.loader import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harpe_megatron.data.prepare_run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.data.build_demo_corpus:
+        return 0
+    from harpe_megatron.data.demo import demo_outputs, prepare_demo_data
+
+    if len(cfg.data.paths) != 1:
+        raise SystemExit("data.build_demo_corpus needs exactly one entry in data.paths")
+    out_dir = Path(cfg.data.paths[0]).parent
+    expected = demo_outputs(out_dir)
+    if expected.prefix != cfg.data.paths[0] or expected.tokenizer != cfg.data.tokenizer_model:
+        raise SystemExit(
+            f"data.build_demo_corpus writes {expected.prefix} and {expected.tokenizer}; set data.paths "
+            f"and data.tokenizer_model to those (got {cfg.data.paths[0]} and {cfg.data.tokenizer_model})"
+        )
+    prepare_demo_data(out_dir, vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
