@@ -283,15 +283,15 @@ def prepare_demo_data(
         n[0] += 1
         n[1] += len(d["text"].encode("utf-8"))
     total_bytes = sum(n[1] for n in by_source.values())
-    log(f"[demo data] corpus {out.corpus}: {len(docs)} documents, {total_bytes / 1e6:.2f} MB "
-        + ", ".join(f"{s} {n[0]} docs/{n[1] / 1e6:.2f} MB" for s, n in sorted(by_source.items()))
-        + f" ({time.perf_counter() - t0:.1f}s)")
+    log(f"[demo data] corpus {out.corpus}: {len(docs)} documents, {total_bytes / 1e6:.2f} MB ("
+        + ", ".join(f"{s}: {n[0]} docs, {n[1] / 1e6:.2f} MB" for s, n in sorted(by_source.items()))
+        + f") [{time.perf_counter() - t0:.1f}s]")
 
     t1 = time.perf_counter()
     tokenizer = train_sentencepiece((d["text"] for d in docs), Path(out.tokenizer).with_suffix(""),
                                     vocab_size=vocab_size, seed=seed)
     log(f"[demo data] tokenizer {out.tokenizer}: BPE, {tokenizer.vocab_size} pieces "
-        f"({time.perf_counter() - t1:.1f}s)")
+        f"[{time.perf_counter() - t1:.1f}s]")
 
     t2 = time.perf_counter()
     upsampler = LengthUpsampler(short_threshold=DEMO_SHORT_THRESHOLD, short_keep_prob=DEMO_KEEP_PROB, seed=seed)
@@ -301,7 +301,7 @@ def prepare_demo_data(
                                    bin_edges=DEMO_BIN_EDGES, workers=workers, overwrite=True, progress=progress)
     log(render_report(result.report))
     log(f"[demo data] indexed dataset {out.prefix}.bin/.idx: {result.documents} documents, "
-        f"{result.tokens:,} tokens ({result.dtype}); report {out.report} ({time.perf_counter() - t2:.1f}s)")
+        f"{result.tokens:,} tokens ({result.dtype}); report {out.report} [{time.perf_counter() - t2:.1f}s]")
     _write_json_atomic(out.manifest, {"settings": settings, "documents": result.documents, "tokens": result.tokens,
                                       "corpus_documents": len(docs), "corpus_bytes": total_bytes})
     log(f"[demo data] done in {time.perf_counter() - t0:.1f}s: {out.out_dir}")

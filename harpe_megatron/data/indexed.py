@@ -150,6 +150,7 @@ def write_indexed_dataset(
     if existing and not overwrite:
         raise FileExistsError(f"output exists: {', '.join(existing)} (pass overwrite=True / --overwrite to replace)")
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    created_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
     tmp = output_paths(tmp_prefix)
@@ -207,6 +208,8 @@ def write_indexed_dataset(
         if builder is not None and not builder.data_file.closed:
             builder.data_file.close()
         _remove(tmp.values())
+        if created_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)
         raise
     finally:
         bar.close()

@@ -95,10 +95,13 @@ def read_documents(
 ) -> Iterator[Document]:
     """Yield the documents of ``inputs`` (files or glob patterns, ``.jsonl`` or ``.jsonl.gz``).
 
-    Blank lines are skipped. Raises (see the module docstring) at the first bad line, and at the
-    end if no file held any document.
+    Blank lines are skipped. Missing inputs raise here, at the call; a bad line raises when it is
+    reached, and input without any document raises at the end of the iteration.
     """
-    files = expand_inputs(inputs)
+    return _iter_documents(expand_inputs(inputs), text_key, source_key)
+
+
+def _iter_documents(files: list[str], text_key: str, source_key: str) -> Iterator[Document]:
     index = 0
     for path in files:
         fallback_source = source_name_of_file(path)

@@ -170,8 +170,9 @@ def train_sentencepiece(
     non-empty lines, each one training sentence. At most ``input_sentence_size`` sentences are
     used (a seeded sample when there are more). Settings: BPE, ``byte_fallback``, ``split_digits``,
     identity normalisation, whitespace kept, ``unk=0 bos=1 eos=2``, no pad. ``vocab_size``
-    includes the 3 special and 256 byte pieces, so it must be > 259 (a few hundred more pieces
-    are needed for the characters of the text).
+    includes the 3 special and 256 byte pieces plus one piece per character that
+    ``character_coverage`` keeps (about 80-150 for English text and code); sentencepiece's error
+    says how many it needs when the size is too small.
 
     Both files are written under temporary names and renamed (``.vocab`` first, then ``.model``),
     so an interrupted run never leaves a ``.model`` that is half written. Returns the tokenizer.

@@ -202,7 +202,7 @@ def render_report(report: dict[str, Any]) -> str:
             f"'long' = >= {rule['short_threshold']} tokens."
         )
     else:
-        out.append("Length upsampling off: every document kept.")
+        out.append(f"Length upsampling off: every document kept ('long' = >= {rule['short_threshold']} tokens).")
     header = ["source", "docs", "-> kept", "tokens", "-> kept", "share", "-> kept", "long-doc tokens", "-> kept"]
     rows = []
     entries = list(report["sources"].items()) + [("TOTAL", report["total"])]

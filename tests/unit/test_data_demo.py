@@ -1,0 +1,81 @@
+"""The demo corpus: built from text on this machine, loadable, deterministic, idempotent; CLI help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harpe_megatron.data.dataset import MicroBatchSampler, build_gpt_datasets, check_indexed_dataset, to_batch
+from harpe_megatron.data.demo import prepare_demo_data
+from harpe_megatron.data.tokenizer import SentencePieceTokenizer
+from tests.unit.test_data_indexed import load_tool
+
+MAX_DOCS = 30
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    logs: list[str] = []
+    out = prepare_demo_data(tmp_path_factory.mktemp("demo"), max_docs=MAX_DOCS, progress=False, log=logs.append)
+    return out, logs
+
+
+def test_demo_outputs_are_loadable(single_rank, demo, tmp_path):
+    out, logs = demo
+    records = [json.loads(line) for line in Path(out.corpus).read_text(encoding="utf-8").splitlines()]
+    assert 3 <= len(records) <= MAX_DOCS
+    assert len({r["source"] for r in records}) >= 2
+    assert all(r["text"].strip() for r in records)
+    tok = SentencePieceTokenizer(out.tokenizer)
+    assert (tok.vocab_size, tok.bos, tok.eos) == (512, 1, 2)
+    info = check_indexed_dataset(out.prefix)
+    report = json.loads(Path(out.report).read_text())
+    assert report["rule"]["short_threshold"] == 512 and report["rule"]["short_keep_prob"] == 0.1
+    assert report["total"]["before"]["documents"] == len(records)
+    assert info.documents == report["total"]["after"]["documents"] and info.tokens == report["total"]["after"]["tokens"]
+    assert any("TOTAL" in line for line in logs)
+    train, valid, _ = build_gpt_datasets([out.prefix], None, "95,5,0", 32, 1234, (16, 4, 0), tok, str(tmp_path / "cache"))
+    batch = to_batch(next(MicroBatchSampler(train, 4)))
+    assert batch["tokens"].shape == (4, 32) and int(batch["tokens"].max()) < 512
+    assert valid is not None and len(valid) >= 4
+
+
+def test_demo_is_idempotent_and_deterministic(demo, tmp_path):
+    out, _ = demo
+    files = [out.corpus, out.tokenizer, out.prefix + ".bin", out.prefix + ".idx", out.report]
+    before = {f: (Path(f).stat().st_mtime_ns, Path(f).read_bytes()) for f in files}
+    logs: list[str] = []
+    prepare_demo_data(out.out_dir, max_docs=MAX_DOCS, progress=False, log=logs.append)
+    assert any("already prepared" in line for line in logs)
+    assert {f: (Path(f).stat().st_mtime_ns, Path(f).read_bytes()) for f in files} == before
+    with pytest.raises(FileExistsError, match="other settings"):
+        prepare_demo_data(out.out_dir, max_docs=MAX_DOCS, vocab_size=600, progress=False, log=lambda s: None)
+    again = prepare_demo_data(tmp_path / "again", max_docs=MAX_DOCS, progress=False, log=lambda s: None)
+    for f, g in zip(files, [again.corpus, again.tokenizer, again.prefix + ".bin", again.prefix + ".idx"]):
+        assert Path(f).read_bytes() == Path(g).read_bytes(), f
+
+
+@pytest.mark.parametrize("tool, needles", [
+    ("preprocess_data", ["--input", "--tokenizer-model", "--output-prefix", "--short-threshold", "--workers", "--overwrite"]),
+    ("train_tokenizer", ["--input", "--output-prefix", "--vocab-size"]),
+    ("prepare_demo_data", ["--out", "--vocab-size", "--max-docs"]),
+])
+def test_cli_help(tool, needles, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_tool(tool).main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for n in needles:
+        assert n in text
+
+
+def test_train_tokenizer_cli(demo, tmp_path, capsys):
+    out, _ = demo
+    tool = load_tool("train_tokenizer")
+    prefix = str(tmp_path / "tok")
+    assert tool.main(["--input", out.corpus, "--output-prefix", prefix, "--vocab-size", "400"]) == 0
+    assert "400 pieces" in capsys.readouterr().out
+    assert SentencePieceTokenizer(prefix + ".model").vocab_size == 400
+    assert tool.main(["--input", out.corpus, "--output-prefix", prefix]) == 1  # exists
