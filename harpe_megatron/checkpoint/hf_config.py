@@ -3,21 +3,25 @@
 Import (:func:`megatron_trees_from_hf`): a Llama ``config.json`` (``model_type`` ``llama``, or
 our own ``harpe_llama`` export) becomes the ``model`` and ``positional`` sections of a RunConfig
 tree. Plain Llama gets one constant base, ``rope_theta``; ``harpe_llama`` gets its
-``harpe_rope_bases`` as an explicit list. Unsupported features are refused with the key named:
-other model types, RoPE scaling (``rope_scaling`` / ``rope_parameters.rope_type`` other than
-``default``), biases, an activation other than SiLU, a ``head_dim`` that is not
-``hidden_size / num_attention_heads``. Tied embeddings are supported.
+``harpe_rope_bases`` as an explicit list. RoPE scaling ``linear`` (PI) and ``yarn`` map to
+``positional.scaling``. Refused, with the key named: other model types, other RoPE scalings
+(dynamic NTK, llama3, longrope, DeepSeek-style YaRN), partial rotary dims, biases, an activation
+other than SiLU, a ``head_dim`` that is not ``hidden_size / num_attention_heads``. Tied
+embeddings are supported.
 
 Export (:func:`hf_config_dict`): one base for every head -> a plain ``LlamaForCausalLM`` config
 (``rope_theta`` = that base); per-head bases -> ``model_type: harpe_llama`` with
 ``harpe_rope_bases`` (one float per query head, HF = megatron head order) and an ``auto_map``
-pointing at the modeling code shipped in the folder. Both ``rope_theta`` (read by transformers
-4.x) and ``rope_parameters`` (5.x) are written, and ``torch_dtype`` as well as ``dtype``.
+pointing at the modeling code shipped in the folder. ``positional.scaling``: ``linear`` and
+``yarn`` become transformers' ``rope_parameters`` of that type (plus ``rope_scaling`` for 4.x),
+static ``ntk`` becomes the larger bases ``b * s^(d/(d-2))`` it stands for. Both ``rope_theta``
+and ``rope_parameters`` are written, and ``torch_dtype`` as well as ``dtype``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,6 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from harpe_megatron.config.model import ModelConfig
+from harpe_megatron.positional.scaling import LinearScaling, NoScaling, NTKScaling, RopeScaling, YarnScaling
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -33,6 +38,7 @@ __all__ = [
     "read_hf_config",
     "megatron_trees_from_hf",
     "expected_hf_shapes",
+    "export_bases",
     "hf_config_dict",
     "generation_config_dict",
     "dtype_name",
@@ -71,28 +77,72 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def _rope_settings(cfg: dict[str, Any], source: str) -> float:
-    """The RoPE base of a Llama config; refuses any kind of RoPE scaling."""
-    params = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
-    theta = cfg.get("rope_theta")
-    for key, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if spec is None:
-            continue
-        if not isinstance(spec, dict):
-            raise ValueError(f"{source}: {key} must be a mapping, got {spec!r}")
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise ValueError(
-                f"{source}: {key}.rope_type={kind!r} (RoPE scaling) is not supported; only plain RoPE "
-                "('default') converts. Express position interpolation through positional.bases instead"
-            )
-        if theta is None and "rope_theta" in spec:
-            theta = spec["rope_theta"]
+def _rope_from_hf(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any]]:
+    """``(rope_theta, positional.scaling)`` of a Llama config; refuses what has no equivalent.
+
+    transformers gives ``rope_scaling`` (4.x spelling) precedence over ``rope_parameters`` (5.x),
+    and a ``rope_theta`` inside the dict over the top-level one; so do we.
+    """
+    spec = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{source}: {key} must be a mapping, got {spec!r}")
+    theta = spec.get("rope_theta", cfg.get("rope_theta"))
     theta = 10000.0 if theta is None else float(theta)
     if not theta > 1.0:
         raise ValueError(f"{source}: rope_theta must be > 1, got {theta}")
-    return theta
+    partial = spec.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (RoPE on every dimension only)")
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return theta, {"type": "none"}
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": float(spec["factor"])}
+    if kind == "yarn":
+        for extra in ("mscale", "mscale_all_dim"):
+            if spec.get(extra):
+                raise ValueError(f"{source}: {key}.{extra} (DeepSeek-style YaRN) is not supported")
+        original = (spec.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                    or cfg.get("max_position_embeddings"))
+        if not original:
+            raise ValueError(f"{source}: YaRN needs original_max_position_embeddings")
+        factor = spec.get("factor") or cfg["max_position_embeddings"] / original
+        factor = float(factor)
+        default_af = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        given_af = spec.get("attention_factor")
+        if given_af is not None and abs(float(given_af) - default_af) > 1e-9:
+            raise ValueError(f"{source}: {key}.attention_factor={given_af} differs from YaRN's 0.1 ln(factor) + 1; "
+                             "not supported")
+        return theta, {"type": "yarn", "factor": factor, "original_max_position_embeddings": int(original),
+                       "beta_fast": float(spec.get("beta_fast") or 32.0), "beta_slow": float(spec.get("beta_slow") or 1.0),
+                       "truncate": bool(spec.get("truncate", True))}
+    raise ValueError(
+        f"{source}: {key}.rope_type={kind!r} is not supported; plain RoPE ('default'), 'linear' (PI) and "
+        "'yarn' convert (static NTK exports as a larger rope_theta)"
+    )
+
+
+def _hf_rope_parameters(scaling: RopeScaling, theta: float) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` for one of our scalings (NTK is folded into the bases)."""
+    if isinstance(scaling, LinearScaling):
+        return {"rope_type": "linear", "factor": scaling.factor, "rope_theta": theta}
+    if isinstance(scaling, YarnScaling):
+        return {"rope_type": "yarn", "factor": scaling.factor,
+                "original_max_position_embeddings": scaling.original_max_position_embeddings,
+                "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow, "truncate": scaling.truncate,
+                "attention_factor": scaling.attention_factor, "rope_theta": theta}
+    if isinstance(scaling, (NoScaling, NTKScaling)) or type(scaling) is RopeScaling:
+        return {"rope_type": "default", "rope_theta": theta}
+    raise ValueError(f"positional.scaling {scaling.to_dict()} has no Hugging Face equivalent")
+
+
+def export_bases(head_bases: Sequence[float], scaling: RopeScaling, head_dim: int) -> list[float]:
+    """The bases an HF model needs: static NTK scaling is a larger base (``b * s^(d/(d-2))``)."""
+    if isinstance(scaling, NTKScaling):
+        grow = scaling.factor ** (head_dim / (head_dim - 2))
+        return [float(b) * grow for b in head_bases]
+    return [float(b) for b in head_bases]
 
 
 def megatron_trees_from_hf(cfg: dict[str, Any], source: str = "config.json") -> dict[str, dict[str, Any]]:
@@ -122,7 +172,7 @@ def megatron_trees_from_hf(cfg: dict[str, Any], source: str = "config.json") -> 
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ValueError(f"{source}: {key}=true is not supported (the megatron model has no linear biases)")
-    theta = _rope_settings(cfg, source)
+    theta, scaling = _rope_from_hf(cfg, source)
     model = {
         "num_layers": int(need("num_hidden_layers")),
         "hidden_size": hidden,
@@ -142,7 +192,7 @@ def megatron_trees_from_hf(cfg: dict[str, Any], source: str = "config.json") -> 
         bases_spec = {"strategy": "explicit", "values": [float(b) for b in bases]}
     else:
         bases_spec = {"strategy": "constant", "base": theta}
-    return {"model": model, "positional": {"bases": bases_spec, "position_ids": "sequential",
+    return {"model": model, "positional": {"bases": bases_spec, "scaling": scaling, "position_ids": "sequential",
                                           "rotary_interleaved": False}}
 
 
@@ -173,6 +223,7 @@ def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
 def hf_config_dict(
     m: ModelConfig,
     head_bases: Sequence[float],
+    scaling: RopeScaling,
     dtype: torch.dtype,
     max_position_embeddings: int,
     bos_token_id: Optional[int] = 1,
@@ -182,11 +233,12 @@ def hf_config_dict(
     """``config.json`` for an exported model (see module docstring)."""
     import transformers
 
-    bases = [float(b) for b in head_bases]
+    bases = export_bases(head_bases, scaling, m.head_dim)
     if len(bases) != m.num_attention_heads:
         raise ValueError(f"need one base per query head ({m.num_attention_heads}), got {len(bases)}")
     per_head = len(set(bases)) > 1
     theta = min(bases)
+    rope = _hf_rope_parameters(scaling, theta)
     cfg: dict[str, Any] = {
         "architectures": ["HarpeLlamaForCausalLM" if per_head else "LlamaForCausalLM"],
         "model_type": HARPE_MODEL_TYPE if per_head else "llama",
@@ -210,7 +262,7 @@ def hf_config_dict(
         # Per-head models ignore rope_theta (harpe_rope_bases drive the rotary embedding); it is
         # kept because LlamaConfig expects it.
         "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "rope_parameters": rope,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -222,6 +274,8 @@ def hf_config_dict(
         "torch_dtype": dtype_name(dtype),
         "transformers_version": transformers.__version__,
     })
+    if rope["rope_type"] != "default":  # what transformers 4.x reads
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     if per_head:
         cfg["harpe_rope_bases"] = bases
     return cfg

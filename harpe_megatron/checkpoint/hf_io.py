@@ -184,10 +184,13 @@ class HFCheckpointReader:
         return out
 
     def _safetensors(self, path: Path):
+        # One file open at a time: a handle maps its file, and pages read through it stay in this
+        # process's resident set until it is closed (tensors are read in file order anyway).
         handle = self._st_handles.get(path)
         if handle is None:
             from safetensors import safe_open
 
+            self._st_handles.clear()
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
             except Exception as exc:  # safetensors raises its own error types

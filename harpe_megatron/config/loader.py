@@ -24,9 +24,11 @@ import yaml
 from harpe_megatron.config.model import ModelConfig, PositionalConfig
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.positional.bases import BASE_STRATEGIES, BaseStrategy
+from harpe_megatron.positional.position_ids import POSITION_SCHEMES, PositionScheme
 from harpe_megatron.positional.scaling import ROPE_SCALINGS, RopeScaling
 
-_POLYMORPHIC = {BaseStrategy: (BASE_STRATEGIES, "strategy"), RopeScaling: (ROPE_SCALINGS, "type")}
+_POLYMORPHIC = {BaseStrategy: (BASE_STRATEGIES, "strategy"), RopeScaling: (ROPE_SCALINGS, "type"),
+                PositionScheme: (POSITION_SCHEMES, "type")}
 
 __all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config"]
 
@@ -119,8 +121,12 @@ def _build(cls: type, data: Any, path: str) -> Any:
         tp = hints[name]
         sub = f"{path}.{name}" if path else name
         inner, _ = _strip_optional(tp)
-        if isinstance(inner, type) and issubclass(inner, (BaseStrategy, RopeScaling)):
-            registry, key = _POLYMORPHIC[BaseStrategy if issubclass(inner, BaseStrategy) else RopeScaling]
+        variant_base = next((b for b in _POLYMORPHIC if isinstance(inner, type) and issubclass(inner, b)), None)
+        if variant_base is not None:
+            if value is None:
+                kwargs[name] = _coerce(value, tp, sub)
+                continue
+            registry, key = _POLYMORPHIC[variant_base]
             kwargs[name] = _build_variant(value, sub, registry, key)
         elif dataclasses.is_dataclass(inner):
             kwargs[name] = _build_section(inner, value, sub)
@@ -194,7 +200,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (BaseStrategy, RopeScaling, PositionalConfig)):
+    if isinstance(value, (BaseStrategy, RopeScaling, PositionScheme, PositionalConfig)):
         return value.to_dict()
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}

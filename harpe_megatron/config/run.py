@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig, validate_model_setup
+from harpe_megatron.positional.position_ids import PositionScheme
 
 __all__ = ["DataConfig", "TrainingConfig", "CheckpointConfig", "LoggingConfig", "StageConfig", "RunConfig"]
 
@@ -37,6 +38,9 @@ class DataConfig:
     seq_length: int = 4096
     cache_dir: Optional[str] = None  # megatron's index cache (default: next to the data)
     build_demo_corpus: bool = False  # launcher builds corpus + tokenizer + index if missing
+    # CREAM / PoSE: samples packed at the scheme's target length, shown through a seq_length
+    # window with sampled positions (needs positional.position_ids: from_batch)
+    position_scheme: Optional[PositionScheme] = None
 
     def __post_init__(self) -> None:
         if self.seq_length <= 0:
@@ -186,6 +190,10 @@ class RunConfig:
         validate_model_setup(self.model, self.parallel, self.data.seq_length)
         for stage in self.stages or []:
             validate_model_setup(self.model, self.parallel, stage.seq_length or self.data.seq_length)
+        if self.data.position_scheme is not None:
+            self.data.position_scheme.validate(self.data.seq_length)
+            if self.positional.position_ids != "from_batch":
+                raise ValueError("data.position_scheme needs positional.position_ids: from_batch")
         if not self.stages and self.training.train_iters is None and self.training.train_tokens is None:
             raise ValueError("set exactly one of training.train_iters and training.train_tokens")
         if self.stages is not None and len({s.name for s in self.stages}) != len(self.stages):

@@ -4,10 +4,10 @@ Both pick which tokens of a long document a short training sample shows, and whi
 (in the long, target window) they carry. The model then runs with
 ``positional.position_ids: from_batch`` and these ids drive the rotary tables.
 
-A scheme's ``sample(rng)`` returns ``(token_index, position_ids)``, two int64 arrays of the
-training length ``n``: the sample is ``doc[token_index]`` with positions ``position_ids``
-(strictly increasing, all in ``[0, target_length)``). Deterministic for a given
-``numpy.random.Generator`` state.
+A scheme's ``sample(rng, n)`` returns ``(token_index, position_ids)``, two int64 arrays of the
+training length ``n`` (the window, ``data.seq_length``): the sample is ``doc[token_index]`` with
+positions ``position_ids`` (strictly increasing, all in ``[0, target_length(n))``).
+Deterministic for a given ``numpy.random.Generator`` state.
 
 CREAM (Wu et al., NeurIPS 2024; REFERENCE.md section 2), window ``N``, target ``L = factor * N``:
 head and tail segments of ``h`` tokens each (``h = N // 3``, "relativity", or
@@ -24,13 +24,13 @@ grow monotonically and reach at most ``L - 1``. Tokens are contiguous (content i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
 from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["CreamPositions", "PosePositions", "truncated_normal_int"]
+__all__ = ["PositionScheme", "CreamPositions", "PosePositions", "POSITION_SCHEMES", "truncated_normal_int"]
 
 
 def truncated_normal_int(rng: np.random.Generator, mean: float, std: float, low: float, high: float) -> int:
@@ -41,25 +41,44 @@ def truncated_normal_int(rng: np.random.Generator, mean: float, std: float, low:
 
 
 @dataclass
-class CreamPositions:
-    """CREAM's positions for a window of ``pretrained_length`` tokens and target ``factor`` x longer."""
+class PositionScheme:
+    """Base class (YAML ``data.position_scheme``, chosen by ``type``)."""
+
+    name: ClassVar[str] = ""
+
+    def target_length(self, n: int) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self, n: int) -> None:
+        """Check the scheme against the training window ``n``."""
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"type": self.name, **asdict(self)}
+
+
+@dataclass
+class CreamPositions(PositionScheme):
+    """CREAM's positions for a window ``n`` and a target ``factor`` x longer."""
 
     name: ClassVar[str] = "cream"
-    pretrained_length: int = 4096
     factor: int = 8
 
     def __post_init__(self) -> None:
         if self.factor < 2:
             raise ValueError(f"cream.factor must be >= 2, got {self.factor}")
-        if self.pretrained_length < 12 * self.factor:
-            raise ValueError("cream.pretrained_length is too short for the continuity segments (4 x factor)")
 
-    @property
-    def target_length(self) -> int:
-        return self.pretrained_length * self.factor
+    def target_length(self, n: int) -> int:
+        return n * self.factor
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        n, k = self.pretrained_length, self.factor
+    def validate(self, n: int) -> None:
+        if n < 12 * self.factor:
+            raise ValueError(f"cream: window {n} is too short for factor {self.factor} (needs >= 12 x factor)")
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        k, target = self.factor, self.target_length(n)
         head = n // 3 if rng.random() < 0.5 else 4 * k
         middle = n - 2 * head
         r = truncated_normal_int(rng, 1 + k, 3.0, 2, 2 * k)
@@ -69,33 +88,41 @@ class CreamPositions:
         positions = np.concatenate([
             np.arange(head),
             np.arange(end - middle + 1, end + 1),
-            np.arange(self.target_length - head, self.target_length),
+            np.arange(target - head, target),
         ]).astype(np.int64)
         return positions.copy(), positions
 
 
 @dataclass
-class PosePositions:
+class PosePositions(PositionScheme):
     """PoSE's skip-wise positions: ``chunks`` chunks of the window, each shifted further."""
 
     name: ClassVar[str] = "pose"
-    pretrained_length: int = 4096
-    target_length: int = 32768
+    target: int = 32768
     chunks: int = 2
 
     def __post_init__(self) -> None:
-        if self.target_length < self.pretrained_length:
-            raise ValueError("pose.target_length must be >= pose.pretrained_length")
-        if not 1 <= self.chunks <= self.pretrained_length:
-            raise ValueError(f"pose.chunks must be in [1, pretrained_length], got {self.chunks}")
+        if self.chunks < 1:
+            raise ValueError(f"pose.chunks must be >= 1, got {self.chunks}")
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        n = self.pretrained_length
+    def target_length(self, n: int) -> int:
+        return self.target
+
+    def validate(self, n: int) -> None:
+        if self.target < n:
+            raise ValueError(f"pose.target ({self.target}) must be >= the window ({n})")
+        if self.chunks > n:
+            raise ValueError(f"pose.chunks ({self.chunks}) must be <= the window ({n})")
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         bounds = np.linspace(0, n, self.chunks + 1).astype(np.int64)
         positions = np.empty(n, dtype=np.int64)
         shift = 0
         for i in range(self.chunks):
             if i > 0:
-                shift = int(rng.integers(shift, self.target_length - n + 1))
+                shift = int(rng.integers(shift, self.target - n + 1))
             positions[bounds[i]:bounds[i + 1]] = np.arange(bounds[i], bounds[i + 1]) + shift
         return np.arange(n, dtype=np.int64), positions
+
+
+POSITION_SCHEMES: dict[str, type[PositionScheme]] = {cls.name: cls for cls in (CreamPositions, PosePositions)}

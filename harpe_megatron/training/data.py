@@ -3,8 +3,9 @@
 Every rank builds the same packed GPT datasets (megatron's builder; index caches are made once).
 The train iterator follows megatron's pretraining sampler: global batches are consecutive
 samples, each DP rank takes its slice, resuming from ``consumed_samples`` continues the exact
-sequence. Each micro-batch is then split along the sequence for this CP rank (zigzag, tokens and
-position ids alike). Pipeline stages all read the iterator so that they stay in step.
+sequence. With a position scheme (CREAM, PoSE) samples are packed at the scheme's target length
+and cut to the window with sampled positions. Each micro-batch is then split along the sequence
+for this CP rank (zigzag, tokens and position ids alike). Pipeline stages all read the iterator so that they stay in step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from megatron.core import parallel_state
 
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.data.dataset import MicroBatchSampler, build_gpt_datasets, slice_batch_for_cp, to_batch
+from harpe_megatron.data.position_sampling import apply_position_scheme
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 
 __all__ = ["TrainingData"]
@@ -35,12 +37,15 @@ class TrainingData:
                 f"model.vocab_size is {cfg.model.vocab_size}"
             )
         t = cfg.training
+        self.scheme = cfg.data.position_scheme
+        window = cfg.data.seq_length
+        packed_length = self.scheme.target_length(window) if self.scheme is not None else window
         train_samples = total_train_steps * t.global_batch_size
         eval_runs = (total_train_steps // t.eval_interval) if t.eval_interval else 0
         valid_samples = max(eval_runs, 1) * t.eval_iters * t.global_batch_size
         self.train, self.valid, _ = build_gpt_datasets(
             prefixes=cfg.data.paths, weights=cfg.data.weights, split=cfg.data.split,
-            seq_length=cfg.data.seq_length, seed=t.seed, num_samples=(train_samples, valid_samples, 0),
+            seq_length=packed_length, seed=t.seed, num_samples=(train_samples, valid_samples, 0),
             tokenizer=self.tokenizer, cache_dir=cfg.data.cache_dir,
         )
         self.consumed_train_samples = consumed_train_samples
@@ -55,8 +60,12 @@ class TrainingData:
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, consumed_samples=consumed,
         )
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        for samples in sampler:
-            batch = slice_batch_for_cp(to_batch(samples), self.cp_rank, self.cp_size)
+        while (indices := sampler.next_indices()) is not None:
+            batch = to_batch(next(sampler))
+            if self.scheme is not None:
+                batch = apply_position_scheme(batch, self.scheme, self.cfg.data.seq_length, indices,
+                                              self.cfg.training.seed)
+            batch = slice_batch_for_cp(batch, self.cp_rank, self.cp_size)
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def train_iterator(self) -> Iterator[dict[str, torch.Tensor]]:

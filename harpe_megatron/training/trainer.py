@@ -179,6 +179,8 @@ def _train(cfg: RunConfig) -> TrainResult:
              f"{'' if state['rng_restored'] else '; RNG not restored: different world size'})")
     elif cfg.checkpoint.pretrained:
         load_model_weights(cfg.checkpoint.pretrained, model_chunks)
+        if t.precision != "fp32":
+            optimizer.reload_model_params()  # refresh the fp32 master copies from the loaded weights
         _log(f"[harpe] initial weights from {cfg.checkpoint.pretrained}")
 
     data = TrainingData(cfg, world, consumed_train_samples=consumed, total_train_steps=train_iters)

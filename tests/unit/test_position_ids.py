@@ -15,12 +15,12 @@ def _segments(pos: np.ndarray) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("n, factor", [(4096, 8), (256, 4), (96, 8)])
 def test_cream_segment_invariants(n, factor):
-    scheme = CreamPositions(pretrained_length=n, factor=factor)
+    scheme = CreamPositions(factor=factor)
     rng = np.random.default_rng(0)
     target = n * factor
     heads = set()
     for _ in range(300):
-        idx, pos = scheme.sample(rng)
+        idx, pos = scheme.sample(rng, n)
         assert len(pos) == n and np.array_equal(idx, pos)
         assert pos[0] == 0 and pos[-1] == target - 1
         assert np.all(np.diff(pos) > 0) and pos.max() < target
@@ -56,11 +56,11 @@ def _expected_cream_centre(n: int, k: int) -> float:
 def test_cream_middle_centre_has_the_intended_distribution():
     """factor 8: the sampled middle-segment centres average to the value the definition implies."""
     n, k = 4096, 8
-    scheme = CreamPositions(pretrained_length=n, factor=k)
+    scheme = CreamPositions(factor=k)
     rng = np.random.default_rng(1234)
     centres = []
     for _ in range(4000):
-        _, pos = scheme.sample(rng)
+        _, pos = scheme.sample(rng, n)
         segs = _segments(pos)
         middle = segs[1] if len(segs) == 3 else pos
         centres.append(middle.mean() / (n * k))
@@ -79,19 +79,19 @@ def test_truncated_normal_stays_in_range_and_has_its_centre():
 
 
 def test_schemes_are_deterministic():
-    for scheme in (CreamPositions(pretrained_length=512, factor=4), PosePositions(512, 4096, 3)):
-        a = [scheme.sample(np.random.default_rng(7))[1] for _ in range(2)]
+    for scheme in (CreamPositions(factor=4), PosePositions(target=4096, chunks=3)):
+        a = [scheme.sample(np.random.default_rng(7), 512)[1] for _ in range(2)]
         assert np.array_equal(a[0], a[1])
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 4])
 def test_pose_invariants(chunks):
     n, target = 512, 8192
-    scheme = PosePositions(pretrained_length=n, target_length=target, chunks=chunks)
+    scheme = PosePositions(target=target, chunks=chunks)
     rng = np.random.default_rng(0)
     shifts = []
     for _ in range(500):
-        idx, pos = scheme.sample(rng)
+        idx, pos = scheme.sample(rng, n)
         assert np.array_equal(idx, np.arange(n))
         assert np.all(np.diff(pos) > 0) and pos[0] == 0 and pos.max() < target
         bounds = np.linspace(0, n, chunks + 1).astype(int)
@@ -109,6 +109,8 @@ def test_pose_invariants(chunks):
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="factor must be >= 2"):
-        CreamPositions(pretrained_length=4096, factor=1)
-    with pytest.raises(ValueError, match="target_length must be >= "):
-        PosePositions(pretrained_length=4096, target_length=1024)
+        CreamPositions(factor=1)
+    with pytest.raises(ValueError, match=r"pose.target \(1024\) must be >= the window \(4096\)"):
+        PosePositions(target=1024).validate(4096)
+    with pytest.raises(ValueError, match="too short for factor 8"):
+        CreamPositions(factor=8).validate(64)

@@ -11,9 +11,11 @@ and everything else are Llama's:
 
 * :class:`HarpeLlamaRotaryEmbedding` returns ``(cos, sin)`` of shape ``[batch, kv_heads, seq,
   head_dim]``: one row per KV group, with the group's base (``config.harpe_rope_bases`` lists one
-  base per query head; the heads of a group share it). Frequencies ``base^(-2i/d)`` and angles
-  are computed in fp32 from the bases (kept as Python floats, so casting the model to bf16 does
-  not touch them) and cast to the activations' dtype, as in Llama.
+  base per query head; the heads of a group share it). Frequencies ``base^(-2i/d)`` -- scaled per
+  head when ``rope_parameters`` says ``linear`` (position interpolation) or ``yarn`` (with YaRN's
+  attention factor on cos/sin, as in Llama) -- and angles are computed in fp32 and cast to the
+  activations' dtype. They are plain tensors, not buffers: casting the model to bf16 or loading
+  it on the meta device leaves them alone.
 * :class:`HarpeLlamaAttention` applies them rotate-half style: keys ``[b, kv_heads, s, d]``
   directly, queries viewed as ``[b, kv_heads, heads_per_group, s, d]`` so that every query head
   uses its group's table without materialising per-query-head copies. Keys are rotated before
@@ -75,6 +77,52 @@ def harpe_group_bases(config) -> list[float]:
     return bases[::per_group]
 
 
+def _rope_spec(config) -> dict:
+    spec = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return dict(spec)
+
+
+def _yarn_correction_range(base: float, head_dim: int, spec: dict) -> tuple[float, float]:
+    original = spec["original_max_position_embeddings"]
+
+    def dim_for(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for(float(spec.get("beta_fast") or 32.0)), dim_for(float(spec.get("beta_slow") or 1.0))
+    if spec.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, head_dim - 1)
+
+
+def harpe_inverse_frequencies(bases: list[float], head_dim: int, spec: dict) -> tuple[torch.Tensor, float]:
+    """``([len(bases), d/2] fp32 inverse frequencies, attention factor)`` for RoPE type
+    ``default``, ``linear`` (position interpolation) or ``yarn``, each base on its own."""
+    cpu = torch.device("cpu")  # explicit: models are often constructed under a meta-device context
+    b = torch.tensor(bases, dtype=torch.float32, device=cpu).reshape(-1, 1)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=cpu).to(torch.float32) / head_dim
+    plain = 1.0 / (b ** exponents)
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return plain, 1.0
+    factor = float(spec["factor"])
+    if kind == "linear":
+        return plain / factor, 1.0
+    if kind == "yarn":
+        rows = []
+        for row, base in zip(plain, bases):
+            low, high = _yarn_correction_range(float(base), head_dim, spec)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=cpu) - low) / (high - low)).clamp(0, 1)
+            keep = 1 - ramp  # 1: keep the frequency (fast dims), 0: interpolate (slow dims)
+            rows.append(row / factor * (1 - keep) + row * keep)
+        attention = spec.get("attention_factor")
+        if attention is None:
+            attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return torch.stack(rows), float(attention)
+    raise ValueError(f"harpe_llama: RoPE type {kind!r} is not supported (default, linear, yarn)")
+
+
 class HarpeLlamaRotaryEmbedding(nn.Module):
     """Per-KV-group rotary tables: ``forward(x, position_ids) -> (cos, sin)``, ``[b, groups, s, d]``."""
 
@@ -84,16 +132,17 @@ class HarpeLlamaRotaryEmbedding(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if self.head_dim % 2:
             raise ValueError(f"rotary head dim must be even, got {self.head_dim}")
-        self.attention_scaling = 1.0
-        self._inv_freq: dict[str, torch.Tensor] = {}  # per device; deliberately not a buffer
+        self.rope_spec = _rope_spec(config)
+        _, self.attention_scaling = harpe_inverse_frequencies(self.group_bases[:1], self.head_dim, self.rope_spec)
+        # Computed on first use, per device, and deliberately not a buffer (see module docstring).
+        self._inv_freq: dict[str, torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        """``[groups, d/2]`` fp32 ``base^(-2i/d)``."""
+        """``[groups, d/2]`` fp32 inverse frequencies on ``device``."""
         key = str(device)
         if key not in self._inv_freq:
-            bases = torch.tensor(self.group_bases, dtype=torch.float32, device=device).reshape(-1, 1)
-            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).to(torch.float32)
-            self._inv_freq[key] = 1.0 / (bases ** (exponents / self.head_dim))
+            inv_freq, _ = harpe_inverse_frequencies(self.group_bases, self.head_dim, self.rope_spec)
+            self._inv_freq[key] = inv_freq.to(device)
         return self._inv_freq[key]
 
     @torch.no_grad()
@@ -101,7 +150,10 @@ class HarpeLlamaRotaryEmbedding(nn.Module):
         inv_freq = self.inv_freq(x.device)
         angles = position_ids[:, None, :, None].to(torch.float32) * inv_freq[None, :, None, :]
         emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def apply_harpe_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -1,0 +1,243 @@
+"""Conversion refuses bad inputs with errors naming the problem, and never leaves half an output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from harpe_megatron.checkpoint import convert as convert_module
+from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.checkpoint.hf_io import (
+    HFCheckpointError,
+    HFCheckpointReader,
+    SafetensorsShardWriter,
+    atomic_output_dir,
+    parse_size,
+)
+from harpe_megatron.config.loader import ConfigError
+from tests.helpers import tiny_hf_llama, tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A sharded safetensors HF folder (GQA) to copy and damage."""
+    root = tmp_path_factory.mktemp("hf_src")
+    model = tiny_hf_llama(tiny_model_config(num_query_groups=2))
+    model.save_pretrained(root / "hf", max_shard_size="200KB")
+    assert (root / "hf" / "model.safetensors.index.json").is_file()
+    return root / "hf"
+
+
+def copy_of(source: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in source.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_missing_shard_file_named_in_index(source, tmp_path):
+    hf = copy_of(source, tmp_path / "hf")
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (hf / victim).unlink()
+    with pytest.raises(HFCheckpointError, match=f"shard file '{victim}' does not exist"):
+        convert_hf_to_megatron(hf, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_index_entry_missing_from_its_file(source, tmp_path):
+    hf = copy_of(source, tmp_path / "hf")
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = next(f for f in index["weight_map"].values()
+                                                    if f != index["weight_map"]["model.norm.weight"])
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(HFCheckpointError, match="'model.norm.weight' is listed in shard"):
+        HFCheckpointReader(hf)
+
+
+def _rewrite_tensor(hf: Path, name: str, value, next_to: str | None = None) -> str:
+    """Replace (``value``), delete (None) or add (``next_to``: into that tensor's file) one tensor."""
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    file = index["weight_map"][next_to or name]
+    tensors = load_file(hf / file)
+    if value is None:
+        del tensors[name]
+        del index["weight_map"][name]
+    else:
+        tensors[name] = value
+        index["weight_map"][name] = file
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file(tensors, hf / file, metadata={"format": "pt"})
+    return file
+
+
+def test_wrong_tensor_shape_names_tensor_and_file(source, tmp_path):
+    hf = copy_of(source, tmp_path / "hf")
+    file = _rewrite_tensor(hf, "model.layers.1.self_attn.k_proj.weight", torch.zeros(16, 64))
+    with pytest.raises(HFCheckpointError, match=rf"'model.layers.1.self_attn.k_proj.weight' in .*{file}.* "
+                                                r"shape \[16, 64\], expected \[32, 64\]"):
+        convert_hf_to_megatron(hf, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_unexpected_tensors(source, tmp_path):
+    hf = copy_of(source, tmp_path / "hf")
+    _rewrite_tensor(hf, "model.layers.0.mlp.up_proj.weight", None)
+    with pytest.raises(HFCheckpointError, match="missing 1 tensor.*model.layers.0.mlp.up_proj.weight"):
+        convert_hf_to_megatron(hf, tmp_path / "out", progress=False)
+    hf2 = copy_of(source, tmp_path / "hf2")
+    _rewrite_tensor(hf2, "model.layers.0.self_attn.q_proj.bias", torch.zeros(64),
+                    next_to="model.layers.0.self_attn.q_proj.weight")
+    with pytest.raises(HFCheckpointError, match="does not have.*q_proj.bias"):
+        convert_hf_to_megatron(hf2, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'.* not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "'llama3'"),
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 32}, "head_dim=32 differs"),
+])
+def test_unsupported_configs(source, tmp_path, changes, message):
+    hf = copy_of(source, tmp_path / "hf")
+    edit_config(hf, **changes)
+    with pytest.raises(ValueError, match=message):
+        convert_hf_to_megatron(hf, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_layout_and_override_validation(source, tmp_path):
+    with pytest.raises(ConfigError, match=r"--tp 8.*num_attention_heads \(4\).*divisible"):
+        convert_hf_to_megatron(source, tmp_path / "out", tp=8, progress=False)
+    with pytest.raises(ConfigError, match=r"num_layers \(2\).*pipeline_model_parallel_size \(3\)"):
+        convert_hf_to_megatron(source, tmp_path / "out", pp=3, progress=False)
+    with pytest.raises(ConfigError, match="only positional"):
+        convert_hf_to_megatron(source, tmp_path / "out", overrides=["model.num_layers=4"], progress=False)
+    with pytest.raises(ConfigError, match="paper"):  # the 32-head table does not fit 2 KV groups
+        convert_hf_to_megatron(source, tmp_path / "out", overrides=["positional.bases.strategy=paper"], progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_refused_and_untouched(single_rank, source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
+        convert_hf_to_megatron(source, out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    convert_hf_to_megatron(source, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "iter_0000000", "latest"]
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_midway_leaves_nothing(single_rank, source, tmp_path, monkeypatch):
+    real_get = HFCheckpointReader.get
+    calls = {"n": 0}
+
+    def flaky_get(self, name):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError("disk went away")
+        return real_get(self, name)
+
+    monkeypatch.setattr(HFCheckpointReader, "get", flaky_get)
+    with pytest.raises(OSError, match="disk went away"):
+        convert_hf_to_megatron(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    # With --overwrite, a failed conversion keeps the previous output as it was.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    calls["n"] = 0
+    with pytest.raises(OSError):
+        convert_hf_to_megatron(source, tmp_path / "out", overwrite=True, progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"] and leftovers(tmp_path) == []
+
+
+def test_export_failure_midway_and_bad_checkpoint_dirs(single_rank, source, tmp_path, monkeypatch):
+    convert_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    real_write = SafetensorsShardWriter.write
+
+    def failing_write(self, name, tensor):
+        if name.startswith("model.layers.1."):
+            raise RuntimeError("killed")
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(SafetensorsShardWriter, "write", failing_write)
+    with pytest.raises(RuntimeError, match="killed"):
+        convert_megatron_to_hf(tmp_path / "mg", tmp_path / "hf", max_shard_size="50KB", progress=False)
+    assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    with pytest.raises(ValueError, match="would contain"):  # --overwrite must not delete its own input
+        convert_megatron_to_hf(tmp_path / "mg", tmp_path, overwrite=True, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a training save directory"):
+        convert_megatron_to_hf(tmp_path / "empty", tmp_path / "hf", progress=False)
+    (tmp_path / "mg" / "latest").unlink()
+    with pytest.raises(ValueError, match="no 'latest' marker.*iter_0000000"):
+        convert_megatron_to_hf(tmp_path / "mg", tmp_path / "hf", progress=False)
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+        convert_megatron_to_hf(tmp_path / "mg" / "iter_0000000", tmp_path / "hf", tokenizer_model=tmp_path / "nope",
+                               progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_shard_writer_and_reader(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(10, dtype=torch.int64).reshape(2, 5),
+        "d": torch.randn(4, 4).to(torch.float16),
+        "e": torch.zeros(0, 3),
+    }
+    writer = SafetensorsShardWriter(tmp_path, [(n, t.shape, t.dtype) for n, t in tensors.items()], max_shard_bytes=64)
+    assert writer.num_shards > 1
+    with pytest.raises(ValueError, match="expected tensor 'a' next"):
+        writer.write("b", tensors["b"])
+    for name, t in tensors.items():
+        writer.write(name, t.t().contiguous().t() if t.dim() == 2 else t)  # non-contiguous input is fine
+    index = writer.close()
+    assert set(index["weight_map"]) == set(tensors)
+    with HFCheckpointReader(tmp_path) as reader:
+        for name, t in tensors.items():
+            assert torch.equal(reader.get(name), t) and reader.info(name).dtype == t.dtype
+    for shard in set(index["weight_map"].values()):  # the safetensors library reads our files
+        for name, t in load_file(tmp_path / shard).items():
+            assert torch.equal(t, tensors[name])
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
+
+
+def test_atomic_output_dir_protects_inputs(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(ValueError, match="would contain"):
+        with atomic_output_dir(tmp_path, overwrite=True, protect=[tmp_path / "in"]):
+            pass
+    with atomic_output_dir(tmp_path / "new") as tmp:
+        (tmp / "x").write_text("1")
+        assert not (tmp_path / "new").exists()
+    assert (tmp_path / "new" / "x").read_text() == "1" and leftovers(tmp_path) == []
+
+
+def test_conversion_refuses_inside_megatron_parallel_state(single_rank, source, tmp_path):
+    from harpe_megatron.testing.distributed import megatron_parallel
+
+    with megatron_parallel(), pytest.raises(RuntimeError, match="outside an initialised megatron"):
+        with convert_module.megatron_cpu_session():
+            pass
