@@ -82,3 +82,18 @@ def test_save_at_tp2_resume_at_tp1(setup):
     resumed = run_distributed(train_with, 1, config, base + run + ["parallel.tensor_model_parallel_size=1"])[0]
     assert sorted(resumed.losses) == list(range(11, STEPS + 1))
     _close(resumed.losses, reference, range(11, STEPS + 1))
+
+
+def test_bf16_run_keeps_pretrained_weights(setup):
+    """bf16: the optimizer's fp32 master copies must start from checkpoint.pretrained, not init."""
+    config, base, root, reference = setup
+    trained = str(root / "ref" / "checkpoints")  # the reference run's final weights (step 20)
+    overrides = [o for o in base if not o.startswith("checkpoint.pretrained=")] + [
+        f"checkpoint.pretrained={trained}", "training.precision=bf16", "training.lr=1e-9",
+        "training.min_lr=0", "training.train_iters=3", "parallel.tensor_model_parallel_size=1",
+        f"run_dir={root / 'bf16'}",
+    ]
+    result = run_distributed(train_with, 1, config, overrides)[0]
+    # Every step stays at the trained level (the untrained level is reference.losses[1]); with the
+    # master copies left at random init, the weights fell back after the first update.
+    assert max(result.losses.values()) < reference.losses[1] - 0.3
