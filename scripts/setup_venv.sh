@@ -26,8 +26,11 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-  if "${PIP[@]}" install --no-index "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+  probe="$(mktemp -d)"
+  if "${PIP[@]}" download --no-index --no-deps "torch==$TORCH_VERSION" -d "$probe" >/dev/null 2>&1; then
+    # A wheel pip finds without an index (a local wheelhouse): take it, dependencies from the index.
     echo "[setup] torch $TORCH_VERSION from the local wheelhouse"
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
   elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then
     echo "[setup] no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
     "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
@@ -35,8 +38,9 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] NVIDIA GPU found: installing torch $TORCH_VERSION from PyPI"
     "${PIP[@]}" install "torch==$TORCH_VERSION"
   fi
+  rm -rf "$probe"
 fi
 
 echo "[setup] installing harpe-megatron (editable) with test extras"
 "${PIP[@]}" install -e "$ROOT[test]"
-"$VENV/bin/python" -c "import torch, megatron.core, harpe_megatron; print(f'[setup] ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, python at $VENV/bin/python')"
+"$VENV/bin/python" -W ignore -c "import torch, megatron.core, harpe_megatron; print(f'[setup] ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, python at $VENV/bin/python')"

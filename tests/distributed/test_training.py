@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from harpe_megatron.testing.distributed import run_distributed
-from tests.distributed.training_workers import train_with
+from tests.distributed.training_workers import stages_by_hand, stages_with, train_with
 
 pytestmark = pytest.mark.distributed
 
@@ -97,3 +98,30 @@ def test_bf16_run_keeps_pretrained_weights(setup):
     # Every step stays at the trained level (the untrained level is reference.losses[1]); with the
     # master copies left at random init, the weights fell back after the first update.
     assert max(result.losses.values()) < reference.losses[1] - 0.3
+
+
+def test_multistage_schedule_equals_stages_by_hand(setup, tmp_path, single_rank):
+    """Three tiny ABF-style stages (growing length and base) in one launch == run one by one."""
+    from megatron.core import dist_checkpointing
+
+    config, base, root, _ = setup
+    stages = ("stages=[{name: s1, seq_length: 32, rope_base: 1000.0, train_iters: 3, lr: 1.0e-3},"
+              " {name: s2, seq_length: 64, rope_base: 5000.0, train_iters: 3, lr: 5.0e-4},"
+              " {name: s3, seq_length: 128, rope_base: 20000.0, train_iters: 2, lr: 2.0e-4}]")
+    common = [o for o in base if not o.startswith("training.train_iters")] + [
+        stages, "parallel.tensor_model_parallel_size=1", "training.lr_decay_style=constant",
+        "training.lr_warmup_iters=0", "training.min_lr=0"]
+    scheduled = run_distributed(stages_with, 1, config,
+                                common + [f"run_dir={tmp_path / 'schedule'}"])[0]
+    by_hand = run_distributed(stages_by_hand, 1, config, common + [f"run_dir={tmp_path / 'hand'}"],
+                              str(tmp_path / "hand"))[0]
+    assert [sorted(r.losses) for r in scheduled] == [[1, 2, 3], [1, 2, 3], [1, 2]]
+    for a, b in zip(scheduled, by_hand):
+        assert a.losses == b.losses
+    final_a = dist_checkpointing.load_plain_tensors(scheduled[-1].checkpoint)
+    final_b = dist_checkpointing.load_plain_tensors(by_hand[-1].checkpoint)
+    weights = [k for k, v in final_a.items() if torch.is_tensor(v) and not k.startswith("optimizer")]
+    assert weights and all(torch.equal(final_a[k], final_b[k]) for k in weights)
+    # A second launch finds every stage finished and trains nothing.
+    again = run_distributed(stages_with, 1, config, common + [f"run_dir={tmp_path / 'schedule'}"])[0]
+    assert again == [None, None, None]

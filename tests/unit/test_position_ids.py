@@ -114,3 +114,30 @@ def test_bad_settings():
         PosePositions(target=1024).validate(4096)
     with pytest.raises(ValueError, match="too short for factor 8"):
         CreamPositions(factor=8).validate(64)
+
+
+def test_apply_scheme_to_a_packed_batch():
+    import torch
+
+    from harpe_megatron.data.dataset import slice_batch_for_cp, to_batch
+    from harpe_megatron.data.position_sampling import apply_position_scheme
+
+    window, scheme = 48, CreamPositions(factor=4)
+    target = scheme.target_length(window)
+    rows = [np.arange(target + 1) + 1000 * r for r in range(3)]  # token id = 1000*row + position
+    batch = to_batch(rows)
+    out = apply_position_scheme(batch, scheme, window, sample_indices=[10, 11, 12], seed=5)
+    assert all(out[k].shape == (3, window) for k in ("tokens", "labels", "loss_mask", "position_ids"))
+    for r in range(3):
+        pos = out["position_ids"][r]
+        assert torch.equal(out["tokens"][r], pos + 1000 * r)       # the token at each kept position
+        assert torch.equal(out["labels"][r], pos + 1 + 1000 * r)   # and its true successor
+        assert pos.max() < target and torch.all(pos[1:] > pos[:-1])
+    again = apply_position_scheme(batch, scheme, window, sample_indices=[10, 11, 12], seed=5)
+    assert all(torch.equal(out[k], again[k]) for k in out)        # seeded by sample index
+    other = apply_position_scheme(batch, scheme, window, sample_indices=[13, 11, 12], seed=5)
+    assert torch.equal(other["position_ids"][1], out["position_ids"][1])
+    # CP: tokens and positions are split together, so each token keeps its position
+    for cp_rank in range(2):
+        share = slice_batch_for_cp(out, cp_rank, 2)
+        assert torch.equal(share["tokens"][0], share["position_ids"][0])
