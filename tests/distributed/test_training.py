@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harpe_megatron.testing.distributed import run_distributed
-from tests.distributed.training_workers import stages_by_hand, stages_with, train_with
+from tests.distributed.training_workers import stages_by_hand, stages_with, train_methods, train_with
 
 pytestmark = pytest.mark.distributed
 
@@ -42,9 +42,11 @@ def setup(tmp_path_factory, demo_data):
     return config, base, root, reference
 
 
-def _close(losses, reference, steps):
+def _close(losses, reference, steps, label=""):
     for s in steps:
         assert losses[s] == pytest.approx(reference.losses[s], abs=LOSS_ATOL), f"step {s}"
+    worst = max(abs(losses[s] - reference.losses[s]) for s in steps)
+    print(f"\n[train-equivalence] {label}: max |loss - one rank| over steps {min(steps)}-{max(steps)} = {worst:.2e}")
 
 
 def test_loss_falls(setup):
@@ -61,7 +63,7 @@ def test_parallel_layout_matches_one_rank(setup, layout):
     name = "_".join(x.split("=")[0].split(".")[-1] + x.split("=")[1] for x in layout)
     result = run_distributed(train_with, 2, config, base + layout + [f"run_dir={root / name}"])
     for r in result:  # every rank reports the same global loss
-        _close(r.losses, reference, range(1, STEPS + 1))
+        _close(r.losses, reference, range(1, STEPS + 1), name)
 
 
 def test_stop_and_resume_equals_uninterrupted(setup):
@@ -82,7 +84,7 @@ def test_save_at_tp2_resume_at_tp1(setup):
                                                          "training.exit_interval=10"])
     resumed = run_distributed(train_with, 1, config, base + run + ["parallel.tensor_model_parallel_size=1"])[0]
     assert sorted(resumed.losses) == list(range(11, STEPS + 1))
-    _close(resumed.losses, reference, range(11, STEPS + 1))
+    _close(resumed.losses, reference, range(11, STEPS + 1), "saved at TP 2, resumed at TP 1")
 
 
 def test_bf16_run_keeps_pretrained_weights(setup):
@@ -125,3 +127,43 @@ def test_multistage_schedule_equals_stages_by_hand(setup, tmp_path, single_rank)
     # A second launch finds every stage finished and trains nothing.
     again = run_distributed(stages_with, 1, config, common + [f"run_dir={tmp_path / 'schedule'}"])[0]
     assert again == [None, None, None]
+
+
+METHODS = {  # the paper's comparison on the tiny model: positional overrides only
+    "harpe": [],
+    "abf": ["positional.bases={strategy: constant, base: 20000.0}"],
+    "pi": ["positional.bases={strategy: constant, base: 10000.0}", "positional.scaling={type: linear, factor: 4.0}"],
+    "yarn": ["positional.bases={strategy: constant, base: 10000.0}",
+             "positional.scaling={type: yarn, factor: 4.0, original_max_position_embeddings: 16}"],
+    "cream": ["positional.bases={strategy: constant, base: 10000.0}", "positional.scaling={type: linear, factor: 4.0}",
+              "positional.position_ids=from_batch", "data.position_scheme={type: cream, factor: 4}"],
+    "pose": ["positional.bases={strategy: constant, base: 10000.0}", "positional.scaling={type: linear, factor: 4.0}",
+             "positional.position_ids=from_batch", "data.position_scheme={type: pose, target: 256, chunks: 2}"],
+}
+
+
+def test_every_method_trains_and_exports_to_hf(setup, tmp_path, single_rank):
+    """Each baseline trains the tiny model from its config and exports a loadable HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    from harpe_megatron.checkpoint.convert import convert_megatron_to_hf
+
+    config, base, _, _ = setup
+    common = [o for o in base if not o.startswith("training.train_iters")] + [
+        "training.train_iters=3", "parallel.tensor_model_parallel_size=2"]
+    results = run_distributed(train_methods, 2, config, common, METHODS, str(tmp_path))[0]
+    expected_type = {"harpe": "harpe_llama", "abf": "llama", "pi": "llama", "yarn": "llama",
+                     "cream": "llama", "pose": "llama"}
+    for name, result in results.items():
+        assert len(result.losses) == 3 and all(v == v for v in result.losses.values()), name  # finite
+        out = tmp_path / f"{name}_hf"
+        convert_megatron_to_hf(result.checkpoint, out, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        assert model.config.model_type == expected_type[name], name
+        with torch.no_grad():
+            logits = model(torch.arange(1, 33)[None]).logits
+        assert torch.isfinite(logits).all(), name
+        if name in ("pi", "cream", "pose"):
+            assert model.config.rope_parameters["rope_type"] == "linear"
+        if name == "yarn":
+            assert model.config.rope_parameters["rope_type"] == "yarn"

@@ -36,3 +36,9 @@ def stages_by_hand(config_path: str, overrides: list[str], run_dir: str) -> list
         results.append(train(plain))
         pretrained = save
     return results
+
+
+def train_methods(config_path: str, base: list[str], methods: dict[str, list[str]], root: str) -> dict:
+    """Train each method (a set of overrides) a few steps in this process group; their results."""
+    return {name: train(load_config(config_path, base + extra + [f"run_dir={root}/{name}"]))
+            for name, extra in methods.items()}
