@@ -6,23 +6,15 @@ one rank. Overrides use dotted key paths of the YAML tree, e.g. ``training.lr=3e
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from harpe_megatron.config.loader import ConfigError, load_config
+from harpe_megatron.cli import parse_run_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harpe_megatron.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=3e-5")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse_run_config("python -m harpe_megatron.train", __doc__, argv)
+    if isinstance(cfg, int):
+        return cfg
     import torch.distributed as dist
 
     from harpe_megatron.training.stages import run_stages

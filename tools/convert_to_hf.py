@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from harpe_megatron.cli import quiet_library_warnings
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Export a megatron checkpoint to a Hugging Face folder.")
@@ -37,18 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _quiet_library_warnings() -> None:
-    """megatron-core's notices about absent GPU kernels and deprecations say nothing about the conversion."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    warnings.filterwarnings("ignore", message=".*(full scope is deprecated|CUDA_DEVICE_MAX_CONNECTIONS).*")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet_library_warnings()
+    quiet_library_warnings()
     from harpe_megatron.checkpoint.convert import convert_megatron_to_hf
     from harpe_megatron.config.loader import ConfigError
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
+
+from harpe_megatron.cli import quiet_library_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_docs is not None and args.max_docs < 1:
         print("prepare_demo_data: error: --max-docs must be >= 1", file=sys.stderr)
         return 2
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+    quiet_library_warnings()
     from harpe_megatron.data.demo import prepare_demo_data
 
     try:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
+
+from harpe_megatron.cli import quiet_library_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+    quiet_library_warnings()
     from harpe_megatron.data.indexed import write_indexed_dataset
     from harpe_megatron.data.jsonl import read_documents
     from harpe_megatron.data.tokenizer import SentencePieceTokenizer

@@ -18,7 +18,8 @@ import argparse
 import os
 import sys
 import time
-import warnings
+
+from harpe_megatron.cli import quiet_library_warnings
 
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+    quiet_library_warnings()
     from harpe_megatron.data.jsonl import read_documents
     from harpe_megatron.data.tokenizer import train_sentencepiece
 

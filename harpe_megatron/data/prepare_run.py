@@ -9,24 +9,16 @@ is safe to run before every launch.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from harpe_megatron.config.loader import ConfigError, load_config
+from harpe_megatron.cli import parse_run_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harpe_megatron.data.prepare_run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse_run_config("python -m harpe_megatron.data.prepare_run", __doc__, argv)
+    if isinstance(cfg, int):
+        return cfg
     if not cfg.data.build_demo_corpus:
         return 0
     from harpe_megatron.data.demo import demo_outputs, prepare_demo_data

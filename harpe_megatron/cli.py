@@ -1,0 +1,34 @@
+"""Small helpers shared by the command-line entry points (tools/, ``python -m harpe_megatron.*``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional
+
+__all__ = ["quiet_library_warnings", "parse_run_config"]
+
+
+def quiet_library_warnings() -> None:
+    """Hide megatron-core's notices about absent optional kernels (TE, apex) and CUDA tuning, and
+    torch's deprecation notices: they say nothing about what a tool does."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    warnings.filterwarnings("ignore", message=".*(full scope is deprecated|CUDA_DEVICE_MAX_CONNECTIONS).*")
+
+
+def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = None):
+    """``--config CONFIG [key.path=value ...]`` -> RunConfig, or an exit code 2 after printing the error."""
+    from harpe_megatron.config.loader import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=3e-5")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
