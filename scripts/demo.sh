@@ -16,7 +16,7 @@ PYTHON="$PY" bash scripts/pretrain_harpe.sh "$@"
 echo
 echo "== demo finished in $(( $(date +%s) - start ))s =="
 echo "  resolved config      $RUN_DIR/config.yaml"
-echo "  metrics (per step)   $RUN_DIR/metrics.jsonl   (TensorBoard: $RUN_DIR/tensorboard if installed)"
+echo "  metrics (per step)   $RUN_DIR/metrics.jsonl   (TensorBoard: .venv/bin/tensorboard --logdir $RUN_DIR/tensorboard)"
 echo "  checkpoints          $RUN_DIR/checkpoints (latest: $(cat "$RUN_DIR/checkpoints/latest"))"
 echo "  Hugging Face export  $RUN_DIR/hf"
 echo "  demo data            data/demo (corpus.jsonl, tokenizer.model, demo_text_document.bin/.idx)"

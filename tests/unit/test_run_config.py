@@ -96,3 +96,4 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(CONFIGS[0].parent / "tiny_cpu.yaml", ["training.lr"])
+
