@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from harpe_megatron.cli import parse_run_config
+from harpe_megatron.cli import parse_run_config, quiet_library_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()
     cfg = parse_run_config("python -m harpe_megatron.train", __doc__, argv)
     if isinstance(cfg, int):
         return cfg

@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harpe_megatron.cli import parse_run_config
+from harpe_megatron.cli import parse_run_config, quiet_library_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()
     cfg = parse_run_config("python -m harpe_megatron.data.prepare_run", __doc__, argv)
     if isinstance(cfg, int):
         return cfg
