@@ -7,7 +7,6 @@ cross-section checks live in :func:`validate_model_setup`. YAML (``model:``, ``p
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -142,9 +141,3 @@ def validate_model_setup(model: ModelConfig, parallel: ParallelConfig, seq_lengt
             why = " x ".join(k for k, v in factors.items() if v > 1)
             raise ValueError(f"sequence length {seq_length} must be divisible by {multiple} ({why})")
 
-
-def section_to_dict(section: Any) -> dict[str, Any]:
-    """Plain-dict view of a config section (for writing YAML/JSON)."""
-    if hasattr(section, "to_dict"):
-        return section.to_dict()
-    return dataclasses.asdict(section)

@@ -25,14 +25,9 @@ from typing import Any, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["cpu_megatron", "CpuRNGStatesTracker", "is_active"]
+__all__ = ["cpu_megatron", "CpuRNGStatesTracker"]
 
 _STATE = threading.local()
-
-
-def is_active() -> bool:
-    """Whether :func:`cpu_megatron` is active in this thread."""
-    return getattr(_STATE, "depth", 0) > 0
 
 
 def _cpu_device(device: Any) -> Any:
