@@ -17,8 +17,10 @@ from tests.distributed.training_workers import stages_by_hand, stages_with, trai
 pytestmark = pytest.mark.distributed
 
 STEPS = 20
-# Measured: TP=2, CP=2 (and PP=2 from a common initial checkpoint) match one rank to <= 3.6e-7 over 20 steps (fp32); resume is bitwise.
-LOSS_ATOL = 2e-5
+# Measured over 20 steps (fp32, lr 3e-3): TP 2 2.2e-6, CP 2 1.1e-5, PP 2 1.0e-5, saved at TP 2 and
+# resumed at TP 1 2.2e-6 (summation-order differences that Adam amplifies as training goes on);
+# resume at the same layout is bitwise.
+LOSS_ATOL = 5e-5
 
 
 @pytest.fixture(scope="module")
