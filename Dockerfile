@@ -5,7 +5,7 @@ FROM nvcr.io/nvidia/pytorch:25.04-py3
 WORKDIR /workspace/harpe-megatron
 COPY pyproject.toml README.md ./
 COPY harpe_megatron ./harpe_megatron
-RUN pip install --no-cache-dir -e ".[logging,eval]"
+RUN pip install --no-cache-dir -e ".[logging]"
 COPY configs ./configs
 COPY scripts ./scripts
 COPY tools ./tools

@@ -1,0 +1,150 @@
+"""Run synthetic long-context tasks (and perplexity) on a model; write one JSON result file.
+
+A "model" here is any ``generate(prompt: str, max_new_tokens: int) -> str``; :func:`hf_generator`
+makes one from a Hugging Face causal LM with greedy decoding. Lengths beyond the model's trained
+window (``max_position_embeddings``) are evaluated (that is the point of length extrapolation)
+but flagged in the records, the summary and a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from harpe_megatron.eval import scoring, synthetic
+
+Generate = Callable[[str, int], str]
+
+MAX_NEW_TOKENS = {"passkey": 12, "needle": 24, "niah_single": 24, "niah_single_uuid": 48,
+                  "niah_multikey": 24, "niah_multivalue": 96, "niah_multiquery": 96,
+                  "variable_tracking": 32, "common_words": 120, "frequent_words": 48}
+DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def hf_generator(model, tokenizer, device: str | torch.device = "cpu") -> Generate:
+    """Greedy generation with a HF causal LM; returns only the newly generated text."""
+    model.eval()
+
+    @torch.no_grad()
+    def generate(prompt: str, max_new_tokens: int) -> str:
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=pad)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return generate
+
+
+def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None):
+    """(model, tokenizer, max_position_embeddings) from an exported HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
+    kwargs = {"trust_remote_code": True}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    tokenizer.model_max_length = int(1e30)   # long prompts are intended; silence the length warning
+    return model, tokenizer, getattr(model.config, "max_position_embeddings", None)
+
+
+def build_samples(tokenizer, tasks: list[str], lengths: list[int], depths: list[float],
+                  num_samples: int = 1, seed: int = 0) -> tuple[list[synthetic.Sample], list[dict]]:
+    """All samples of the run, plus the (task, length, reason) combinations that could not be built."""
+    samples, skipped = [], []
+    for task in tasks:
+        for length in lengths:
+            for d in (depths if task in synthetic.GRID_TASKS else [None]):
+                for i in range(num_samples):
+                    try:
+                        samples.append(synthetic.make_sample(task, tokenizer, length, seed + i, d))
+                    except ValueError as e:
+                        skipped.append({"task": task, "length": length, "depth": d, "reason": str(e)})
+    return samples, skipped
+
+
+def run_tasks(generate: Generate, tokenizer, tasks: list[str], lengths: list[int],
+              depths: Optional[list[float]] = None, num_samples: int = 1, seed: int = 0,
+              trained_window: Optional[int] = None, progress: bool = True,
+              keep_prompts: bool = False) -> dict:
+    """Generate, score and summarise. Returns the result dict (see :func:`write_json`)."""
+    depths = DEFAULT_DEPTHS if depths is None else depths
+    samples, skipped = build_samples(tokenizer, tasks, lengths, depths, num_samples, seed)
+    beyond = sorted({L for L in lengths if trained_window and L > trained_window})
+    if beyond:
+        warnings.warn(f"lengths {beyond} exceed the model's trained window ({trained_window} tokens); "
+                      "they are evaluated and flagged", stacklevel=2)
+    records = []
+    iterator = samples
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(samples, desc="long-context eval", unit="sample")
+    for s in iterator:
+        t0 = time.perf_counter()
+        pred = generate(s.prompt, MAX_NEW_TOKENS.get(s.task, 64))
+        rec = {"task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed,
+               "num_tokens": s.num_tokens, "answers": s.answers, "prediction": pred,
+               "metric": s.metric, "score": scoring.score_sample(pred, s.answers, s.metric),
+               "beyond_trained_window": bool(trained_window and s.length > trained_window),
+               "seconds": round(time.perf_counter() - t0, 4)}
+        if keep_prompts:
+            rec["prompt"] = s.prompt
+        records.append(rec)
+    per_len = scoring.per_length(records)
+    grids = {t: g for t in synthetic.GRID_TASKS if (g := scoring.grid(records, t)) is not None}
+    return {"trained_window": trained_window, "beyond_trained_window": beyond,
+            "config": {"tasks": tasks, "lengths": lengths, "depths": depths,
+                       "num_samples": num_samples, "seed": seed},
+            "per_length": {t: {str(L): v for L, v in d.items()} for t, d in per_len.items()},
+            "average": {str(L): v for L, v in scoring.overall(
+                {t: d for t, d in per_len.items() if t not in synthetic.GRID_TASKS}).items()},
+            "grids": grids, "skipped": skipped, "records": records}
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    """Write atomically (tmp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int],
+             depths: Optional[list[float]] = None, num_samples: int = 1, seed: int = 0,
+             name: Optional[str] = None, device: str = "cpu", dtype: Optional[str] = None,
+             ppl_file: Optional[str] = None, ppl_lengths: Optional[list[int]] = None,
+             ppl_stride: Optional[int] = None, ppl_stride_fraction: Optional[float] = None,
+             ppl_max_tokens: Optional[int] = None, heatmap_dir: Optional[str] = None,
+             progress: bool = True) -> dict:
+    """Full evaluation of an exported HF folder: tasks, optional perplexity, JSON (+ heatmaps)."""
+    model, tokenizer, window = load_hf(model_dir, device, dtype)
+    result = run_tasks(hf_generator(model, tokenizer, device), tokenizer, tasks, lengths, depths,
+                       num_samples, seed, window, progress) if tasks else {
+        "trained_window": window, "per_length": {}, "grids": {}, "records": [], "skipped": []}
+    result["name"] = name or Path(model_dir).resolve().name
+    result["model_dir"] = str(model_dir)
+    if ppl_file:
+        from harpe_megatron.eval.perplexity import perplexity_by_length
+        ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))
+        result["perplexity"] = perplexity_by_length(
+            model, ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
+            window, device, progress)
+        result["perplexity_file"] = str(ppl_file)
+    if heatmap_dir and result["grids"]:
+        from harpe_megatron.eval.heatmap import plot_grid
+        result["heatmaps"] = {}
+        for task, g in result["grids"].items():
+            png = Path(heatmap_dir) / f"{result['name']}_{task}.png"
+            plot_grid(g, png, title=f"{result['name']}: {task}", trained_window=window)
+            result["heatmaps"][task] = str(png)
+    write_json(result, out_json)
+    return result
