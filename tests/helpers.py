@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harpe_megatron.config.model import ModelConfig
@@ -30,3 +34,13 @@ def tiny_hf_llama(m: ModelConfig, rope_theta: float = 10000.0, seed: int = 0) ->
             else:
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def hf_state(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an exported folder, read with the safetensors library and the index."""
+    index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(Path(folder) / shard))
+    assert set(out) == set(index["weight_map"])
+    return out

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from harpe_megatron.testing.distributed import run_distributed
 from tests.distributed.convert_workers import tp2_logits_and_saves
-from tests.helpers import tiny_hf_llama, tiny_model_config
+from tests.helpers import hf_state, tiny_hf_llama, tiny_model_config
 
 pytestmark = pytest.mark.distributed
 
@@ -22,14 +21,6 @@ SEQ = 40
 # Measured (CPU fp32, gloo, torch 2.13, transformers 5.23): max |diff| ~1e-6.
 LOGITS_ATOL = 1e-5
 PER_HEAD = "positional.bases={strategy: uniform, b_min: 20.0, b_max: 20000.0}"
-
-
-def hf_state(folder: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    out = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        out.update(load_file(folder / shard))
-    return out
 
 
 def test_tp2_load_logits_and_tp_pp_saves_export_exactly(single_rank, tmp_path):

@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from harpe_megatron.config.loader import load_config
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.testing.distributed import megatron_parallel
 from harpe_megatron.training.checkpointing import find_latest, load_model_weights
-from tests.helpers import tiny_hf_llama, tiny_model_config
+from tests.helpers import hf_state, tiny_hf_llama, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = 40
@@ -32,16 +31,6 @@ SEQ = 40
 LOGITS_ATOL = 1e-5
 TOKENIZER_VOCAB = 400  # byte fallback needs 256 + 3 pieces plus the characters
 PER_HEAD = "positional.bases={strategy: uniform, b_min: 20.0, b_max: 20000.0}"
-
-
-def hf_state(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an exported folder, read with the safetensors library and the index."""
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    out = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        out.update(load_file(folder / shard))
-    assert set(out) == set(index["weight_map"])
-    return out
 
 
 def save_sharded_bin(model, folder: Path, shards: int = 3) -> None:
