@@ -65,12 +65,18 @@ class PositionalConfig:
 
     ``position_ids``: ``sequential`` (0..S-1 of the packed sequence, zigzag-sharded under CP) or
     ``from_batch`` (per-sample ids from the data pipeline, e.g. CREAM/PoSE; required then).
+
+    ``apply_rope_fusion`` (default true): RoPE is applied inside attention from positions and
+    per-head inverse frequencies (our Triton kernel on CUDA, the same expression in torch
+    elsewhere; no angle table). ``false``: megatron's unfused path on a precomputed per-head angle
+    table (the reference; more memory).
     """
 
     bases: BaseStrategy = field(default_factory=PaperBases)
     scaling: RopeScaling = field(default_factory=NoScaling)
     position_ids: str = "sequential"
     rotary_interleaved: bool = False
+    apply_rope_fusion: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.bases, dict):
@@ -88,7 +94,8 @@ class PositionalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"bases": self.bases.to_dict(), "scaling": self.scaling.to_dict(),
-                "position_ids": self.position_ids, "rotary_interleaved": self.rotary_interleaved}
+                "position_ids": self.position_ids, "rotary_interleaved": self.rotary_interleaved,
+                "apply_rope_fusion": self.apply_rope_fusion}
 
 
 @dataclass

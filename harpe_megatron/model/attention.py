@@ -153,16 +153,46 @@ class SDPAttention(MegatronModule):
 
 
 class HarpeSelfAttention(SelfAttention):
-    """megatron ``SelfAttention`` that takes our per-head rotary table (packed for GQA).
+    """megatron ``SelfAttention`` that takes our per-head rotary input, in one of two forms.
 
-    The table travels through the decoder block as one tensor (activation checkpointing saves
-    its arguments with ``save_for_backward``, which cannot hold a tuple); here it is split into
-    the ``(query_table, key_table)`` pair that ``SelfAttention`` applies to q and k.
+    The rotary input travels through the decoder block as one tensor (activation checkpointing
+    saves its arguments with ``save_for_backward``, which cannot hold a tuple):
+
+    * 4-D: the per-head angle table ``[s, b|1, np (+ ng), d]`` (packed q/k for GQA), split here
+      into the ``(query_table, key_table)`` pair that megatron applies with its unfused path;
+    * 2-D: token positions ``[s, b|1]`` (fused path). megatron gets no rotary input; RoPE is
+      applied to q and k right after the QKV projection — where megatron would apply it — by
+      overriding :meth:`get_query_key_value_tensors`, using the model's
+      :class:`~harpe_megatron.positional.rotary.PerHeadRotaryEmbedding` (see :meth:`bind_rotary`).
     """
 
+    _rotary = None  # the model's PerHeadRotaryEmbedding, set by bind_rotary (not a submodule)
+    _rope_positions: Optional[Tensor] = None
+
+    def bind_rotary(self, rotary) -> None:
+        """Use ``rotary`` (the model's, shared by all layers) for positions-form rotary inputs."""
+        # A tuple keeps nn.Module from registering the shared module as a child of every layer.
+        self._rotary = (rotary,)
+
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        if isinstance(rotary_pos_emb, Tensor) and rotary_pos_emb.dim() == 2:
+            if self._rotary is None:
+                raise RuntimeError("positions given as rotary input, but bind_rotary() was never called")
+            self._rope_positions = rotary_pos_emb
+            try:
+                return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs)
+            finally:
+                self._rope_positions = None
         if isinstance(rotary_pos_emb, Tensor):
             rotary_pos_emb = split_rotary_table(
                 rotary_pos_emb, self.num_attention_heads_per_partition, self.num_query_groups_per_partition
             )
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._rope_positions is None:
+            return out
+        query, key, *rest = out
+        query, key = self._rotary[0].apply(query, key, self._rope_positions)
+        return (query, key, *rest)

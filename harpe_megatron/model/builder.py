@@ -110,6 +110,7 @@ def build_model(
         position_ids_mode=positional.position_ids,
         rotary_interleaved=positional.rotary_interleaved,
         rope_scaling=positional.scaling,
+        apply_rope_fusion=positional.apply_rope_fusion,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,

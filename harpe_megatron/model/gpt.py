@@ -2,9 +2,12 @@
 
 The smallest injection that works: the model is built with ``position_embedding_type='none'`` (so
 megatron creates neither a learned position embedding nor its single-base ``RotaryEmbedding``),
-and ``_preprocess`` — the one place where megatron produces the rotary table handed to every layer
-— is extended to return our ``(query_table, key_table)`` tuple instead. Everything else
-(embedding, decoder, output layer, vocab-parallel loss, sharded state dict) is megatron's.
+and ``_preprocess`` — the one place where megatron produces the rotary input handed to every layer
+— is extended to return ours instead: with ``apply_rope_fusion`` (default) the token positions
+``[s, b]`` fp32, which :class:`~harpe_megatron.model.attention.HarpeSelfAttention` turns into
+rotated q/k with the fused per-head kernel; without it, the per-head angle table (packed q/k for
+GQA) for megatron's unfused ``apply_rotary_pos_emb``. Everything else (embedding, decoder, output
+layer, vocab-parallel loss, sharded state dict) is megatron's.
 
 Architectural choices (Llama-2): pre-norm RMSNorm (eps 1e-5), SwiGLU MLP, no linear biases,
 rotate-half RoPE applied to q and k with one base per query head (shared inside a KV group),
@@ -21,6 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from harpe_megatron.model.attention import HarpeSelfAttention
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
 
 __all__ = ["HarpeGPTModel"]
@@ -36,6 +40,8 @@ class HarpeGPTModel(GPTModel):
             ``"from_batch"`` (``position_ids`` ``[b, s_local]`` drive the rotation; required).
         rope_scaling: a :class:`~harpe_megatron.positional.scaling.RopeScaling` (PI/NTK/YaRN); its
             attention temperature must be in ``config.softmax_scale`` (see model/builder.py).
+        apply_rope_fusion: positions + in-attention per-head kernel (True) or angle tables
+            through megatron's unfused path (False). Same result up to rounding.
     """
 
     def __init__(
@@ -48,6 +54,7 @@ class HarpeGPTModel(GPTModel):
         position_ids_mode: str = "sequential",
         rotary_interleaved: bool = False,
         rope_scaling=None,
+        apply_rope_fusion: bool = True,
         pre_process: bool = True,
         post_process: bool = True,
         parallel_output: bool = True,
@@ -86,6 +93,15 @@ class HarpeGPTModel(GPTModel):
             rotary_interleaved=rotary_interleaved,
             scaling=rope_scaling,
         )
+        self.apply_rope_fusion = apply_rope_fusion
+        if apply_rope_fusion:
+            for layer in self.decoder.layers:
+                attention = getattr(layer, "self_attention", None)
+                if not isinstance(attention, HarpeSelfAttention):
+                    raise TypeError(
+                        f"apply_rope_fusion needs HarpeSelfAttention layers (model/spec.py), got {type(attention)}"
+                    )
+                attention.bind_rotary(self.rotary_pos_emb)
 
     @property
     def head_bases(self) -> list[float]:
@@ -123,7 +139,10 @@ class HarpeGPTModel(GPTModel):
         if self.position_ids_mode == "from_batch":
             if position_ids is None:
                 raise ValueError("position_ids_mode='from_batch' needs position_ids [batch, seq] in forward()")
-            rotary = self.rotary_pos_emb(seq_len, position_ids=position_ids, device=hidden.device)
         else:
-            rotary = self.rotary_pos_emb(seq_len, device=hidden.device)
+            position_ids = None
+        if self.apply_rope_fusion:
+            rotary = self.rotary_pos_emb.rope_positions(seq_len, position_ids=position_ids, device=hidden.device)
+        else:
+            rotary = self.rotary_pos_emb(seq_len, position_ids=position_ids, device=hidden.device)
         return (out[0], rotary) + tuple(out[2:])

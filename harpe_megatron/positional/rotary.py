@@ -20,6 +20,14 @@ Replaces megatron's ``RotaryEmbedding`` (one base, lru-cached, CUDA-bound). Conv
 * Frequencies and angles are fp32, recomputed on every call (cheap next to attention: one
   ``s x heads x d`` outer product per forward, shared by all layers), so nothing goes stale when
   the sequence length, the positions or the bases change.
+
+Two ways to use it. The *table* path (:meth:`PerHeadRotaryEmbedding.forward`) builds the angle
+table that megatron's unfused ``apply_rotary_pos_emb`` consumes — ``s x heads x d`` fp32, 2 GiB at
+128k tokens and 32 heads, kept alive per layer by autograd as cos/sin. The *fused* path
+(``positional.apply_rope_fusion``, the default) hands the layers only the positions
+(:meth:`PerHeadRotaryEmbedding.rope_positions`, ``[s, b]``) and applies RoPE inside attention from
+them and :meth:`PerHeadRotaryEmbedding.inverse_frequencies` with
+:func:`~harpe_megatron.positional.rope_apply.apply_per_head_rope` (Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from harpe_megatron.parallel.zigzag import zigzag_positions
+from harpe_megatron.positional.rope_apply import apply_per_head_rope
 from harpe_megatron.positional.scaling import NoScaling, RopeScaling
 from harpe_megatron.positional.scaling import plain_inverse_frequencies as inverse_frequencies
 
@@ -84,6 +93,7 @@ class PerHeadRotaryEmbedding(nn.Module):
         self.local_q_bases = self.head_bases[tp_rank * np_local : (tp_rank + 1) * np_local]
         self.local_k_bases = self.local_q_bases[::per_group]
         self.shared_qk = per_group == 1
+        self._inv_freq_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _cp(self) -> tuple[int, int]:
         if self.cp_group is None:
@@ -103,30 +113,60 @@ class PerHeadRotaryEmbedding(nn.Module):
             return angles.repeat_interleave(2, dim=-1)
         return torch.cat((angles, angles), dim=-1)
 
+    def rope_positions(
+        self,
+        seq_len: int,
+        position_ids: Optional[Tensor] = None,
+        device: Optional[torch.device] = None,
+    ) -> Tensor:
+        """fp32 positions ``[s_local, b]`` (``[s_local, 1]`` when shared by the batch) of this
+        rank's tokens: the zigzag share of ``0..seq_len-1``, or ``position_ids`` transposed."""
+        device = device if device is not None else torch.device("cpu")
+        if position_ids is None:
+            return self.positions(seq_len, device)[:, None]
+        _, cp_size = self._cp()
+        if position_ids.dim() != 2 or position_ids.size(1) * cp_size != seq_len:
+            raise ValueError(
+                f"position_ids must be [batch, {seq_len // cp_size}] (this CP rank's tokens), "
+                f"got {tuple(position_ids.shape)}"
+            )
+        return position_ids.to(device=device, dtype=torch.float32).t()
+
+    def inverse_frequencies(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """fp32 ``(query [np, d/2], key [ng, d/2])`` inverse frequencies of this TP rank's heads,
+        scaling applied (cached per device: bases and scaling are fixed at construction)."""
+        device = torch.device(device)
+        if device not in self._inv_freq_cache:
+            q = self.scaling.inverse_frequencies(self.local_q_bases, self.head_dim).to(device)
+            k = q if self.shared_qk else self.scaling.inverse_frequencies(self.local_k_bases, self.head_dim).to(device)
+            self._inv_freq_cache[device] = (q, k)
+        return self._inv_freq_cache[device]
+
+    def apply(self, query: Tensor, key: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The fused path: rotate megatron's ``query`` ``[s, b, np, d]`` and ``key`` ``[s, b, ng, d]``
+        by ``positions`` (:meth:`rope_positions`); the YaRN attention factor is not applied here
+        (it is in the softmax scale, see model/builder.py)."""
+        inv_q, inv_k = self.inverse_frequencies(query.device)
+        positions = positions.to(query.device)
+        query = apply_per_head_rope(query, positions, inv_q, interleaved=self.rotary_interleaved)
+        key = apply_per_head_rope(key, positions, inv_k, interleaved=self.rotary_interleaved)
+        return query, key
+
     def forward(
         self,
         seq_len: int,
         position_ids: Optional[Tensor] = None,
         device: Optional[torch.device] = None,
     ) -> Tensor:
-        """Tables for a global sequence of ``seq_len`` tokens (see module docstring).
+        """Angle tables for a global sequence of ``seq_len`` tokens (the table path, see the
+        module docstring).
 
         Args:
             seq_len: global sequence length (all CP ranks together).
             position_ids: optional ``[b, s_local]`` positions of this rank's tokens.
             device: where to build the tables (default: CPU).
         """
-        device = device if device is not None else torch.device("cpu")
-        if position_ids is None:
-            pos = self.positions(seq_len, device)[:, None]
-        else:
-            _, cp_size = self._cp()
-            if position_ids.dim() != 2 or position_ids.size(1) * cp_size != seq_len:
-                raise ValueError(
-                    f"position_ids must be [batch, {seq_len // cp_size}] (this CP rank's tokens), "
-                    f"got {tuple(position_ids.shape)}"
-                )
-            pos = position_ids.to(device=device, dtype=torch.float32).t()
+        pos = self.rope_positions(seq_len, position_ids, device)
         q_table = self._table(pos, self.local_q_bases)
         if self.shared_qk:
             return q_table
