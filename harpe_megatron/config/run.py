@@ -41,8 +41,13 @@ class DataConfig:
     # CREAM / PoSE: samples packed at the scheme's target length, shown through a seq_length
     # window with sampled positions (needs positional.position_ids: from_batch)
     position_scheme: Optional[PositionScheme] = None
+    # checks before training (data/validation.py): full = every token id read, quick = headers,
+    # index, splits and a sample of token ids, off = none
+    validate: str = "full"
 
     def __post_init__(self) -> None:
+        if self.validate not in ("full", "quick", "off"):
+            raise ValueError(f"data.validate: expected full, quick or off, got {self.validate!r}")
         if self.seq_length <= 0:
             raise ValueError(f"data.seq_length must be positive, got {self.seq_length}")
         if self.weights is not None and len(self.weights) != len(self.paths):

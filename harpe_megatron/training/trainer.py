@@ -26,6 +26,7 @@ from megatron.core.transformer.module import Float16Module
 
 from harpe_megatron.config.loader import config_to_dict, save_config
 from harpe_megatron.config.run import RunConfig
+from harpe_megatron.data.validation import validate_training_inputs
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.training.checkpointing import find_latest, load_checkpoint, load_model_weights, save_checkpoint
 from harpe_megatron.training.data import TrainingData
@@ -157,6 +158,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def _train(cfg: RunConfig) -> TrainResult:
+    validate_training_inputs(cfg, log=_log)  # data/tokenizer checks, before anything is written
     world = dist.get_world_size()
     t = cfg.training
     train_iters = t.resolved_train_iters(cfg.data.seq_length)
