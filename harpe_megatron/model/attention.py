@@ -194,5 +194,5 @@ class HarpeSelfAttention(SelfAttention):
         if self._rope_positions is None:
             return out
         query, key, *rest = out
-        query, key = self._rotary[0].apply(query, key, self._rope_positions)
+        query, key = self._rotary[0].rotate_qk(query, key, self._rope_positions)
         return (query, key, *rest)

@@ -142,7 +142,7 @@ class PerHeadRotaryEmbedding(nn.Module):
             self._inv_freq_cache[device] = (q, k)
         return self._inv_freq_cache[device]
 
-    def apply(self, query: Tensor, key: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rotate_qk(self, query: Tensor, key: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The fused path: rotate megatron's ``query`` ``[s, b, np, d]`` and ``key`` ``[s, b, ng, d]``
         by ``positions`` (:meth:`rope_positions`); the YaRN attention factor is not applied here
         (it is in the softmax scale, see model/builder.py)."""
