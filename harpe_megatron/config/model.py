@@ -100,17 +100,28 @@ class PositionalConfig:
 
 @dataclass
 class ParallelConfig:
-    """megatron-core parallel layout (world = TP x CP x PP x DP)."""
+    """megatron-core parallel layout (world = TP x CP x PP x DP).
+
+    ``cp_comm_type``: how context-parallel attention exchanges K/V (megatron's field): ``null``
+    (Transformer Engine's default, the ``p2p`` ring that overlaps each hop with a chunk of
+    attention; our SDPAttention without TE: ``all_gather``), ``p2p``, ``all_gather``, ``a2a`` or
+    ``a2a+p2p`` (TE only). See docs/performance.md for when which pays off.
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    cp_comm_type: Optional[str] = None
 
     def __post_init__(self) -> None:
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
+        if self.cp_comm_type not in (None, "p2p", "all_gather", "a2a", "a2a+p2p"):
+            raise ValueError(
+                f"parallel.cp_comm_type: expected null, p2p, all_gather, a2a or a2a+p2p, got {self.cp_comm_type!r}"
+            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
 

@@ -38,6 +38,10 @@ def test_sdpa_attention_rejects_explicit_masks(single_rank):
         x = torch.randn(8, 1, 4, 16)
         with pytest.raises(ValueError, match="takes no attention_mask"):
             attn(x, x, x, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+        for comm in ("p2p", "a2a"):  # parallel.cp_comm_type values that need Transformer Engine
+            with pytest.raises(ValueError, match=f"implements cp_comm_type='all_gather' only, got '{comm}'"):
+                SDPAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                             cp_comm_type=comm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

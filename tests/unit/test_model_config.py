@@ -60,6 +60,18 @@ def test_parallel_and_cross_section_errors():
     with pytest.raises(ValueError, match="must be divisible by 8 \\(2 x context_parallel_size x tensor_model_parallel_size"):
         validate_model_setup(ModelConfig(), sp, seq_length=36)
     validate_model_setup(ModelConfig(), sp, seq_length=40)
+    with pytest.raises(ValueError, match="parallel.cp_comm_type: expected null, p2p, all_gather, a2a or a2a\\+p2p, got 'ring'"):
+        ParallelConfig(cp_comm_type="ring")
+
+
+def test_cp_comm_type_reaches_megatron():
+    """(megatron hands it to core attention only when CP > 1; SDPAttention's refusal of what it
+    does not implement is tested in test_layers.py.)"""
+    m = ModelConfig(num_query_groups=2)
+    for comm in (None, "all_gather", "p2p", "a2a+p2p"):
+        cfg = transformer_config(m, ParallelConfig(context_parallel_size=2, cp_comm_type=comm),
+                                 use_cpu_initialization=True)
+        assert cfg.cp_comm_type == comm
 
 
 def test_positional_errors():
