@@ -19,6 +19,10 @@ Rows, each timed in this process on the same tensors (q ``[s, b, h, d]``, k ``[s
   (it cannot take per-head tables);
 * ``copy``: ``clone`` of q, k and their gradients — the same bytes, the practical ceiling.
 
+Also per variant: the bytes autograd keeps for the backward between forward and backward
+("saved MiB", distinct storages counted once) — per layer in a model, and the reason the fused
+path exists at 128k.
+
 Bytes counted per call: read x + write y forward, read dy + write dx backward, for q and k
 (``4 * (|q| + |k|) * itemsize``); tables, positions and frequencies are not counted. GB/s = those
 bytes / median time; "% peak" is against the device's vendor DRAM bandwidth (``--peak-gbs``
@@ -74,6 +78,20 @@ def _te_fused():
     return fused_apply_rotary_pos_emb if fused_apply_rotary_pos_emb is not None else None
 
 
+def _saved_bytes(forward) -> int:
+    """Bytes of the distinct tensors autograd saves for backward during ``forward()``."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = forward()
+    del outputs
+    return sum(storages.values())
+
+
 def bench_one(seq: int, batch: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
               device: torch.device, warmup: int, iters: int, peak_gbs) -> list[dict]:
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -94,16 +112,19 @@ def bench_one(seq: int, batch: int, heads: int, kv_heads: int, dim: int, dtype: 
         def run():
             yq, yk = fq(q), fk(k)
             torch.autograd.grad((yq, yk), (q, k), (gq, gk))
+        run.forward = lambda: (fq(q), fk(k))
         return run
 
     rows = []
 
-    def add(name, impl, fn, baseline=None):
+    def add(name, impl, fn):
         seconds = time_call(fn, device, warmup, iters)
         gbs = nbytes / seconds / 1e9
+        saved = _saved_bytes(fn.forward) if hasattr(fn, "forward") else None
         rows.append({"seq": seq, "batch": batch, "heads": heads, "kv_heads": kv_heads, "dim": dim,
                      "dtype": str(dtype).replace("torch.", ""), "variant": name, "impl": impl,
-                     "ms": seconds * 1e3, "gb_s": gbs, "pct_peak": 100 * gbs / peak_gbs if peak_gbs else None})
+                     "ms": seconds * 1e3, "gb_s": gbs, "pct_peak": 100 * gbs / peak_gbs if peak_gbs else None,
+                     "saved_mib": saved / 2**20 if saved is not None else None})
 
     impl = default_impl(q)
     add("per-head", impl, fwd_bwd(lambda x: apply_per_head_rope(x, positions, inv_q),
@@ -132,7 +153,8 @@ def _print(rows: list[dict]) -> None:
     by = {}
     for r in rows:
         by.setdefault(r["seq"], {})[r["variant"]] = r
-    print(f"{'seq':>7} {'variant':<32} {'impl':<14} {'ms':>9} {'GB/s':>8} {'% peak':>7} {'vs per-head':>11}")
+    print(f"{'seq':>7} {'variant':<32} {'impl':<14} {'ms':>9} {'GB/s':>8} {'% peak':>7} {'vs per-head':>11} "
+          f"{'saved MiB':>9}")
     for seq, variants in by.items():
         base = variants["per-head"]["ms"]
         for name, r in variants.items():
@@ -140,8 +162,9 @@ def _print(rows: list[dict]) -> None:
                 print(f"{seq:>7} {name:<32} {'':<14} {r['ms']:>9.3f}   table {r['table_gib']:.2f} GiB fp32")
                 continue
             pct = f"{r['pct_peak']:.1f}" if r["pct_peak"] is not None else "-"
+            saved = f"{r['saved_mib']:.3f}" if r["saved_mib"] is not None else "-"
             print(f"{seq:>7} {name:<32} {r['impl']:<14} {r['ms']:>9.3f} {r['gb_s']:>8.1f} {pct:>7} "
-                  f"{r['ms'] / base:>10.2f}x")
+                  f"{r['ms'] / base:>10.2f}x {saved:>9}")
         single = variants["single-base"]["ms"]
         unfused = variants["megatron unfused"]["ms"]
         print(f"{seq:>7} per-head / single-base = {base / single:.3f}; megatron unfused / per-head = "
