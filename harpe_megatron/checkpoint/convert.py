@@ -470,7 +470,10 @@ def _load_run_tree(ckpt: Path, common: dict, config_path: Optional[str]) -> tupl
         text, source = common.get("config_yaml"), f"{ckpt} (config_yaml)"
         if not text:
             raise ValueError(f"{ckpt}: the checkpoint has no config_yaml in its common state; pass --config")
-    tree = yaml.safe_load(text)
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{source}: invalid YAML (read with yaml.safe_load only): {exc}") from None
     if not isinstance(tree, dict):
         raise ValueError(f"{source}: expected a mapping of config sections")
     return tree, source
@@ -501,10 +504,12 @@ def convert_megatron_to_hf(
     from megatron.core import dist_checkpointing
 
     from harpe_megatron.checkpoint.harpe_llama import SHIPPED_FILES
+    from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
     from harpe_megatron.model.builder import model_head_bases
 
     start = time.monotonic()
     ckpt = resolve_checkpoint_dir(ckpt_dir)
+    check_megatron_checkpoint(ckpt)  # no pickled part runs code (see checkpoint/safety.py)
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     tree, source = _load_run_tree(ckpt, common, None if config_path is None else str(config_path))
     # Only what the export needs: the saved parallel layout is irrelevant (we load at TP=1).

@@ -38,13 +38,16 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
-from harpe_megatron.data.dataset import check_indexed_dataset
+from megatron.core.datasets.indexed_dataset import DType
+
+from harpe_megatron.data.dataset import _IDX_HEADER_BYTES, check_indexed_dataset
 
 __all__ = [
     "VALIDATE_MODES",
@@ -129,29 +132,32 @@ def _check_tokenizer(cfg) -> int:
 
 
 # --- index files -----------------------------------------------------------------------------------
-def _read_index(prefix: str, key: str):
-    """(dtype, sequence lengths, byte pointers, document boundaries) after structural checks."""
-    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
-    if not os.path.exists(idx_path) and not os.path.exists(bin_path):
-        parent = os.path.dirname(os.path.abspath(prefix))
-        where = "" if os.path.isdir(parent) else f"; directory {parent} does not exist"
-        _fail(f"{key}: no indexed dataset at {prefix!r} (neither {bin_path} nor {idx_path} exists{where}); "
-              "expected the prefix written by tools/preprocess_data.py, without .bin/.idx")
-    try:
-        info = check_indexed_dataset(prefix)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(f"{key}: {exc}")
-    dtype = np.dtype(info.dtype)
+def _index_arrays(idx_path: str):
+    """(dtype code, sequence lengths, byte pointers, document boundaries) of a structurally valid ``.idx``."""
+    with open(idx_path, "rb") as f:
+        header = f.read(_IDX_HEADER_BYTES)
+    code = header[17]
+    n_seq, n_doc = struct.unpack("<QQ", header[18:34])
+
+    def view(dtype, offset: int, count: int) -> np.ndarray:
+        if count == 0:
+            return np.zeros(0, dtype)
+        return np.memmap(idx_path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+    lengths = view(np.int32, _IDX_HEADER_BYTES, n_seq)
+    pointers = view(np.int64, _IDX_HEADER_BYTES + 4 * n_seq, n_seq)
+    documents = view(np.int64, _IDX_HEADER_BYTES + 12 * n_seq, n_doc)
+    return code, lengths, pointers, documents
+
+
+def _check_index_arrays(key: str, idx_path: str, bin_path: str) -> np.dtype:
+    """Dtype an integer type; lengths, pointers and document boundaries consistent. Returns the dtype."""
+    code, lengths, pointers, documents = _index_arrays(idx_path)
+    dtype = np.dtype(DType.dtype_from_code(code))
     if dtype.kind not in "iu":
-        _fail(f"{key}: {idx_path}: token dtype {dtype.name} in its header, expected an integer type "
+        _fail(f"{key}: {idx_path}: token dtype {dtype.name} (code {code}) in its header, expected an integer type "
               "(uint16 below 65500 ids, else int32)")
-    n_seq, n_doc = info.sequences, info.documents + 1
-    header = 34  # magic 9, version 8, dtype 1, sequence count 8, document count 8
-    lengths = np.memmap(idx_path, dtype=np.int32, mode="r", offset=header, shape=(n_seq,)) if n_seq else np.zeros(0, np.int32)
-    pointers = (np.memmap(idx_path, dtype=np.int64, mode="r", offset=header + 4 * n_seq, shape=(n_seq,))
-                if n_seq else np.zeros(0, np.int64))
-    documents = np.memmap(idx_path, dtype=np.int64, mode="r", offset=header + 12 * n_seq, shape=(n_doc,))
-    if n_seq:
+    if lengths.size:
         if lengths.min() < 0:
             _fail(f"{key}: {idx_path}: negative sequence length at sequence {int(np.argmax(lengths < 0))}")
         if pointers[0] != 0:
@@ -161,10 +167,33 @@ def _read_index(prefix: str, key: str):
         if bad.size:
             i = int(bad[0]) + 1
             _fail(f"{key}: {idx_path}: sequence {i} starts at byte {int(pointers[i])}, expected {int(expected[i - 1])} "
-                  f"(previous start + length x {dtype.itemsize}-byte {dtype.name}): pointers and lengths disagree "
-                  "(a wrong dtype in the header or a damaged index)")
-    if documents[0] != 0 or (n_doc > 1 and np.any(np.diff(documents) < 0)):
+                  f"(previous start + length x {dtype.itemsize} bytes of {dtype.name}, the dtype in its header): "
+                  "pointers and lengths disagree (a wrong dtype code in the header or a damaged index)")
+    if documents.size and (documents[0] != 0 or np.any(np.diff(documents) < 0)):
         _fail(f"{key}: {idx_path}: document boundaries must start at 0 and never decrease")
+    return dtype
+
+
+def _read_index(prefix: str, key: str):
+    """(info, dtype, sequence lengths, byte pointers) after every structural check of the pair."""
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    if not os.path.exists(idx_path) and not os.path.exists(bin_path):
+        parent = os.path.dirname(os.path.abspath(prefix))
+        where = "" if os.path.isdir(parent) else f"; directory {parent} does not exist"
+        _fail(f"{key}: no indexed dataset at {prefix!r} (neither {bin_path} nor {idx_path} exists{where}); "
+              "expected the prefix written by tools/preprocess_data.py, without .bin/.idx")
+    try:
+        info = check_indexed_dataset(prefix)
+    except FileNotFoundError as exc:
+        _fail(f"{key}: {exc}")
+    except ValueError as exc:
+        if str(exc).startswith(bin_path):
+            # The index is complete but the .bin size disagrees: a wrong dtype in the header or damaged
+            # pointers explain it more precisely than the size alone.
+            _check_index_arrays(key, idx_path, bin_path)
+        _fail(f"{key}: {exc}")
+    dtype = _check_index_arrays(key, idx_path, bin_path)
+    _, lengths, pointers, _ = _index_arrays(idx_path)
     return info, dtype, lengths, pointers
 
 
@@ -273,6 +302,21 @@ def _check_cache(cfg, prefixes: list[str]) -> None:
                       "caches with allow_pickle=True, so it is refused; delete it to rebuild")
 
 
+# --- initial weights -------------------------------------------------------------------------------
+def _check_pretrained(cfg) -> None:
+    """``checkpoint.pretrained`` exists and none of its pickled parts can run code when loaded."""
+    if not cfg.checkpoint.pretrained:
+        return
+    from harpe_megatron.checkpoint.convert import resolve_checkpoint_dir
+    from harpe_megatron.checkpoint.safety import UnsafeCheckpointError, check_megatron_checkpoint
+
+    try:
+        check_megatron_checkpoint(resolve_checkpoint_dir(cfg.checkpoint.pretrained))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # UnsafeCheckpointError is a ValueError
+        kind = "unsafe" if isinstance(exc, UnsafeCheckpointError) else "unusable"
+        _fail(f"checkpoint.pretrained: {kind} checkpoint: {exc}")
+
+
 # --- entry -----------------------------------------------------------------------------------------
 def _validate_local(cfg, mode: str, rank: int, world: int) -> ValidationReport:
     start = time.perf_counter()
@@ -293,6 +337,7 @@ def _validate_local(cfg, mode: str, rank: int, world: int) -> ValidationReport:
                          rank, world, pr)
         report.prefixes.append(pr)
     _check_cache(cfg, list(cfg.data.paths))
+    _check_pretrained(cfg)
     report.seconds = time.perf_counter() - start
     return report
 

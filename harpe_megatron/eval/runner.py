@@ -43,14 +43,22 @@ def hf_generator(model, tokenizer, device: str | torch.device = "cpu") -> Genera
 
 
 def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None):
-    """(model, tokenizer, max_position_embeddings) from an exported HF folder."""
+    """(model, tokenizer, max_position_embeddings) from an exported HF folder.
+
+    Runs no code from the folder (``trust_remote_code=False``): ``harpe_llama`` models use this
+    package's own copy of the modeling code, registered with the Auto classes.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harpe_megatron.checkpoint.harpe_llama import register
+
+    register()
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-    kwargs = {"trust_remote_code": True}
+    kwargs = {"trust_remote_code": False}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer.model_max_length = int(1e30)   # long prompts are intended; silence the length warning
     return model, tokenizer, getattr(model.config, "max_position_embeddings", None)
 
