@@ -280,6 +280,25 @@ def test_quick_mode_reads_a_bounded_sample(tmp_path, tokenizer_path, monkeypatch
         config_from_dict(tree(tmp_path, tokenizer_path, prefix, validate="some"))
 
 
+@pytest.mark.parametrize("sequence", [1, 7, 8, 9, 39])
+def test_index_is_checked_in_chunks_across_boundaries(tmp_path, tokenizer_path, monkeypatch, sequence):
+    """A damaged pointer is found wherever it lies relative to the chunks (8 entries here)."""
+    monkeypatch.setattr(validation, "SCAN_CHUNK_TOKENS", 8)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    prefix = write_prefix(str(data_dir / "d"), documents())
+    cfg = config_from_dict(tree(tmp_path, tokenizer_path, prefix))
+    validate_training_inputs(cfg)
+    if sequence != 39:  # the last pointer is checked against the .bin size already
+        _patch(prefix + ".idx", 34 + 40 * 4 + sequence * 8, struct.pack("<q", 7))
+    else:
+        _patch(prefix + ".idx", 34 + 38 * 4, struct.pack("<i", 30))  # sequence 38's length: pointer 39 disagrees
+    expected = 62 * sequence
+    with pytest.raises(DataValidationError, match=rf"sequence {sequence} starts at byte {7 if sequence != 39 else 62 * 39}, "
+                                                  rf"expected {expected if sequence != 39 else 62 * 38 + 60}"):
+        validate_training_inputs(cfg)
+
+
 def test_megatron_would_hang_on_the_empty_split_we_refuse(tmp_path, tokenizer_path):
     """Why the empty-split check exists: megatron's GPTDataset writes the train split's index cache,
     then loops forever counting epochs of the valid split's 0 tokens."""
