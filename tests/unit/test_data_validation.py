@@ -299,6 +299,7 @@ def test_index_is_checked_in_chunks_across_boundaries(tmp_path, tokenizer_path, 
         validate_training_inputs(cfg)
 
 
+@pytest.mark.slow
 def test_megatron_would_hang_on_the_empty_split_we_refuse(tmp_path, tokenizer_path):
     """Why the empty-split check exists: megatron's GPTDataset writes the train split's index cache,
     then loops forever counting epochs of the valid split's 0 tokens."""
@@ -358,18 +359,32 @@ def test_train_cli_exits_with_the_message_and_writes_nothing(tmp_path, tokenizer
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
 
-def test_check_data_tool(tmp_path, tokenizer_path):
+def _check_data_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_data", REPO / "tools" / "check_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_check_data_tool(tmp_path, tokenizer_path, capsys):
     d, t = _make(tmp_path, tokenizer_path, lambda d, t: None)
     config = _write_yaml(tmp_path / "run.yaml", t)
+    main = _check_data_main()
     before = snapshot(tmp_path)
-    tool = [sys.executable, str(REPO / "tools" / "check_data.py"), "--config", config]
-    ok = subprocess.run(tool, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    assert "data checks (full) passed" in ok.stdout and "train 36 docs / 1,116 tokens" in ok.stdout
-    bad = subprocess.run(tool + ["--mode", "quick", "data.seq_length=4096"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 1
-    assert "data check failed (run, data.seq_length 4096): data.paths[0]: the train split" in bad.stderr
+    assert main(["--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "data checks (full) passed" in out and "train 36 docs / 1,116 tokens" in out
+    assert main(["--config", config, "--mode", "quick", "data.seq_length=4096"]) == 1
+    err = capsys.readouterr().err
+    assert "data check failed (run, data.seq_length 4096): data.paths[0]: the train split" in err
+    # a multi-stage config is checked at every stage's length
+    stages = ["stages=[{name: a, seq_length: 16, train_iters: 1}, {name: b, seq_length: 1024, train_iters: 1}]"]
+    assert main(["--config", config] + stages) == 1
+    assert "data check failed (stage 1 (b), data.seq_length 1024): data.paths[0]: the valid split" in capsys.readouterr().err
+    assert main(["--config", config, "data.validate=sometimes"]) == 2
+    assert "data.validate: expected full, quick or off, got 'sometimes'" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
 
 
