@@ -13,10 +13,11 @@ Conventions (the same as :mod:`harpe_megatron.positional.rope_apply`'s torch exp
   ``(x1 cos a - x2 sin a, x2 cos a + x1 sin a)``; ``SIGN = -1`` rotates by ``-a`` (the backward).
 
 Numerics: the angle is the fp32 product ``pos * inv_freq`` (bit-identical to the torch expression
-and megatron's table), reduced to ``[-pi, pi]`` in fp64 — exact for any position below 2^24 — and
-only then given to ``sin``/``cos``, whose fast hardware versions are accurate on that range but not
-on raw angles of up to ~10^5 radians. The rotation is done in fp32 and rounded once to ``x``'s
-dtype.
+and megatron's table), reduced to ``[-pi, pi]`` in fp64 with the fp64 value of 2*pi — exact for any
+position below 2^24 — and only then given to ``tl.sin``/``tl.cos``. On NVIDIA these compile to
+libdevice's ``sinf``/``cosf`` (checked in the PTX: no ``sin.approx``), whose slow path for large
+arguments (raw angles reach ~1.3e5 rad at 128k) is then never taken. The rotation is done in fp32
+and rounded once to ``x``'s dtype.
 
 One program handles one token row (all ``b`` samples are separate rows) and ``BLOCK_H`` heads.
 """
@@ -28,7 +29,7 @@ import triton.language as tl
 
 __all__ = ["rope_rows_kernel", "launch_rope"]
 
-_TWO_PI = 6.283185307179586
+_TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit
