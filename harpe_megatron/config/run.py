@@ -88,6 +88,11 @@ class TrainingConfig:
     eval_interval: int = 0  # 0: never
     eval_iters: int = 1
     exit_interval: Optional[int] = None  # stop (after saving) at this step; for tests/schedulers
+    # reliability (docs/reliability.md)
+    max_consecutive_nonfinite_steps: int = 10  # skipped steps in a row tolerated; one more aborts (exit 77)
+    hang_timeout_s: float = 900.0  # no progress for this long in a step/eval -> exit 76 naming stale ranks; 0: off
+    slow_phase_timeout_s: float = 3600.0  # the same for start-up, checkpoint load/save and the first step
+    distributed_timeout_s: float = 1800.0  # init_process_group's timeout for collectives
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size"):
@@ -111,6 +116,16 @@ class TrainingConfig:
             raise ValueError("training.recompute_method only applies to recompute_granularity=full")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"training.min_lr must be in [0, training.lr], got {self.min_lr}")
+        for key in ("max_consecutive_nonfinite_steps", "hang_timeout_s", "slow_phase_timeout_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"training.{key} must be >= 0, got {getattr(self, key)}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"training.distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
+        if self.hang_timeout_s and self.slow_phase_timeout_s < self.hang_timeout_s:
+            raise ValueError(
+                f"training.slow_phase_timeout_s ({self.slow_phase_timeout_s}) must be >= training.hang_timeout_s "
+                f"({self.hang_timeout_s}): checkpoint save/load and the first step take longer than a step"
+            )
 
     def resolved_train_iters(self, seq_length: int) -> int:
         if self.train_iters is not None:

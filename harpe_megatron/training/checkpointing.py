@@ -7,19 +7,30 @@ Layout of a save directory::
         model / optimizer      sharded tensors (any TP/PP/CP/DP layout can load them)
         (common state)         iteration, consumed samples, LR scheduler, resolved config
         rng/rank_00000.pt      per-rank RNG states (tensors only; loaded with weights_only=True)
+        harpe_manifest.json    every file of the checkpoint with its size, written last
     <save>/iter_0000300.tmp/   a save in progress (or interrupted): never pointed to
 
-A save writes into ``iter_N.tmp``, every rank finishes, then rank 0 renames it to ``iter_N``,
-replaces ``latest`` atomically (write + fsync + rename) and prunes all but the newest
-``keep_last`` checkpoints. A crash at any point leaves ``latest`` naming a complete checkpoint.
+A save writes into ``iter_N.tmp``, every rank finishes, rank 0 writes the manifest, renames the
+directory to ``iter_N``, replaces ``latest`` atomically (write + fsync + rename) and prunes all
+but the newest ``keep_last`` complete checkpoints (and older interrupted ``.tmp`` saves). A crash
+or an error (full disk: ``OSError``) at any point leaves ``latest`` naming a complete checkpoint.
+
+Complete = ``metadata.json`` present and, where there is a manifest (every checkpoint this code
+saves), every listed file present with its listed size (a truncated or missing file makes the
+checkpoint incomplete). :func:`resolve_checkpoint` picks what to resume from: the checkpoint
+named by ``latest`` if complete; otherwise, with a warning naming the problem, the newest
+complete one; it also names every partial directory (which is ignored). A file that passes the
+size check but cannot be read fails the load with an error naming the checkpoint and the cause.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,11 +39,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from harpe_megatron.training.faults import fault_at
+
 __all__ = [
     "LATEST_FILE",
     "checkpoint_name",
+    "CheckpointScan",
     "find_latest",
+    "incomplete_reason",
     "list_checkpoints",
+    "resolve_checkpoint",
+    "scan_checkpoints",
     "save_checkpoint",
     "load_checkpoint",
     "load_model_weights",
@@ -40,7 +57,9 @@ __all__ = [
 ]
 
 LATEST_FILE = "latest"
+MANIFEST_FILE = "harpe_manifest.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_TMP_DIR = re.compile(r"^iter_(\d{7})\.tmp$")
 # "fully_reshardable": canonical per-parameter optimizer state, so a checkpoint resumes at another
 # TP/PP/DP layout (gathered on DP rank 0 when saving; fine for the sizes we save).
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -51,7 +70,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoint directories under ``save_dir``, oldest first."""
+    """Checkpoint directories (``iter_N``, complete or not) under ``save_dir``, oldest first."""
     root = Path(save_dir)
     if not root.is_dir():
         return []
@@ -63,15 +82,96 @@ def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def incomplete_reason(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint (None if it is; see the module docstring)."""
+    if not path.is_dir():
+        return "does not exist"
+    if not (path / "metadata.json").is_file():
+        return "has no metadata.json (megatron never finished writing it)"
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return None  # saved without a manifest (converter output, older runs): metadata.json is all we know
+    try:
+        sizes = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"has an unreadable {MANIFEST_FILE} ({exc})"
+    for name, size in sorted(sizes.items()):
+        f = path / name
+        if not f.is_file():
+            return f"is missing {name} (listed in {MANIFEST_FILE})"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"has a truncated or damaged file {name}: {actual} bytes, {MANIFEST_FILE} says {size}"
+    return None
+
+
+@dataclass
+class CheckpointScan:
+    """What a save directory holds: complete checkpoints (oldest first) and partial directories."""
+
+    complete: list[tuple[int, Path]] = field(default_factory=list)
+    partial: list[tuple[Path, str]] = field(default_factory=list)  # (directory, why)
+
+
+def scan_checkpoints(save_dir: str | os.PathLike) -> CheckpointScan:
+    """Sort every ``iter_N`` / ``iter_N.tmp`` directory under ``save_dir`` into complete and partial."""
+    scan = CheckpointScan()
+    root = Path(save_dir)
+    if not root.is_dir():
+        return scan
+    for child in sorted(root.iterdir()):
+        if _TMP_DIR.match(child.name):
+            scan.partial.append((child, "is an interrupted save (.tmp)"))
+    for step, path in list_checkpoints(root):
+        reason = incomplete_reason(path)
+        if reason is None:
+            scan.complete.append((step, path))
+        else:
+            scan.partial.append((path, reason))
+    return scan
+
+
+def resolve_checkpoint(load_dir: str | os.PathLike) -> tuple[Optional[Path], list[str]]:
+    """``(checkpoint to resume from or None, warnings)`` for ``load_dir`` (no collective).
+
+    Policy: ``latest`` if it names a complete checkpoint; else the newest complete one, with a
+    warning; None if the directory has neither ``latest`` nor any complete checkpoint. A
+    ``latest`` with no complete checkpoint at all to fall back on raises (starting over from
+    scratch would silently throw the run away).
+    """
+    root = Path(load_dir)
+    scan = scan_checkpoints(root)
+    warnings_ = [f"ignoring partial checkpoint {p}: it {why}" for p, why in scan.partial]
+    marker = root / LATEST_FILE
+    if marker.is_file():
+        name = marker.read_text().strip()
+        named = root / name
+        reason = "is not a checkpoint name" if not _ITER_DIR.match(name) else incomplete_reason(named)
+        if reason is None:
+            return named, warnings_
+        if not scan.complete:
+            raise RuntimeError(f"{marker} names {name!r}, which {reason}, and {root} holds no other complete "
+                               "checkpoint to fall back on")
+        fallback = scan.complete[-1][1]
+        warnings_.append(f"WARNING: {marker} names {name!r}, which {reason}; resuming from the newest complete "
+                         f"checkpoint {fallback.name} instead")
+        return fallback, warnings_
+    if scan.complete:
+        fallback = scan.complete[-1][1]
+        warnings_.append(f"WARNING: {root} has no '{LATEST_FILE}' file; resuming from the newest complete "
+                         f"checkpoint {fallback.name}")
+        return fallback, warnings_
+    return None, warnings_
+
+
 def find_latest(load_dir: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint named by ``<load_dir>/latest``, or None if there is no marker."""
-    marker = Path(load_dir) / LATEST_FILE
-    if not marker.is_file():
-        return None
-    name = marker.read_text().strip()
-    path = Path(load_dir) / name
-    if not _ITER_DIR.match(name) or not (path / "metadata.json").is_file():
-        raise RuntimeError(f"{marker} names {name!r}, which is not a complete checkpoint directory")
+    """The checkpoint :func:`resolve_checkpoint` picks (its warnings go to ``warnings.warn``)."""
+    import warnings
+
+    path, messages = resolve_checkpoint(load_dir)
+    for msg in messages:
+        if msg.startswith("WARNING"):
+            warnings.warn(msg, stacklevel=2)
     return path
 
 
@@ -183,35 +283,69 @@ def _sharded_state(model_chunks: list, optimizer, is_loading: bool) -> dict[str,
     return state
 
 
+def _write_manifest(directory: Path) -> None:
+    """List every file under ``directory`` with its size (written last, so its presence means done)."""
+    files = {}
+    for dirpath, _, names in os.walk(directory):
+        for n in names:
+            f = Path(dirpath) / n
+            files[str(f.relative_to(directory))] = f.stat().st_size
+    _write_atomic(directory / MANIFEST_FILE, json.dumps({"files": files}, indent=0, sort_keys=True))
+
+
+def _prune(root: Path, keep_last: int, newest: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop partial saves older than ``newest``."""
+    if keep_last > 0:
+        complete = [p for _, p in list_checkpoints(root) if incomplete_reason(p) is None]
+        for old in complete[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    for child in root.iterdir():
+        match = _TMP_DIR.match(child.name)
+        if match and int(match.group(1)) < newest:
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, optimizer, scheduler,
                     consumed_samples: int, config_yaml: str, keep_last: int) -> Path:
-    """Save a complete checkpoint for ``step`` (collective: every rank calls it)."""
+    """Save a complete checkpoint for ``step`` (collective: every rank calls it).
+
+    Any error (e.g. ``OSError`` of a full disk) is re-raised with the checkpoint's name; ``latest``
+    and the checkpoints before are left as they were.
+    """
     root = Path(save_dir)
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + ".tmp")
     rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by an interrupted save of the same step
-        tmp.mkdir()
-    dist.barrier()
-    state = _sharded_state(model_chunks, optimizer, is_loading=False)
-    state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
-                 scheduler=scheduler.state_dict() if scheduler is not None else None)
-    dist_checkpointing.save(state, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST_FILE, final.name + "\n")
-        if keep_last > 0:
-            for _, old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by an interrupted save of the same step
+            tmp.mkdir()
+        dist.barrier()
+        state = _sharded_state(model_chunks, optimizer, is_loading=False)
+        state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
+                     scheduler=scheduler.state_dict() if scheduler is not None else None)
+        dist_checkpointing.save(state, str(tmp))
+        if fault_at("crash_in_save", step, rank):
+            print(f"[harpe] fault injection: rank {rank} dies in the middle of saving {tmp}", flush=True)
+            os._exit(137)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        dist.barrier()
+        if rank == 0:
+            _write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(root / LATEST_FILE, final.name + "\n")
+            _prune(root, keep_last, step)
+        dist.barrier()
+    except Exception as exc:
+        marker = root / LATEST_FILE
+        previous = marker.read_text().strip() if marker.is_file() else "nothing"
+        raise RuntimeError(f"rank {rank}: saving checkpoint {final.name} into {tmp} failed ({type(exc).__name__}: "
+                           f"{exc}); '{LATEST_FILE}' still names {previous}") from exc
     return final
 
 
@@ -221,7 +355,12 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, sche
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as exc:
+        raise RuntimeError(f"loading checkpoint {path} failed ({type(exc).__name__}: {exc}). Its files may be "
+                           f"damaged: move {path.name} out of {path.parent} to resume from the newest complete "
+                           "checkpoint before it") from exc
     unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
     if optimizer is not None:
         _load_optimizer_state(optimizer, loaded["optimizer"])

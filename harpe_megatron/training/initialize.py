@@ -9,6 +9,7 @@ already exists (tests), it is reused.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from datetime import timedelta
@@ -26,7 +27,7 @@ from harpe_megatron.testing.cpu import cpu_megatron
 __all__ = ["distributed_run"]
 
 
-def _init_process_group(timeout_minutes: float) -> None:
+def _init_process_group(timeout_s: float) -> None:
     if dist.is_initialized():
         return
     rank = int(os.environ.get("RANK", "0"))
@@ -40,7 +41,7 @@ def _init_process_group(timeout_minutes: float) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
 def _seed(seed: int) -> None:
@@ -55,9 +56,14 @@ def _seed(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def distributed_run(cfg: RunConfig, timeout_minutes: float = 30.0) -> Iterator[None]:
-    """Initialise (or reuse) the process group and megatron's parallel state for ``cfg``."""
-    _init_process_group(timeout_minutes)
+def distributed_run(cfg: RunConfig) -> Iterator[None]:
+    """Initialise (or reuse) the process group and megatron's parallel state for ``cfg``.
+
+    Collectives time out after ``training.distributed_timeout_s`` (a process group that already
+    exists keeps its own timeout; megatron's sub-groups take it in whole minutes, at least one).
+    """
+    timeout_s = cfg.training.distributed_timeout_s
+    _init_process_group(timeout_s)
     cfg.validate_for_world(dist.get_world_size())
     on_cpu = not torch.cuda.is_available()
     with cpu_megatron() if on_cpu else contextlib.nullcontext():
@@ -66,7 +72,7 @@ def distributed_run(cfg: RunConfig, timeout_minutes: float = 30.0) -> Iterator[N
             tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
             context_parallel_size=cfg.parallel.context_parallel_size,
-            distributed_timeout_minutes=int(timeout_minutes),
+            distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
         )
         _seed(cfg.training.seed)
         try:

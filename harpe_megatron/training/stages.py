@@ -41,7 +41,10 @@ def stage_config(cfg: RunConfig, index: int, stage: StageConfig, pretrained: str
 
 
 def run_stages(cfg: RunConfig) -> list[TrainResult | None]:
-    """Run every stage in order (collective); returns each stage's result (None if skipped)."""
+    """Run every stage in order (collective); returns each stage's result (None if skipped).
+
+    A preempted stage ends the list (its result has ``preempted=True``).
+    """
     if not cfg.stages:
         raise ValueError("run_stages needs a config with stages")
     results: list[TrainResult | None] = []
@@ -54,5 +57,7 @@ def run_stages(cfg: RunConfig) -> list[TrainResult | None]:
             results.append(None)  # finished in an earlier launch
         else:
             results.append(train(scfg))
+            if results[-1].preempted:
+                break  # the next launch resumes this stage; later stages have not started
         pretrained = scfg.checkpoint.save
     return results

@@ -5,11 +5,23 @@ megatron's forward/backward schedule (1F1B when pipeline parallel), gradients re
 megatron's DDP and divided by the global token count (``calculate_per_token_loss``), one
 optimizer step (with gradient clipping), one LR-scheduler step. The logged loss is the global
 token-weighted mean over DP x CP and all micro-batches.
+
+Reliability (docs/reliability.md):
+
+* preemption: SIGTERM/SIGUSR1 on any rank -> every rank finishes the step, saves, and ``train``
+  returns with ``preempted=True`` (the CLI exits with ``PREEMPTED_EXIT_CODE``);
+* a step whose global loss or any gradient is non-finite is skipped (no optimizer or LR-schedule
+  step; its data is *not* replayed), counted, logged; more than
+  ``training.max_consecutive_nonfinite_steps`` in a row raise :class:`NonFiniteAbort`;
+* both decisions come from one all-reduce(MAX) per step, so every rank takes the same one;
+* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -28,8 +40,15 @@ from harpe_megatron.config.loader import config_to_dict, save_config
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.data.validation import validate_training_inputs
 from harpe_megatron.model.builder import build_model, transformer_config
-from harpe_megatron.training.checkpointing import find_latest, load_checkpoint, load_model_weights, save_checkpoint
+from harpe_megatron.training.checkpointing import (
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from harpe_megatron.training.data import TrainingData
+from harpe_megatron.training.exit_codes import PEER_FAILURE_EXIT_CODE, NonFiniteAbort
+from harpe_megatron.training.faults import fault_at, maybe_die
 from harpe_megatron.training.initialize import distributed_run
 from harpe_megatron.training.metrics import (
     MetricSinks,
@@ -38,7 +57,9 @@ from harpe_megatron.training.metrics import (
     peak_tflops,
     training_flops_per_token,
 )
+from harpe_megatron.training.preemption import Preemption
 from harpe_megatron.training.step import forward_step
+from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error, watchdog_store
 
 __all__ = ["train", "TrainResult"]
 
@@ -54,6 +75,8 @@ class TrainResult:
     last_step: int
     checkpoint: Optional[str]
     tokens_per_s: Optional[float]  # mean over the steps after the first (warm-up)
+    preempted: bool = False  # stopped by SIGTERM/SIGUSR1 after saving ``checkpoint``
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite loss/gradients
 
 
 def _log(msg: str) -> None:
@@ -128,23 +151,81 @@ def _global_loss(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     return total
 
 
+def _nan_forward_step(data_iterator, model):
+    """``forward_step`` whose loss is NaN (fault injection ``nan_loss``): NaN loss and gradients."""
+    output, loss_func = forward_step(data_iterator, model)
+
+    def poisoned(output_tensor):
+        loss_sum, num_tokens, report = loss_func(output_tensor)
+        nan = torch.tensor(float("nan"), device=loss_sum.device)
+        return loss_sum * nan, num_tokens, {"lm loss": report["lm loss"] * torch.stack([nan, nan.new_ones(())])}
+
+    return output, poisoned
+
+
 def _run_schedule(cfg: RunConfig, model_chunks: list, data_iter: Iterator, num_microbatches: int,
-                  forward_only: bool) -> torch.Tensor:
+                  forward_only: bool, step_func=forward_step) -> torch.Tensor:
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data_iter, model=model_chunks,
+        forward_step_func=step_func, data_iterator=data_iter, model=model_chunks,
         num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.training.micro_batch_size, forward_only=forward_only,
     )
     return _global_loss(reports)
 
 
-def _evaluate(cfg: RunConfig, model_chunks: list, data: TrainingData, num_microbatches: int) -> float:
+def _grads_finite(model_chunks: list) -> bool:
+    """Whether this rank's gradient buffers hold only finite values (after the DP reduction).
+
+    A NaN/inf anywhere in a gradient reaches the global norm, so checking every rank's local
+    buffers and all-reducing the answer decides the same thing on every rank.
+    """
+    for chunk in model_chunks:
+        for buf in chunk.buffers + chunk.expert_parallel_buffers:
+            g = buf.grad_data
+            if g.numel() and not (torch.isfinite(g.amax()) and torch.isfinite(g.amin())):
+                return False
+    return True
+
+
+def _agree(flags: list[float]) -> list[bool]:
+    """Per flag: whether any rank raised it (one all-reduce(MAX) over the world)."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    t = torch.tensor(flags, dtype=torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def _update(precision: str, model_chunks: list, optimizer, scheduler, loss: float,
+            preemption: Optional[Preemption], step: int) -> tuple[bool, bool, Optional[float]]:
+    """The optimizer and LR-schedule step, unless the step is non-finite on any rank.
+
+    Returns ``(preempt, nonfinite, grad_norm)``, identical on every rank: one all-reduce(MAX)
+    carries the preemption flag and the local "gradients not finite" flag. fp16's loss scaler
+    checks the gradients itself (and must see the overflow to lower the scale), so there only a
+    non-finite loss counts.
+    """
+    grads_bad = precision != "fp16" and not _grads_finite(model_chunks)
+    preempt, grads_bad = _agree([preemption.flag if preemption else 0.0, float(grads_bad)])
+    if grads_bad or not math.isfinite(loss):
+        return preempt, True, None
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
+    else:
+        _log(f"[harpe] step {step}: fp16 loss-scale overflow; step skipped, loss scale lowered")
+    return preempt, False, grad_norm
+
+
+def _evaluate(cfg: RunConfig, model_chunks: list, data: TrainingData, num_microbatches: int,
+              watchdog: Optional[Watchdog], step: int) -> float:
     for m in model_chunks:
         m.eval()
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         valid_iter = data.valid_iterator()
         for _ in range(cfg.training.eval_iters):
+            if watchdog is not None:
+                watchdog.progress(step, "eval")
             total += _run_schedule(cfg, model_chunks, valid_iter, num_microbatches, forward_only=True).cpu()
     for m in model_chunks:
         m.train()
@@ -152,12 +233,46 @@ def _evaluate(cfg: RunConfig, model_chunks: list, data: TrainingData, num_microb
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``; returns what happened."""
+    """Run (or resume) the training described by ``cfg``; returns what happened.
+
+    Raises :class:`NonFiniteAbort` after too many non-finite steps in a row and
+    :class:`PeerFailure` (naming the rank) when a collective fails because another rank went away.
+    """
     with distributed_run(cfg):
-        return _train(cfg)
+        t = cfg.training
+        watchdog = None
+        if dist.get_world_size() > 1 and t.hang_timeout_s > 0:
+            watchdog = Watchdog(watchdog_store(), dist.get_rank(), dist.get_world_size(), t.hang_timeout_s,
+                                t.slow_phase_timeout_s, PEER_FAILURE_EXIT_CODE)
+        with watchdog or contextlib.nullcontext(), Preemption() as preemption:
+            try:
+                return _train(cfg, watchdog, preemption)
+            except RuntimeError as exc:
+                if watchdog is not None and not isinstance(exc, (NonFiniteAbort, PeerFailure)) \
+                        and is_communication_error(exc):
+                    watchdog.explain_failure(exc)  # raises PeerFailure if a peer went away
+                raise
 
 
-def _train(cfg: RunConfig) -> TrainResult:
+def _resume_point(load_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, decided on rank 0 (partial ones reported) and broadcast."""
+    decision: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            path, messages = resolve_checkpoint(load_dir)
+            for msg in messages:
+                print(f"[harpe] {msg}", flush=True)
+            decision[0] = ("ok", str(path) if path else None)
+        except RuntimeError as exc:
+            decision[0] = ("error", str(exc))
+    dist.broadcast_object_list(decision, src=0)
+    status, value = decision[0]
+    if status == "error":
+        raise RuntimeError(value)
+    return Path(value) if value else None
+
+
+def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Optional[Preemption] = None) -> TrainResult:
     validate_training_inputs(cfg, log=_log)  # data/tokenizer checks, before anything is written
     world = dist.get_world_size()
     t = cfg.training
@@ -173,8 +288,10 @@ def _train(cfg: RunConfig) -> TrainResult:
     optimizer, scheduler = _build_optimizer(cfg, model_chunks, train_iters)
 
     step, consumed = 0, 0
-    resume_from = find_latest(cfg.checkpoint.load or save_dir)
+    resume_from = _resume_point(Path(cfg.checkpoint.load or save_dir))
     if resume_from is not None:
+        if watchdog is not None:
+            watchdog.progress(step, "load")
         state = load_checkpoint(resume_from, model_chunks, optimizer, scheduler)
         step, consumed = state["iteration"], state["consumed_samples"]
         _log(f"[harpe] resumed from {resume_from} at step {step} ({consumed} samples consumed"
@@ -201,23 +318,44 @@ def _train(cfg: RunConfig) -> TrainResult:
     losses: dict[int, float] = {}
     eval_losses: dict[int, float] = {}
     speeds: list[float] = []
+    skipped: list[int] = []
+    streak = 0  # consecutive non-finite steps
     last_saved: Optional[Path] = None
+    preempted = False
+    rank = dist.get_rank()
     stop_at = min(train_iters, t.exit_interval) if t.exit_interval else train_iters
+    first_step = step + 1
     for m in model_chunks:
         m.train()
     while step < stop_at:
         start = time.perf_counter()
+        if watchdog is not None:
+            watchdog.progress(step + 1, "first_step" if step + 1 == first_step else "train")
+        maybe_die(step + 1, rank)
         for m in model_chunks:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        total = _run_schedule(cfg, model_chunks, train_iter, num_microbatches, forward_only=False)
-        update_ok, grad_norm, _ = optimizer.step()
-        if update_ok:
-            scheduler.step(increment=1)
+        step_func = _nan_forward_step if fault_at("nan_loss", step + 1, rank) else forward_step
+        total = _run_schedule(cfg, model_chunks, train_iter, num_microbatches, forward_only=False, step_func=step_func)
+        loss = (total[0] / total[1]).item()  # global: identical on every rank
+        preempt, nonfinite, grad_norm = _update(t.precision, model_chunks, optimizer, scheduler, loss,
+                                                preemption, step + 1)
         step += 1
-        consumed += t.global_batch_size
+        consumed += t.global_batch_size  # a skipped step's data is not replayed
+        streak = streak + 1 if nonfinite else 0
+        if nonfinite:
+            skipped.append(step)
+            _log(f"[harpe] step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradients'} "
+                 f"(loss {loss}); step skipped (no optimizer update), {streak} in a row, {len(skipped)} in all")
+            if streak > t.max_consecutive_nonfinite_steps:
+                sinks.log(step, {"loss": loss, "skipped_steps": len(skipped), "nonfinite_streak": streak})
+                sinks.close()
+                raise NonFiniteAbort(
+                    f"steps {step - streak + 1}-{step} all had a non-finite loss or gradients, more than "
+                    f"training.max_consecutive_nonfinite_steps={t.max_consecutive_nonfinite_steps}; stopping. "
+                    f"The last checkpoint ({last_saved or resume_from or 'none'}) is intact; lower training.lr "
+                    f"or inspect the data around sample {consumed - streak * t.global_batch_size}")
         elapsed = time.perf_counter() - start
-        loss = (total[0] / total[1]).item()
         losses[step] = loss
         tokens_per_s = tokens_per_step / elapsed
         if step > 1 or resume_from is not None:
@@ -228,20 +366,30 @@ def _train(cfg: RunConfig) -> TrainResult:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops,
             "mfu": tflops / peak if peak else None, "memory": memory_gib(), "step_time_s": elapsed,
+            "skipped": len(skipped), "nonfinite_streak": streak,
         }
         if step % cfg.logging.log_interval == 0 or step == stop_at:
             _log(format_step_line(step, train_iters, metrics))
-        sinks.log(step, {k: v for k, v in metrics.items() if k != "memory"} | {"memory_gib": metrics["memory"][1]})
-        if t.eval_interval and step % t.eval_interval == 0:
-            eval_losses[step] = _evaluate(cfg, model_chunks, data, num_microbatches)
+        sinks.log(step, {k: v for k, v in metrics.items() if k not in ("memory", "skipped")}
+                  | {"memory_gib": metrics["memory"][1], "skipped_steps": len(skipped)})
+        if t.eval_interval and step % t.eval_interval == 0 and not preempt:
+            eval_losses[step] = _evaluate(cfg, model_chunks, data, num_microbatches, watchdog, step)
             _log(f"[harpe] eval at step {step}: loss {eval_losses[step]:.4f}")
             sinks.log(step, {"eval_loss": eval_losses[step]})
         interval = cfg.checkpoint.save_interval
-        if (interval and step % interval == 0) or step == stop_at:
+        if (interval and step % interval == 0) or step == stop_at or preempt:
+            if watchdog is not None:
+                watchdog.progress(step, "save")
             last_saved = save_checkpoint(save_dir, step, model_chunks, optimizer, scheduler, consumed,
                                          config_yaml, cfg.checkpoint.keep_last)
             _log(f"[harpe] saved checkpoint {last_saved}")
+        if preempt and step < stop_at:
+            preempted = True
+            _log(f"[harpe] preempted: stopping after step {step} with checkpoint {last_saved}; "
+                 "start again to resume")
+            break
     sinks.close()
     return TrainResult(losses=losses, eval_losses=eval_losses, last_step=step,
                        checkpoint=str(last_saved) if last_saved else None,
-                       tokens_per_s=sum(speeds) / len(speeds) if speeds else None)
+                       tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
+                       preempted=preempted, skipped_steps=skipped)

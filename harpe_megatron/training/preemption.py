@@ -1,0 +1,55 @@
+"""Graceful preemption: SIGTERM / SIGUSR1 -> finish the step, save, exit with PREEMPTED_EXIT_CODE.
+
+The handler only records the signal; the training loop all-reduces (MAX) :attr:`Preemption.flag`
+over the world once per step (with the non-finite flag, one collective), so a signal that reached only some ranks
+(Slurm signals every process of a step, but not always at the same instant; a user may ``kill``
+one rank) stops every rank after the *same* step, and all of them save that step together.
+
+Handlers are installed only in the main thread (Python allows no other) and the previous ones are
+put back when the context exits, so the trainer can run inside tests or a larger program.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Optional
+
+import torch.distributed as dist
+
+__all__ = ["PREEMPTION_SIGNALS", "Preemption"]
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preemption:
+    """Context manager: installs the handlers on enter, restores the previous ones on exit."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS):
+        self.signals = signals
+        self.received: Optional[str] = None  # name of the first signal seen on this rank
+        self._previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals cannot be handled here; a signal then acts as it did before
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            print(f"[harpe] rank {dist.get_rank() if dist.is_initialized() else 0}: received {self.received}; "
+                  "will save a checkpoint after the current step and exit", flush=True)
+
+    @property
+    def flag(self) -> float:
+        """1.0 once this rank has received a preemption signal, else 0.0."""
+        return 1.0 if self.received else 0.0

@@ -1,0 +1,90 @@
+"""Start ``python -m harpe_megatron.train`` as N separate rank processes, like torchrun does.
+
+Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and its own log file,
+so a test can send a signal to one rank, kill it, or read its exit code (torchrun would turn every
+worker failure into its own exit code 1 and forward signals itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from harpe_megatron.testing.distributed import free_port
+
+__all__ = ["Ranks", "read_metrics"]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Ranks:
+    """``world`` rank processes of one training launch; logs in ``log_dir/rank_<r>.log``."""
+
+    def __init__(self, config: str, overrides: list[str], log_dir: Path, world: int = 2,
+                 fault: Optional[str] = None):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.logs = [log_dir / f"rank_{r}.log" for r in range(world)]
+        self.procs: list[subprocess.Popen] = []
+        for r in range(world):
+            env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            env.pop("HARPE_FAULT_INJECT", None)
+            if fault:
+                env["HARPE_FAULT_INJECT"] = fault
+            with open(self.logs[r], "w") as out:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "harpe_megatron.train", "--config", config, *overrides],
+                    cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+
+    def log(self, rank: int) -> str:
+        return self.logs[rank].read_text()
+
+    def wait_for(self, rank: int, text: str, timeout: float) -> float:
+        """Block until ``text`` appears in the rank's log; returns time.monotonic() then."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log(rank):
+            if self.procs[rank].poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"rank {rank} never printed {text!r}; its log:\n{self.log(rank)[-3000:]}")
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def send(self, rank: int, sig: signal.Signals) -> None:
+        self.procs[rank].send_signal(sig)
+
+    def wait(self, timeout: float, ranks: Optional[list[int]] = None) -> list[Optional[int]]:
+        """Exit codes of ``ranks`` (default all) once they exit; kills everything after ``timeout``."""
+        ranks = list(range(len(self.procs))) if ranks is None else ranks
+        deadline = time.monotonic() + timeout
+        for r in ranks:
+            try:
+                self.procs[r].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                logs = "\n".join(f"--- rank {q} ---\n{self.log(q)[-3000:]}" for q in range(len(self.procs)))
+                raise AssertionError(f"rank {r} did not exit within {timeout:.0f} s\n{logs}") from None
+        return [self.procs[r].returncode for r in ranks]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> metrics from ``<run_dir>/metrics.jsonl`` (a later launch's line for a step wins)."""
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            rows.setdefault(row["step"], {}).update(row)
+    return rows
+

@@ -1,0 +1,218 @@
+"""Fault injection against the real entry point (``python -m harpe_megatron.train``, 2 gloo ranks).
+
+Every run trains the tiny TP=2 model of configs/tiny_cpu.yaml for 12 steps on the demo data; the
+faults come from signals, killed processes, truncated files and ``HARPE_FAULT_INJECT``
+(harpe_megatron/training/faults.py). What each test shows is listed in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harpe_megatron.training.exit_codes import NONFINITE_EXIT_CODE, PEER_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from harpe_megatron.testing.distributed import free_port
+from tests.distributed.reliability_launch import REPO, Ranks, read_metrics
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 12
+LOSS_ATOL = 5e-5  # as tests/distributed/test_training.py (same layout: in practice bitwise)
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, demo_data):
+    """Overrides shared by every run, and an uninterrupted run's per-step metrics."""
+    root = tmp_path_factory.mktemp("reliability")
+    base = [
+        f"data.paths=[{demo_data['prefix']}]", f"data.tokenizer_model={demo_data['tokenizer']}",
+        "data.seq_length=64", "data.build_demo_corpus=false", "model.vocab_size=512",
+        "training.micro_batch_size=2", "training.global_batch_size=8", f"training.train_iters={STEPS}",
+        "training.lr_warmup_iters=2", "training.eval_interval=0", "logging.tensorboard=false",
+        "logging.log_interval=1", "checkpoint.save_interval=4", "checkpoint.keep_last=2",
+        # generous: the suite shares a small machine; the frozen-rank test sets its own short limit
+        "training.hang_timeout_s=60", "training.slow_phase_timeout_s=120",
+    ]
+    run = root / "reference"
+    ranks = Ranks(CONFIG, base + [f"run_dir={run}"], run / "logs")
+    assert ranks.wait(timeout=240) == [0, 0], ranks.log(0)
+    metrics = read_metrics(run)
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    return base, root, metrics
+
+
+def _assert_resumed_equal(run: Path, reference: dict, first: int) -> None:
+    metrics = read_metrics(run)
+    for s in range(first, STEPS + 1):
+        assert metrics[s]["loss"] == pytest.approx(reference[s]["loss"], abs=LOSS_ATOL), f"step {s}"
+
+
+def _latest(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def test_sigterm_on_one_rank_saves_and_resumes(reference):
+    """SIGTERM to rank 1 only: both ranks stop after the same step, save it, exit 75; a restart
+    resumes there and reproduces the uninterrupted losses."""
+    base, root, ref = reference
+    run = root / "sigterm"
+    overrides = base + [f"run_dir={run}", "checkpoint.save_interval=0"]
+    ranks = Ranks(CONFIG, overrides, run / "logs1")
+    ranks.wait_for(0, "step      3/", timeout=240)
+    ranks.send(1, signal.SIGTERM)
+    assert ranks.wait(timeout=120) == [PREEMPTED_EXIT_CODE] * 2, ranks.log(0)
+    assert "rank 1: received SIGTERM" in ranks.log(1)
+    saved = int(_latest(run).split("_")[1])
+    assert 3 <= saved < STEPS
+    assert f"preempted: stopping after step {saved}" in ranks.log(0)
+    assert sorted(read_metrics(run)) == list(range(1, saved + 1))
+
+    again = Ranks(CONFIG, overrides, run / "logs2")
+    assert again.wait(timeout=240) == [0, 0], again.log(0)
+    assert f"resumed from {run / 'checkpoints' / f'iter_{saved:07d}'} at step {saved}" in again.log(0)
+    _assert_resumed_equal(run, ref, saved + 1)
+
+
+def test_rank_killed_mid_save_keeps_previous_checkpoint(reference):
+    """Rank 1 dies half-way through saving step 8: 'latest' still names step 4, rank 0 exits 76
+    naming rank 1, the next start reports the partial directory and resumes from step 4."""
+    base, root, ref = reference
+    run = root / "crash_in_save"
+    ranks = Ranks(CONFIG, base + [f"run_dir={run}"], run / "logs1", fault="crash_in_save@8:1")
+    codes = ranks.wait(timeout=240)
+    assert codes == [PEER_FAILURE_EXIT_CODE, 137], ranks.log(0)
+    assert "rank 1 (host" in ranks.log(0) and "has exited" in ranks.log(0)
+    assert _latest(run) == "iter_0000004"
+    assert (run / "checkpoints" / "iter_0000008.tmp").is_dir()
+
+    again = Ranks(CONFIG, base + [f"run_dir={run}"], run / "logs2")
+    assert again.wait(timeout=240) == [0, 0], again.log(0)
+    log = again.log(0)
+    assert f"ignoring partial checkpoint {run / 'checkpoints' / 'iter_0000008.tmp'}" in log
+    assert "at step 4 " in log
+    _assert_resumed_equal(run, ref, 5)
+    assert not (run / "checkpoints" / "iter_0000008.tmp").exists()  # cleared by the next save
+
+
+def test_nan_loss_skipped_then_abort(reference):
+    """NaN loss at step 3: skipped (no update, LR schedule held), counted, training goes on with
+    finite losses; NaN at 6, 7, 8 with max_consecutive_nonfinite_steps=2 aborts with exit 77."""
+    base, root, ref = reference
+    run = root / "nan"
+    ranks = Ranks(CONFIG, base + [f"run_dir={run}", "training.max_consecutive_nonfinite_steps=2"], run / "logs",
+                  fault="nan_loss@3;nan_loss@6,7,8")
+    assert ranks.wait(timeout=240) == [NONFINITE_EXIT_CODE] * 2, ranks.log(0)
+    log = ranks.log(0)
+    assert "step 3: non-finite loss (loss nan); step skipped (no optimizer update), 1 in a row, 1 in all" in log
+    assert ("steps 6-8 all had a non-finite loss or gradients, more than "
+            "training.max_consecutive_nonfinite_steps=2") in log
+    m = read_metrics(run)
+    assert math.isnan(m[3]["loss"]) and math.isnan(m[3]["grad_norm"]) and m[3]["skipped_steps"] == 1
+    assert [s for s in m if math.isnan(m[s]["loss"])] == [3, 6, 7, 8]
+    for s in (1, 2):
+        assert m[s]["loss"] == pytest.approx(ref[s]["loss"], abs=LOSS_ATOL)
+    for s in (4, 5):  # finite, and still on the reference's curve (one update fewer)
+        assert math.isfinite(m[s]["loss"]) and abs(m[s]["loss"] - ref[s]["loss"]) < 0.2
+        assert math.isfinite(m[s]["grad_norm"])
+    # the LR schedule did not advance at the skipped step: step 4 runs at step 3's LR
+    assert m[4]["lr"] == pytest.approx(ref[3]["lr"]) and m[3]["lr"] == pytest.approx(ref[2]["lr"])
+    assert m[8]["nonfinite_streak"] == 3 and m[8]["skipped_steps"] == 4
+    assert _latest(run) == "iter_0000004"  # the last save before the abort is intact
+
+
+def test_dead_rank_makes_the_other_exit(reference):
+    """Rank 1 exits at step 5: rank 0 does not hang; it exits 76 naming rank 1."""
+    base, root, _ = reference
+    run = root / "dead"
+    ranks = Ranks(CONFIG, base + [f"run_dir={run}"], run / "logs", fault="exit@5:1")
+    died = ranks.wait_for(1, "rank 1 exits at step 5", timeout=240)
+    assert ranks.wait(timeout=60) == [PEER_FAILURE_EXIT_CODE, 1], ranks.log(0)
+    assert time.monotonic() - died < 30
+    assert "because rank 1 (host" in ranks.log(0) and "has exited" in ranks.log(0)
+
+
+def test_frozen_rank_makes_the_other_exit(reference):
+    """Rank 1 freezes (SIGSTOP, heartbeat included) at step 5: after training.hang_timeout_s=8
+    rank 0's watchdog names rank 1 and exits 76."""
+    base, root, _ = reference
+    run = root / "frozen"
+    ranks = Ranks(CONFIG, base + [f"run_dir={run}", "training.hang_timeout_s=8"], run / "logs", fault="hang@5:1")
+    try:
+        frozen = ranks.wait_for(1, "rank 1 freezes at step 5", timeout=240)
+        assert ranks.wait(timeout=60, ranks=[0]) == [PEER_FAILURE_EXIT_CODE], ranks.log(0)
+        assert 7 <= time.monotonic() - frozen < 60
+    finally:
+        ranks.kill()
+    log = ranks.log(0)
+    assert "watchdog: rank 0" in log and "made no progress" in log and "training.hang_timeout_s" in log
+    assert "suspect rank 1 (host" in log and "sent no heartbeat" in log
+
+
+def test_truncated_checkpoint_file_falls_back_to_previous(reference):
+    """A truncated file in the newest checkpoint: the start names it and resumes from the one
+    before (losses as uninterrupted); a damaged file of the right size fails the load naming the
+    checkpoint."""
+    base, root, ref = reference
+    run = root / "truncated"
+    shutil.copytree(root / "reference" / "checkpoints", run / "checkpoints")
+    assert _latest(run) == "iter_0000012"
+    victim = run / "checkpoints" / "iter_0000012" / "__0_0.distcp"
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    overrides = base + [f"run_dir={run}"]
+    ranks = Ranks(CONFIG, overrides, run / "logs1")
+    assert ranks.wait(timeout=240) == [0, 0], ranks.log(0)
+    log = ranks.log(0)
+    assert (f"ignoring partial checkpoint {run / 'checkpoints' / 'iter_0000012'}: it has a truncated or damaged "
+            f"file __0_0.distcp: {size // 2} bytes, harpe_manifest.json says {size}") in log
+    assert "names 'iter_0000012', which has a truncated" in log
+    assert "resuming from the newest complete checkpoint iter_0000008" in log
+    _assert_resumed_equal(run, ref, 9)
+
+    # Same size, garbage inside: not detectable before loading; the load fails and names the checkpoint.
+    newest = run / "checkpoints" / _latest(run)
+    damaged = newest / "common.pt"
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)
+    failed = Ranks(CONFIG, overrides + ["training.train_iters=13"], run / "logs2")
+    assert failed.wait(timeout=240) == [1, 1], failed.log(0)
+    assert f"loading checkpoint {newest} failed" in failed.log(0)
+
+
+def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path):
+    """scripts/pretrain_harpe.sh under torchrun: SIGUSR1 to torchrun alone reaches both ranks
+    (torchrun forwards it and waits for them), which save and exit 75; torchrun exits 1."""
+    base, root, _ = reference
+    run = root / "torchrun"
+    log = tmp_path / "torchrun.log"
+    env = dict(os.environ, PYTHON=sys.executable, GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), CONFIG=CONFIG,
+               OMP_NUM_THREADS="1")
+    env.pop("HARPE_FAULT_INJECT", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "pretrain_harpe.sh"), *base,
+                                 "training.train_iters=40", "checkpoint.save_interval=0", f"run_dir={run}"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "step      3/" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)  # the script exec'd torchrun: this is torchrun's pid
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "rank 0: received SIGUSR1" in text and "rank 1: received SIGUSR1" in text
+    assert text.count("exiting with code 75") == 2, text[-3000:]
+    saved = int(_latest(run).split("_")[1])
+    assert 3 <= saved < 40

@@ -1,0 +1,228 @@
+"""Reliability pieces in one process: fault specs, signal handlers, checkpoint choice, save errors,
+the watchdog's diagnosis and the new config keys (the end-to-end runs: tests/distributed/test_reliability.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from harpe_megatron.training import checkpointing
+from harpe_megatron.training.checkpointing import MANIFEST_FILE, resolve_checkpoint, save_checkpoint
+from harpe_megatron.training.faults import fault_at, parse_faults
+from harpe_megatron.training.preemption import Preemption
+from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error
+
+
+def test_parse_faults():
+    assert parse_faults("nan_loss@3,6;crash_in_save@8:1") == [("nan_loss", {3, 6}, None), ("crash_in_save", {8}, 1)]
+    with pytest.raises(ValueError, match="unknown fault kind 'boom'; known: nan_loss"):
+        parse_faults("boom@3")
+    with pytest.raises(ValueError, match="cannot parse 'nan_loss'; expected kind@step"):
+        parse_faults("nan_loss")
+
+
+def test_fault_at_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("HARPE_FAULT_INJECT", raising=False)
+    assert not fault_at("exit", 5, 1)
+    monkeypatch.setenv("HARPE_FAULT_INJECT", "exit@5:1")
+    assert fault_at("exit", 5, 1) and not fault_at("exit", 5, 0) and not fault_at("exit", 4, 1)
+
+
+def test_preemption_handler_sets_flag_and_restores_previous():
+    before = signal.getsignal(signal.SIGUSR1)
+    with Preemption() as p:
+        assert p.flag == 0.0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while p.received is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.received == "SIGUSR1" and p.flag == 1.0
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_preemption_outside_main_thread_installs_nothing():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def body():
+        with Preemption():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [before]
+
+
+def _fake_checkpoint(root, step, truncate=None, manifest=True):
+    d = root / f"iter_{step:07d}"
+    (d / "rng").mkdir(parents=True)
+    (d / "metadata.json").write_text("{}")
+    (d / "__0_0.distcp").write_bytes(b"x" * 100)
+    (d / "rng" / "rank_00000.pt").write_bytes(b"y" * 10)
+    if manifest:
+        files = {"metadata.json": 2, "__0_0.distcp": 100, "rng/rank_00000.pt": 10}
+        (d / MANIFEST_FILE).write_text(json.dumps({"files": files}))
+    if truncate:
+        with open(d / truncate, "r+b") as f:
+            f.truncate(5)
+    return d
+
+
+def test_resolve_checkpoint_policy(tmp_path):
+    assert resolve_checkpoint(tmp_path / "nothing") == (None, [])
+    _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 8, truncate="__0_0.distcp")
+    (tmp_path / "iter_0000012.tmp").mkdir()
+    (tmp_path / "latest").write_text("iter_0000004\n")
+    path, msgs = resolve_checkpoint(tmp_path)
+    assert path.name == "iter_0000004"
+    assert any("iter_0000012.tmp: it is an interrupted save" in m for m in msgs)
+    assert any("iter_0000008: it has a truncated or damaged file __0_0.distcp: 5 bytes" in m for m in msgs)
+
+    (tmp_path / "latest").write_text("iter_0000008\n")
+    path, msgs = resolve_checkpoint(tmp_path)
+    assert path.name == "iter_0000004"
+    assert msgs[-1].startswith("WARNING") and "resuming from the newest complete checkpoint iter_0000004" in msgs[-1]
+
+    (tmp_path / "latest").unlink()
+    path, msgs = resolve_checkpoint(tmp_path)
+    assert path.name == "iter_0000004" and "has no 'latest' file" in msgs[-1]
+
+    (tmp_path / "latest").write_text("iter_0000016\n")
+    assert resolve_checkpoint(tmp_path)[0].name == "iter_0000004"  # latest names a missing directory
+
+
+def test_resolve_checkpoint_without_anything_complete_raises(tmp_path):
+    _fake_checkpoint(tmp_path, 8, truncate="rng/rank_00000.pt")
+    (tmp_path / "latest").write_text("iter_0000008\n")
+    with pytest.raises(RuntimeError, match="names 'iter_0000008', which has a truncated .* no other complete"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_checkpoint_without_manifest_counts_if_metadata_exists(tmp_path):
+    _fake_checkpoint(tmp_path, 4, manifest=False)  # e.g. tools/convert_from_hf.py output
+    (tmp_path / "latest").write_text("iter_0000004\n")
+    assert resolve_checkpoint(tmp_path) == (tmp_path / "iter_0000004", [])
+
+
+def test_full_disk_during_save_keeps_latest(tmp_path, monkeypatch, single_rank):
+    _fake_checkpoint(tmp_path, 4)
+    (tmp_path / "latest").write_text("iter_0000004\n")
+
+    def full_disk(state, directory):
+        (checkpointing.Path(directory) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "_sharded_state", lambda *a, **k: {})
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", full_disk)
+    with pytest.raises(RuntimeError, match=r"saving checkpoint iter_0000008 .* failed \(OSError: \[Errno 28\] No space "
+                                           r"left on device\); 'latest' still names iter_0000004"):
+        save_checkpoint(tmp_path, 8, [object()], None, None, 64, "", keep_last=2)
+    assert (tmp_path / "latest").read_text() == "iter_0000004\n"
+    path, msgs = resolve_checkpoint(tmp_path)
+    assert path.name == "iter_0000004" and any("iter_0000008.tmp" in m for m in msgs)
+
+
+class DictStore:
+    """The three store calls the watchdog makes."""
+
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key):
+        return self.data[key]
+
+    def check(self, keys):
+        return all(k in self.data for k in keys)
+
+
+def _record(store, rank, **kw):
+    rec = {"rank": rank, "host": "other-host", "pid": 1, "step": 5, "phase": "train", "beat": time.time(),
+           "progress": time.time()} | kw
+    store.set(str(rank), json.dumps(rec))
+
+
+def test_watchdog_names_dead_stale_behind_and_missing_ranks():
+    import socket
+
+    store = DictStore()
+    dog = Watchdog(store, rank=0, world_size=5, hang_timeout_s=10, slow_phase_timeout_s=10, exit_code=76)
+    dog.progress(5, "train")
+    dog._beat()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: no such process any more
+    _record(store, 1, host=socket.gethostname(), pid=gone.pid)
+    _record(store, 2, beat=time.time() - 60)
+    _record(store, 3, step=4)
+    lines = dog._suspects(dog._read_records())
+    host = socket.gethostname()
+    assert lines[0].startswith(f"rank 1 (host {host}, pid {gone.pid}, last at step 5 in train) has exited")
+    assert lines[1].startswith("rank 2 (host other-host") and "sent no heartbeat for 60 s" in lines[1]
+    assert lines[2].startswith("rank 3") and "is behind" in lines[2]
+    assert lines[3] == "rank 4 never reported a heartbeat"
+    with pytest.raises(PeerFailure, match=r"rank 0 at step 5 \(train\): a collective failed \(boom\) because rank 1"):
+        dog.explain_failure(RuntimeError("boom"))
+
+
+def test_watchdog_explain_failure_returns_when_every_peer_is_alive():
+    store = DictStore()
+    dog = Watchdog(store, rank=0, world_size=2, hang_timeout_s=5, slow_phase_timeout_s=5, exit_code=76)
+    dog.progress(3, "train")
+    dog.stale_after, dog.interval = 0.5, 0.1  # keep the wait short
+    stop = threading.Event()
+
+    def peer_alive():  # rank 1 keeps beating, as a live peer's thread does
+        while not stop.is_set():
+            _record(store, 1, step=3)
+            time.sleep(0.05)
+
+    beating = threading.Thread(target=peer_alive)
+    beating.start()
+    try:
+        start = time.monotonic()
+        dog.explain_failure(RuntimeError("a bug, not a lost peer"))  # returns: the caller re-raises
+        assert time.monotonic() - start >= 0.5
+    finally:
+        stop.set()
+        beating.join()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.hang_timeout_s=-1", "training.hang_timeout_s must be >= 0"),
+    ("training.max_consecutive_nonfinite_steps=-1", "training.max_consecutive_nonfinite_steps must be >= 0"),
+    ("training.slow_phase_timeout_s=10", r"training.slow_phase_timeout_s \(10.0\) must be >= training.hang_timeout_s"),
+    ("training.distributed_timeout_s=0", "training.distributed_timeout_s must be positive"),
+])
+def test_reliability_config_errors(override, message):
+    from pathlib import Path
+
+    from harpe_megatron.config import load_config
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
+    with pytest.raises(Exception, match=message):
+        load_config(config, [override])
+
+
+def test_is_communication_error():
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:27018")
+    assert is_communication_error(gloo)
+    try:
+        try:
+            raise gloo
+        except RuntimeError as inner:
+            raise RuntimeError("rank 0: saving checkpoint iter_0000008 failed") from inner
+    except RuntimeError as wrapped:
+        assert is_communication_error(wrapped)
+    assert not is_communication_error(RuntimeError("loading checkpoint x failed (UnpicklingError: bad data)"))
+    assert not is_communication_error(ValueError("shape mismatch"))
