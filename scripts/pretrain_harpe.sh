@@ -13,6 +13,7 @@
 #   GPUS_PER_NODE  ranks per node                      [#GPUs, or 2 on a CPU-only machine]
 #   MASTER_ADDR    rendezvous host                     [127.0.0.1]
 #   MASTER_PORT    rendezvous port                     [29500]
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives the ranks to save after SIGTERM/SIGUSR1 [600]
 #   PYTHON         interpreter with harpe_megatron     [python3 if it imports harpe_megatron,
 #                                                       else .venv/bin/python, set up on first use]
 # Extra arguments are config overrides, e.g. training.lr=3e-5 parallel.context_parallel_size=8.
@@ -54,6 +55,16 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 "$PYTHON" -m harpe_megatron.data.prepare_run --config "$CONFIG" "$@"
 
 echo "[pretrain_harpe] config $CONFIG | nodes $NNODES (this: $NODE_RANK) x $GPUS_PER_NODE ranks | master $MASTER_ADDR:$MASTER_PORT"
+# Preemption (docs/reliability.md): the ranks save and exit with 75 on SIGTERM/SIGUSR1. torchrun
+# forwards the signals it handles to the ranks and SIGKILLs them after a shutdown timeout (default
+# 30 s, too short for a 7B save): make it handle SIGUSR1 too and wait SHUTDOWN_TIMEOUT seconds
+# (PET_* are torchrun's own option variables; releases without these options ignore them).
+# SIGUSR1 is ignored before exec so that a torchrun that does not handle it survives it (under
+# Slurm the ranks receive the signal directly).
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCHELASTIC_SIGNALS_TO_HANDLE="$PET_SIGNALS_TO_HANDLE"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-600}"
+trap '' USR1
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
