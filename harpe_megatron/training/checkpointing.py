@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
+
 from harpe_megatron.training.faults import fault_at
 
 __all__ = [
@@ -352,6 +354,7 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
 def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, scheduler) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and (same world size) RNG; returns the common state."""
     path = Path(path)
+    check_megatron_checkpoint(path)  # nothing pickled in it can run code (checkpoint/safety.py)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
@@ -383,6 +386,7 @@ def load_model_weights(path: str | os.PathLike, model_chunks: list) -> None:
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"checkpoint.pretrained: {path} is not a megatron distributed checkpoint "
                                 "(no metadata.json)")
+    check_megatron_checkpoint(path)  # also when data.validate is off
     model = unwrap_model(model_chunks[0])
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     model.load_state_dict(loaded["model"])
