@@ -17,6 +17,20 @@ def tiny_model_config(num_query_groups: int = 2, vocab_size: int = 200, num_laye
                        num_query_groups=num_query_groups, ffn_hidden_size=176, vocab_size=vocab_size)
 
 
+TINY_CPU_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+
+
+def tiny_run_overrides(demo_data: dict, steps: int) -> list[str]:
+    """Overrides of configs/tiny_cpu.yaml for short multi-rank training tests on the demo data:
+    64-token sequences, 8 per step (micro-batches of 2), ``steps`` steps, no eval, no TensorBoard."""
+    return [
+        f"data.paths=[{demo_data['prefix']}]", f"data.tokenizer_model={demo_data['tokenizer']}",
+        "data.seq_length=64", "data.build_demo_corpus=false", "model.vocab_size=512",
+        "training.micro_batch_size=2", "training.global_batch_size=8", f"training.train_iters={steps}",
+        "training.lr_warmup_iters=2", "training.eval_interval=0", "logging.tensorboard=false",
+    ]
+
+
 def tiny_hf_llama(m: ModelConfig, rope_theta: float = 10000.0, seed: int = 0) -> LlamaForCausalLM:
     """A random HF Llama with the shapes of ``m``; weights large enough that every part matters."""
     cfg = LlamaConfig(

@@ -354,11 +354,12 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
 def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, scheduler) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and (same world size) RNG; returns the common state."""
     path = Path(path)
-    check_megatron_checkpoint(path)  # nothing pickled in it can run code (checkpoint/safety.py)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
     try:
+        # nothing pickled in it may run code (checkpoint/safety.py); a damaged file fails here too
+        check_megatron_checkpoint(path)
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as exc:
         raise RuntimeError(f"loading checkpoint {path} failed ({type(exc).__name__}: {exc}). Its files may be "

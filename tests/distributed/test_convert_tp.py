@@ -4,7 +4,6 @@ PP=2 export back to the exact weights. One 2-rank gloo run."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -21,23 +21,20 @@ import pytest
 from harpe_megatron.training.exit_codes import NONFINITE_EXIT_CODE, PEER_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from harpe_megatron.testing.distributed import free_port
 from tests.distributed.reliability_launch import REPO, Ranks, read_metrics
+from tests.helpers import TINY_CPU_CONFIG as CONFIG
+from tests.helpers import tiny_run_overrides
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 12
 LOSS_ATOL = 5e-5  # as tests/distributed/test_training.py (same layout: in practice bitwise)
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, demo_data):
     """Overrides shared by every run, and an uninterrupted run's per-step metrics."""
     root = tmp_path_factory.mktemp("reliability")
-    base = [
-        f"data.paths=[{demo_data['prefix']}]", f"data.tokenizer_model={demo_data['tokenizer']}",
-        "data.seq_length=64", "data.build_demo_corpus=false", "model.vocab_size=512",
-        "training.micro_batch_size=2", "training.global_batch_size=8", f"training.train_iters={STEPS}",
-        "training.lr_warmup_iters=2", "training.eval_interval=0", "logging.tensorboard=false",
+    base = tiny_run_overrides(demo_data, STEPS) + [
         "logging.log_interval=1", "checkpoint.save_interval=4", "checkpoint.keep_last=2",
         # generous: the suite shares a small machine; the frozen-rank test sets its own short limit
         "training.hang_timeout_s=60", "training.slow_phase_timeout_s=120",

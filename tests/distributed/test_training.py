@@ -6,12 +6,11 @@ a tiny HARPE model (per-head bases, GQA) on a real indexed dataset built from te
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from harpe_megatron.testing.distributed import run_distributed
+from tests.helpers import TINY_CPU_CONFIG, tiny_run_overrides
 from tests.distributed.training_workers import stages_by_hand, stages_with, train_methods, train_with
 
 pytestmark = pytest.mark.distributed
@@ -26,14 +25,8 @@ LOSS_ATOL = 5e-5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, demo_data):
     root = tmp_path_factory.mktemp("train")
-    base = [
-        f"data.paths=[{demo_data['prefix']}]", f"data.tokenizer_model={demo_data['tokenizer']}",
-        "data.seq_length=64", "data.build_demo_corpus=false", "model.vocab_size=512",
-        "training.micro_batch_size=2", "training.global_batch_size=8", f"training.train_iters={STEPS}",
-        "training.lr_warmup_iters=2", "training.eval_interval=0", "logging.tensorboard=false",
-        "logging.log_interval=5", "checkpoint.save_interval=0",
-    ]
-    config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
+    base = tiny_run_overrides(demo_data, STEPS) + ["logging.log_interval=5", "checkpoint.save_interval=0"]
+    config = TINY_CPU_CONFIG
     init = root / "init"
     run_distributed(train_with, 1, config, base + ["parallel.tensor_model_parallel_size=1",
                                                    "training.train_iters=1", f"run_dir={init}"])

@@ -6,7 +6,6 @@ HF export with per-head bases and the demo tokenizer), so the test runs anywhere
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harpe_megatron.eval import runner, scoring, synthetic
+from harpe_megatron.eval import runner, scoring
 from tests.unit.test_eval_synthetic import TOK
 
 UUID = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b"

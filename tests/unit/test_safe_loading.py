@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from harpe_megatron.checkpoint.harpe_llama import SHIPPED_FILES
@@ -249,4 +248,28 @@ def test_evaluation_runs_no_code_from_the_folder(megatron_ckpt, tokenizer_model,
     model, tokenizer, _ = load_hf(str(out))
     assert type(model).__module__ == "harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama"
     assert tokenizer("hello")["input_ids"]
+    assert not marker.exists()
+
+
+def test_resume_and_initial_weights_refuse_pickled_code(megatron_ckpt, tmp_path, marker):
+    """The trainer's own loads (resume: load_checkpoint; checkpoint.pretrained: load_model_weights)
+    run the same check before megatron unpickles anything, data checks on or off."""
+    from harpe_megatron.config.model import ParallelConfig, PositionalConfig
+    from harpe_megatron.model.builder import build_model, transformer_config
+    from harpe_megatron.positional.bases import UniformBases
+    from harpe_megatron.testing.distributed import megatron_parallel
+    from harpe_megatron.training.checkpointing import load_checkpoint, load_model_weights
+    from tests.helpers import tiny_model_config
+
+    ckpt = _copy(megatron_ckpt, tmp_path / "mg") / "iter_0000000"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    m = tiny_model_config()
+    with megatron_parallel():
+        cfg = transformer_config(m, ParallelConfig(), use_cpu_initialization=True)
+        model = build_model(m, PositionalConfig(bases=UniformBases()), cfg, max_sequence_length=32)
+        with pytest.raises(RuntimeError, match=r"loading checkpoint .*iter_0000000 failed \(UnsafeCheckpointError: "
+                                               r".*\.metadata: refusing to unpickle"):
+            load_checkpoint(ckpt, [model], None, None)
+        with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to unpickle"):
+            load_model_weights(ckpt, [model])
     assert not marker.exists()
