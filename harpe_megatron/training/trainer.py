@@ -61,7 +61,7 @@ from harpe_megatron.training.preemption import Preemption
 from harpe_megatron.training.step import forward_step
 from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error, watchdog_store
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "TrainResult", "build_training_model", "build_optimizer", "run_schedule"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -84,7 +84,9 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _build_model(cfg: RunConfig):
+def build_training_model(cfg: RunConfig):
+    """``([DDP-wrapped model chunk], TransformerConfig)`` for ``cfg`` on this rank (bf16/fp16 under
+    Float16Module, on CUDA when available); parallel state must be initialised."""
     dtype = _DTYPES[cfg.training.precision]
     on_gpu = torch.cuda.is_available()
     t = cfg.training
@@ -118,7 +120,8 @@ def _build_model(cfg: RunConfig):
     return [ddp], tconfig
 
 
-def _build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int):
+def build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int):
+    """megatron's (distributed) Adam with grad clipping, and its LR/WD scheduler, from ``cfg.training``."""
     t = cfg.training
     opt_config = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -163,8 +166,10 @@ def _nan_forward_step(data_iterator, model):
     return output, poisoned
 
 
-def _run_schedule(cfg: RunConfig, model_chunks: list, data_iter: Iterator, num_microbatches: int,
-                  forward_only: bool, step_func=forward_step) -> torch.Tensor:
+def run_schedule(cfg: RunConfig, model_chunks: list, data_iter: Iterator, num_microbatches: int,
+                 forward_only: bool, step_func=forward_step) -> torch.Tensor:
+    """One pass of megatron's forward(/backward) schedule over ``num_microbatches``; returns the
+    global ``[loss_sum, tokens]`` (identical on every rank)."""
     reports = get_forward_backward_func()(
         forward_step_func=step_func, data_iterator=data_iter, model=model_chunks,
         num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
@@ -226,7 +231,7 @@ def _evaluate(cfg: RunConfig, model_chunks: list, data: TrainingData, num_microb
         for _ in range(cfg.training.eval_iters):
             if watchdog is not None:
                 watchdog.progress(step, "eval")
-            total += _run_schedule(cfg, model_chunks, valid_iter, num_microbatches, forward_only=True).cpu()
+            total += run_schedule(cfg, model_chunks, valid_iter, num_microbatches, forward_only=True).cpu()
     for m in model_chunks:
         m.train()
     return (total[0] / total[1]).item()
@@ -284,8 +289,8 @@ def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Opti
     if dist.get_rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
 
-    model_chunks, tconfig = _build_model(cfg)
-    optimizer, scheduler = _build_optimizer(cfg, model_chunks, train_iters)
+    model_chunks, tconfig = build_training_model(cfg)
+    optimizer, scheduler = build_optimizer(cfg, model_chunks, train_iters)
 
     step, consumed = 0, 0
     resume_from = _resume_point(Path(cfg.checkpoint.load or save_dir))
@@ -336,7 +341,7 @@ def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Opti
             m.zero_grad_buffer()
         optimizer.zero_grad()
         step_func = _nan_forward_step if fault_at("nan_loss", step + 1, rank) else forward_step
-        total = _run_schedule(cfg, model_chunks, train_iter, num_microbatches, forward_only=False, step_func=step_func)
+        total = run_schedule(cfg, model_chunks, train_iter, num_microbatches, forward_only=False, step_func=step_func)
         loss = (total[0] / total[1]).item()  # global: identical on every rank
         preempt, nonfinite, grad_norm = _update(t.precision, model_chunks, optimizer, scheduler, loss,
                                                 preemption, step + 1)

@@ -84,8 +84,8 @@ def _batches(cfg, device):
 def measure(cfg, device, warmup: int, steps: int) -> dict:
     """Build model + optimizer for ``cfg`` and time ``steps`` training steps after ``warmup``."""
     with distributed_run(cfg):
-        model_chunks, _ = trainer._build_model(cfg)
-        optimizer, scheduler = trainer._build_optimizer(cfg, model_chunks, cfg.training.train_iters)
+        model_chunks, _ = trainer.build_training_model(cfg)
+        optimizer, scheduler = trainer.build_optimizer(cfg, model_chunks, cfg.training.train_iters)
         data = _batches(cfg, device)
         times, losses = [], []
         if device.type == "cuda":
@@ -96,7 +96,7 @@ def measure(cfg, device, warmup: int, steps: int) -> dict:
             for m in model_chunks:
                 m.zero_grad_buffer()
             optimizer.zero_grad()
-            total = trainer._run_schedule(cfg, model_chunks, data, 1, forward_only=False)
+            total = trainer.run_schedule(cfg, model_chunks, data, 1, forward_only=False)
             optimizer.step()
             scheduler.step(increment=1)
             synchronize(device)
