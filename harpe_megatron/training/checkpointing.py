@@ -40,7 +40,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
-
 from harpe_megatron.training.faults import fault_at
 
 __all__ = [
