@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project virtualenv and install harpe-megatron into it.
+# Create (or refresh) a virtualenv and install harpe-megatron into it.
 #
-#   bash scripts/setup_venv.sh            # -> .venv (override with VENV=path)
+#   bash scripts/setup_venv.sh                      # -> .venv, the tested set (requirements/lock.txt)
+#   VENV=.venv-newest PYTHON=python3.12 HARPE_DEPS=newest bash scripts/setup_venv.sh
 #
-# torch comes first, chosen for the machine: a locally provided wheel when pip can find one
-# without an index (e.g. a wheelhouse in PIP_FIND_LINKS), else the CPU build from PyTorch's CPU
-# index on machines without an NVIDIA GPU (avoids a multi-GB CUDA download), else PyPI's default
-# (CUDA) build. Then the package with its test extras. Re-running is cheap: pip skips what is there.
+# Environment (defaults in brackets):
+#   VENV           the virtualenv to create or refresh                      [.venv]
+#   PYTHON         the interpreter it is made from (>= 3.11)                [python3]
+#   HARPE_DEPS     locked: exact versions from requirements/lock.txt for this Python (what the
+#                  README commands and CI's locked leg use); newest: the newest releases that
+#                  pyproject.toml's ranges allow, ignoring any site-wide pip constraints file
+#                  (CI's newest leg, scripts/lock.sh)                       [locked]
+#   TORCH_VERSION  torch version to install first                           [the lock's; newest: any]
+#
+# torch comes first, chosen for the machine: a wheel pip finds without an index (a local
+# wheelhouse in PIP_FIND_LINKS), else on machines without an NVIDIA GPU the CPU build from
+# PyTorch's CPU index (no multi-GB CUDA download) when that index is reachable, else PyPI's
+# default (CUDA) build. Then the package with its test extras. Re-running is cheap.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+HARPE_DEPS="${HARPE_DEPS:-locked}"
+LOCK="$ROOT/requirements/lock.txt"
 
 "$PYTHON" - <<'PY' || { echo "harpe-megatron needs Python >= 3.11" >&2; exit 1; }
 import sys
@@ -24,23 +35,46 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PYVER="$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+
+CONSTRAINTS=()
+case "$HARPE_DEPS" in
+  locked)
+    if grep -qE "^torch==[^;]*(; python_version == \"$PYVER\")?$" "$LOCK"; then
+      CONSTRAINTS=(-c "$LOCK")
+      lock_torch="$(grep -E "^torch==[^;]*(; python_version == \"$PYVER\")?$" "$LOCK" | head -1 | sed -E 's/^torch==([^;]+).*/\1/')"
+      TORCH_VERSION="${TORCH_VERSION:-$lock_torch}"
+    else
+      echo "[setup] WARNING: requirements/lock.txt has no tested set for Python $PYVER (tested: 3.11, 3.12);" \
+           "installing the newest versions pyproject.toml allows" >&2
+    fi
+    ;;
+  newest)
+    # A site-wide constraints file (pip config 'constraint') must not hold the newest leg back.
+    export PIP_CONSTRAINT=/dev/null
+    ;;
+  *)
+    echo "HARPE_DEPS must be 'locked' or 'newest', got '$HARPE_DEPS'" >&2; exit 2 ;;
+esac
+TORCH_SPEC="torch${TORCH_VERSION:+==$TORCH_VERSION}"
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   probe="$(mktemp -d)"
-  if "${PIP[@]}" download --no-index --no-deps "torch==$TORCH_VERSION" -d "$probe" >/dev/null 2>&1; then
-    # A wheel pip finds without an index (a local wheelhouse): take it, dependencies from the index.
-    echo "[setup] torch $TORCH_VERSION from the local wheelhouse"
-    "${PIP[@]}" install "torch==$TORCH_VERSION"
-  elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then
-    echo "[setup] no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
-    "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  has_gpu=0
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then has_gpu=1; fi
+  if [ -n "${TORCH_VERSION:-}" ] && "${PIP[@]}" download --no-index --no-deps "$TORCH_SPEC" -d "$probe" >/dev/null 2>&1; then
+    echo "[setup] $TORCH_SPEC from the local wheelhouse"
+    "${PIP[@]}" install "$TORCH_SPEC" "${CONSTRAINTS[@]}"
+  elif [ "$has_gpu" = 0 ] && "${PIP[@]}" install --timeout 20 --retries 1 "$TORCH_SPEC" "${CONSTRAINTS[@]}" \
+         --index-url https://download.pytorch.org/whl/cpu >/dev/null 2>&1; then
+    echo "[setup] no NVIDIA GPU: installed the CPU build of $TORCH_SPEC"
   else
-    echo "[setup] NVIDIA GPU found: installing torch $TORCH_VERSION from PyPI"
-    "${PIP[@]}" install "torch==$TORCH_VERSION"
+    echo "[setup] installing $TORCH_SPEC from the package index (the CUDA build: a large download)"
+    "${PIP[@]}" install "$TORCH_SPEC" "${CONSTRAINTS[@]}"
   fi
   rm -rf "$probe"
 fi
 
-echo "[setup] installing harpe-megatron (editable) with test extras"
-"${PIP[@]}" install -e "$ROOT[test]"
-"$VENV/bin/python" -W ignore -c "import torch, megatron.core, harpe_megatron; print(f'[setup] ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, python at $VENV/bin/python')"
+echo "[setup] installing harpe-megatron (editable) with test extras ($HARPE_DEPS versions)"
+"${PIP[@]}" install "${CONSTRAINTS[@]}" -e "$ROOT[test]"
+"$VENV/bin/python" -W ignore -c "import torch, transformers, megatron.core, harpe_megatron; print(f'[setup] ready: Python $PYVER, torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}, python at $VENV/bin/python')"

@@ -504,7 +504,7 @@ def convert_megatron_to_hf(
     from megatron.core import dist_checkpointing
 
     from harpe_megatron.checkpoint.harpe_llama import SHIPPED_FILES
-    from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
+    from harpe_megatron.checkpoint.safety import check_megatron_checkpoint, load_dcp_metadata
     from harpe_megatron.model.builder import model_head_bases
 
     start = time.monotonic()
@@ -518,11 +518,12 @@ def convert_megatron_to_hf(
     if positional.rotary_interleaved:
         raise ValueError(f"{source}: positional.rotary_interleaved=true has no HF Llama equivalent")
 
-    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    emb = metadata.get("embedding.word_embeddings.weight")
-    if emb is None:
+    # torch's own checkpoint metadata, read with the restricted unpickler (megatron's
+    # load_tensors_metadata breaks on torch >= 2.15, whose TensorProperties gained ``strides``).
+    emb = load_dcp_metadata(ckpt).state_dict_metadata.get("embedding.word_embeddings.weight")
+    if emb is None or not hasattr(emb, "size"):
         raise ValueError(f"{ckpt}: no embedding.word_embeddings.weight in the checkpoint (is it a model checkpoint?)")
-    rows, ckpt_dtype = int(emb.global_shape[0]), emb.dtype
+    rows, ckpt_dtype = int(emb.size[0]), emb.properties.dtype
     out_dtype = ckpt_dtype if dtype is None else hfc.DTYPES.get(dtype)
     if out_dtype is None:
         raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")

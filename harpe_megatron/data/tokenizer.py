@@ -23,13 +23,18 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
-from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from harpe_megatron.compat import check_megatron
+
+check_megatron()  # supported megatron-core, internals we subclass present (compat.py)
 
 __all__ = ["SentencePieceTokenizer", "train_sentencepiece"]
 
 
-class SentencePieceTokenizer(MegatronLegacyTokenizer):
-    """A sentencepiece ``.model`` file behind megatron-core's (legacy) tokenizer interface.
+class SentencePieceTokenizer(MegatronTokenizerBase):
+    """A sentencepiece ``.model`` file behind megatron-core's tokenizer interface
+    (``megatron.core.tokenizers.MegatronTokenizerBase``, the same class in 0.16.1 and 0.19).
 
     What megatron's ``GPTDataset`` reads: ``vocab_size``, ``eod`` (= ``eos``), ``pad`` (raises
     when the model has none, so megatron uses its own pad value) and ``unique_identifiers``
@@ -40,8 +45,8 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
     """
 
     def __init__(self, model_path: str | os.PathLike):
-        # MegatronLegacyTokenizer.__init__ only logs a deprecation notice and records the path as
-        # identifier; we record our own identifiers instead and do not call it.
+        # MegatronTokenizerBase.__init__ only copies a library config dict onto the instance; we
+        # have no such dict and record our own identifiers instead, so it is not called.
         self.model_path = str(model_path)
         self._load()
 
@@ -83,6 +88,9 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
 
     def detokenize(self, ids: Sequence[int] | Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.model_path}: a plain sentencepiece model has no chat template")
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))

@@ -24,8 +24,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from harpe_megatron.compat import check_megatron
 from harpe_megatron.model.attention import HarpeSelfAttention
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
+
+check_megatron()  # supported megatron-core, internals we subclass present (compat.py)
 
 __all__ = ["HarpeGPTModel"]
 

@@ -39,8 +39,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from harpe_megatron.compat import check_megatron
 from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
 from harpe_megatron.training.faults import fault_at
+
+check_megatron()  # supported megatron-core, internals we subclass present (compat.py)
 
 __all__ = [
     "LATEST_FILE",

@@ -181,17 +181,24 @@ def test_per_head_bases_matter(single_rank, sources, tmp_path):
     assert diff > 1e-2
 
 
-def test_greedy_generation_matches_megatron(single_rank, sources, tmp_path):
+@pytest.mark.parametrize("overrides,model_type", [([PER_HEAD], "harpe_llama"), ([], "llama")],
+                         ids=["per_head", "single_base"])
+def test_greedy_generation_matches_megatron(single_rank, sources, tmp_path, overrides, model_type):
+    """generate() with the KV cache == without it == megatron's greedy decoding, on the installed
+    transformers (CI runs this on the lowest and the newest transformers claimed)."""
     root, _ = sources
-    convert_hf_to_megatron(root / "gqa", tmp_path / "mg", overrides=[PER_HEAD], progress=False)
+    convert_hf_to_megatron(root / "gqa", tmp_path / "mg", overrides=overrides, progress=False)
     convert_megatron_to_hf(tmp_path / "mg", tmp_path / "hf", progress=False)
     hf = load_hf(tmp_path / "hf")
+    assert hf.config.model_type == model_type
     hf.generation_config.eos_token_id = None  # generate all 20 tokens
     prompt = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         cached = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
     reference = megatron_greedy(tmp_path / "mg", prompt, 20)
     assert cached.shape == (1, 32)
+    assert torch.equal(cached, uncached), (cached, uncached)
     assert torch.equal(cached, reference), (cached, reference)
 
 

@@ -117,9 +117,9 @@ def test_pickled_metadata_is_refused_and_would_have_run(megatron_ckpt, tmp_path,
     ckpt = _copy(megatron_ckpt, tmp_path / "mg") / "iter_0000000"
     (ckpt / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to unpickle: it references "
-                                                    r"(io|builtins)\.open, which is not torch\.distributed\.checkpoint metadata"):
+                                                    r"(_io|io|builtins)\.open, which is not torch\.distributed\.checkpoint metadata"):
         check_megatron_checkpoint(ckpt)
-    with pytest.raises(UnsafeCheckpointError, match="references (io|builtins).open"):
+    with pytest.raises(UnsafeCheckpointError, match="references (_io|io|builtins).open"):
         convert_megatron_to_hf(ckpt, tmp_path / "hf", progress=False)
     assert not marker.exists() and not (tmp_path / "hf").exists()
     # what megatron's loader (torch's FileSystemReader, plain pickle.load) would have done:
@@ -230,8 +230,8 @@ def test_remote_code_imports_only_torch_and_transformers():
     by_file = {f.name: _imports(f) for f in SHIPPED_FILES}
     assert by_file["configuration_harpe_llama.py"] == {"transformers"}
     assert by_file["modeling_harpe_llama.py"] == {
-        "__future__", "math", "typing", "torch", "transformers.models.llama.modeling_llama",
-        "transformers.modeling_utils", ".configuration_harpe_llama"}
+        "__future__", "math", "os", "re", "typing", "warnings", "torch", "transformers",
+        "transformers.models.llama.modeling_llama", "transformers.modeling_utils", ".configuration_harpe_llama"}
 
 
 def test_evaluation_runs_no_code_from_the_folder(megatron_ckpt, tokenizer_model, tmp_path, marker):
