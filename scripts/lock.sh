@@ -25,7 +25,7 @@ for version in 3.11 3.12; do
   echo "[lock] Python $version: $py"
   torch_version=""
   if [ "$version" = 3.11 ]; then torch_version="$TORCH_3_11"; fi
-  VENV="$work/venv$version" PYTHON="$py" HARPE_DEPS=newest TORCH_VERSION="$torch_version" bash "$ROOT/scripts/setup_venv.sh" >&2
+  VENV="$work/venv$version" PYTHON="$py" HARPE_DEPS=newest HARPE_EXTRAS=test,logging TORCH_VERSION="$torch_version" bash "$ROOT/scripts/setup_venv.sh" >&2
   "$work/venv$version/bin/python" -m pip freeze --exclude-editable --disable-pip-version-check \
     | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f > "$work/freeze$version.txt"
 done

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Launch harpe-megatron pretraining.
+# Launch harpe-megatron pretraining. Three ways, all equivalent:
 #
 #   bash scripts/pretrain_harpe.sh [key.path=value ...]
 #       Starts torchrun itself (GPUS_PER_NODE ranks on this node, NNODES nodes in all).
+#   torchrun --nproc-per-node 8 ... scripts/pretrain_harpe.sh [key.path=value ...]
+#       torchrun runs this file with Python, once per rank: the Python part at the end runs.
 #   torchrun --nproc-per-node 8 ... --no-python scripts/pretrain_harpe.sh [key.path=value ...]
 #       Already a rank under torchrun (RANK/LOCAL_RANK set): runs that one rank.
+#
+# This file is both a bash script and a Python program: bash runs the line below as the no-op
+# command ':' and then the shell code, which always ends in exec or exit (the Python part is a
+# here-document to bash, so `bash -n` checks the file); Python reads the shell code as a string
+# literal and runs the code after it.
 #
 # Environment (defaults in brackets):
 #   CONFIG         YAML run config                     [configs/tiny_cpu.yaml: tiny HARPE on CPU]
@@ -17,6 +24,7 @@
 #   PYTHON         interpreter with harpe_megatron     [python3 if it imports harpe_megatron,
 #                                                       else .venv/bin/python, set up on first use]
 # Extra arguments are config overrides, e.g. training.lr=3e-5 parallel.context_parallel_size=8.
+""":"
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +48,7 @@ export PYTHONUNBUFFERED=1
 
 if [ -n "${LOCAL_RANK:-}" ] && [ -n "${RANK:-}" ]; then
   # One rank of a torchrun job (torchrun --no-python scripts/pretrain_harpe.sh ...).
+  "$PYTHON" -m harpe_megatron.data.prepare_run --config "$CONFIG" "$@"
   exec "$PYTHON" -m harpe_megatron.train --config "$CONFIG" "$@"
 fi
 
@@ -69,3 +78,37 @@ exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   -m harpe_megatron.train --config "$CONFIG" "$@"
+exit 1  # not reached: every path above ends in exec
+: <<'pass'
+":"""
+
+# --- Python: one rank of `torchrun ... scripts/pretrain_harpe.sh [overrides]` --------------------
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    root = Path(__file__).resolve().parent.parent
+    config = os.environ.get("CONFIG", str(root / "configs" / "tiny_cpu.yaml"))
+    try:
+        import harpe_megatron  # noqa: F401
+    except ImportError:
+        # torchrun's interpreter lacks the package: re-run this rank with the project's venv.
+        venv_python = root / ".venv" / "bin" / "python"
+        if venv_python.is_file() and Path(sys.executable).resolve() != venv_python.resolve():
+            os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
+        sys.exit(f"pretrain_harpe.sh: {sys.executable} cannot import harpe_megatron; "
+                 f"run 'bash scripts/setup_venv.sh' first, or use the torchrun of that venv")
+    from harpe_megatron import train
+    from harpe_megatron.data import prepare_run
+
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    code = prepare_run.main(["--config", config, *sys.argv[1:]])
+    return code or train.main(["--config", config, *sys.argv[1:]])
+
+
+# The guard matters: multiprocessing children (megatron's checkpoint writer) re-import this file.
+if __name__ == "__main__":
+    sys.exit(main())
+pass

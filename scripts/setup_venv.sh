@@ -12,6 +12,9 @@
 #                  pyproject.toml's ranges allow, ignoring any site-wide pip constraints file
 #                  (CI's newest leg, scripts/lock.sh)                       [locked]
 #   TORCH_VERSION  torch version to install first                           [the lock's; newest: any]
+#   HARPE_EXTRAS   pyproject extras to install (comma list)                 [test]
+#   HARPE_CONSTRAINTS_OVERRIDE  a constraints file whose packages replace the lock's pins
+#                  (locked mode; e.g. requirements/transformers-floor.txt)  []
 #
 # torch comes first, chosen for the machine: a wheel pip finds without an index (a local
 # wheelhouse in PIP_FIND_LINKS), else on machines without an NVIDIA GPU the CPU build from
@@ -42,6 +45,14 @@ case "$HARPE_DEPS" in
   locked)
     if grep -qE "^torch==[^;]*(; python_version == \"$PYVER\")?$" "$LOCK"; then
       CONSTRAINTS=(-c "$LOCK")
+      if [ -n "${HARPE_CONSTRAINTS_OVERRIDE:-}" ]; then
+        # The lock without the overridden packages, plus the override's pins.
+        merged="$VENV/constraints.txt"
+        names="$(sed -E 's/[#;].*//; s/[<>=!~ ].*//' "$HARPE_CONSTRAINTS_OVERRIDE" | grep -v '^$' | paste -sd'|')"
+        { grep -viE "^($names)==" "$LOCK"; grep -vE '^\s*(#|$)' "$HARPE_CONSTRAINTS_OVERRIDE"; } > "$merged"
+        CONSTRAINTS=(-c "$merged")
+        echo "[setup] requirements/lock.txt with $(basename "$HARPE_CONSTRAINTS_OVERRIDE") replacing: ${names//|/, }"
+      fi
       lock_torch="$(grep -E "^torch==[^;]*(; python_version == \"$PYVER\")?$" "$LOCK" | head -1 | sed -E 's/^torch==([^;]+).*/\1/')"
       TORCH_VERSION="${TORCH_VERSION:-$lock_torch}"
     else
@@ -75,6 +86,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   rm -rf "$probe"
 fi
 
-echo "[setup] installing harpe-megatron (editable) with test extras ($HARPE_DEPS versions)"
-"${PIP[@]}" install "${CONSTRAINTS[@]}" -e "$ROOT[test]"
+HARPE_EXTRAS="${HARPE_EXTRAS:-test}"
+echo "[setup] installing harpe-megatron (editable) with extras [$HARPE_EXTRAS] ($HARPE_DEPS versions)"
+"${PIP[@]}" install "${CONSTRAINTS[@]}" -e "$ROOT[$HARPE_EXTRAS]"
 "$VENV/bin/python" -W ignore -c "import torch, transformers, megatron.core, harpe_megatron; print(f'[setup] ready: Python $PYVER, torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}, python at $VENV/bin/python')"

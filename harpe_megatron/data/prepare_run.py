@@ -4,11 +4,14 @@
 ``data.build_demo_corpus`` is true and the config's data files are missing, build the demo
 corpus, tokenizer and indexed dataset where ``data.paths[0]`` / ``data.tokenizer_model`` point
 (a tokenizer of ``model.vocab_size`` pieces). Otherwise it checks nothing and does nothing, so it
-is safe to run before every launch.
+is safe to run before every launch. Every rank of a ``torchrun scripts/pretrain_harpe.sh`` job
+runs it: an exclusive lock on ``<data dir>/.prepare.lock`` makes the first build and the others
+wait, then find the build complete.
 """
 
 from __future__ import annotations
 
+import fcntl
 import sys
 from pathlib import Path
 
@@ -33,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             f"data.build_demo_corpus writes {expected.prefix} and {expected.tokenizer}; set data.paths "
             f"and data.tokenizer_model to those (got {cfg.data.paths[0]} and {cfg.data.tokenizer_model})"
         )
-    prepare_demo_data(out_dir, vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        prepare_demo_data(out_dir, vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
     return 0
 
 
