@@ -7,6 +7,8 @@ The variable holds ``;``-separated faults ``kind@steps[:rank]``; ``steps`` is on
     HARPE_FAULT_INJECT="crash_in_save@8:1"        # rank 1 os._exit(137)s mid-save of step 8
     HARPE_FAULT_INJECT="exit@5:1"                 # rank 1 os._exit(1)s as step 5 starts
     HARPE_FAULT_INJECT="hang@5:1"                 # rank 1 freezes (SIGSTOP to itself) as step 5 starts
+    HARPE_FAULT_INJECT="disk_full@8:1"            # rank 1's write of step 8's checkpoint fails (ENOSPC)
+    HARPE_FAULT_INJECT="slow_save@8"              # the save of step 8 pauses 3 s half-way (tests signal it)
 
 Steps count from 1 like the console line (the step being run or saved). Nothing reads the
 variable except :func:`fault_at`; an unknown kind fails at start with the list of known kinds.
@@ -21,7 +23,7 @@ from typing import Optional
 __all__ = ["ENV_VAR", "KINDS", "parse_faults", "fault_at", "maybe_die"]
 
 ENV_VAR = "HARPE_FAULT_INJECT"
-KINDS = ("nan_loss", "crash_in_save", "exit", "hang")
+KINDS = ("nan_loss", "crash_in_save", "exit", "hang", "disk_full", "slow_save")
 
 
 def parse_faults(spec: str) -> list[tuple[str, set[int], Optional[int]]]:

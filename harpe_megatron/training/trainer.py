@@ -41,6 +41,7 @@ from harpe_megatron.config.run import RunConfig
 from harpe_megatron.data.validation import validate_training_inputs
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.training.checkpointing import (
+    CheckpointError,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
@@ -58,6 +59,7 @@ from harpe_megatron.training.metrics import (
     training_flops_per_token,
 )
 from harpe_megatron.training.preemption import Preemption
+from harpe_megatron.training.run_lock import RunDirInUse, hold_run_dir
 from harpe_megatron.training.step import forward_step
 from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error, watchdog_store
 
@@ -253,7 +255,8 @@ def train(cfg: RunConfig) -> TrainResult:
             try:
                 return _train(cfg, watchdog, preemption)
             except RuntimeError as exc:
-                if watchdog is not None and not isinstance(exc, (NonFiniteAbort, PeerFailure)) \
+                if watchdog is not None and not isinstance(exc, (NonFiniteAbort, PeerFailure, CheckpointError,
+                                                                 RunDirInUse)) \
                         and is_communication_error(exc):
                     watchdog.explain_failure(exc)  # raises PeerFailure if a peer went away
                 raise
@@ -273,12 +276,26 @@ def _resume_point(load_dir: Path) -> Optional[Path]:
     dist.broadcast_object_list(decision, src=0)
     status, value = decision[0]
     if status == "error":
-        raise RuntimeError(value)
+        raise CheckpointError(value)
     return Path(value) if value else None
+
+
+def _from_rank0(value):
+    """``value`` as rank 0 has it, on every rank (one broadcast)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Optional[Preemption] = None) -> TrainResult:
     validate_training_inputs(cfg, log=_log)  # data/tokenizer checks, before anything is written
+    # one run per run_dir, for the run's life (training/run_lock.py)
+    with hold_run_dir(cfg.run_dir, dist.get_rank() == 0, _from_rank0, log=_log):
+        return _train_holding_run_dir(cfg, watchdog, preemption)
+
+
+def _train_holding_run_dir(cfg: RunConfig, watchdog: Optional[Watchdog], preemption: Optional[Preemption]
+                           ) -> TrainResult:
     world = dist.get_world_size()
     t = cfg.training
     train_iters = t.resolved_train_iters(cfg.data.seq_length)

@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from harpe_megatron.training.exit_codes import NONFINITE_EXIT_CODE, PEER_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from harpe_megatron.testing.distributed import free_port
-from tests.distributed.reliability_launch import REPO, Ranks, read_metrics
+from tests.distributed.reliability_launch import LAUNCH_MARKER, REPO, Ranks, leftover_processes, read_metrics
 from tests.helpers import TINY_CPU_CONFIG as CONFIG
 from tests.helpers import tiny_run_overrides
 
@@ -185,31 +186,53 @@ def test_truncated_checkpoint_file_falls_back_to_previous(reference):
     assert f"loading checkpoint {newest} failed" in failed.log(0)
 
 
-def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path):
-    """scripts/pretrain_harpe.sh under torchrun: SIGUSR1 to torchrun alone reaches both ranks
-    (torchrun forwards it and waits for them), which save and exit 75; torchrun exits 1."""
-    base, root, _ = reference
-    run = root / "torchrun"
-    log = tmp_path / "torchrun.log"
+def _launch_torchrun(run: Path, log: Path, overrides: list[str], fault: Optional[str] = None) -> subprocess.Popen:
+    """scripts/pretrain_harpe.sh (which execs torchrun) with 2 ranks; output to ``log``."""
     env = dict(os.environ, PYTHON=sys.executable, GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), CONFIG=CONFIG,
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", **{LAUNCH_MARKER: run.name})
     env.pop("HARPE_FAULT_INJECT", None)
+    if fault:
+        env["HARPE_FAULT_INJECT"] = fault
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "pretrain_harpe.sh"), *base,
-                                 "training.train_iters=40", "checkpoint.save_interval=0", f"run_dir={run}"],
+        return subprocess.Popen(["bash", str(REPO / "scripts" / "pretrain_harpe.sh"), *overrides, f"run_dir={run}"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for_text(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("when", ["before_any_save", "after_a_save", "during_a_save"])
+def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path, when):
+    """scripts/pretrain_harpe.sh under torchrun: SIGUSR1 to torchrun alone reaches both ranks
+    (torchrun forwards it to each rank's whole process group and waits for them), which save and
+    exit 75; torchrun exits 1. Also once a periodic checkpoint exists (megatron's writer used to
+    keep a helper process per rank that died of the forwarded signal, failing the save) and while
+    a periodic save is in progress; no process of the launch outlives it."""
+    base, root, _ = reference
+    run = root / f"torchrun_{when}"
+    log = tmp_path / "torchrun.log"
+    interval = 0 if when == "before_any_save" else 4
+    fault = "slow_save@8" if when == "during_a_save" else None
+    proc = _launch_torchrun(run, log, base + ["training.train_iters=40", f"checkpoint.save_interval={interval}"],
+                            fault=fault)
+    wait_for = {"before_any_save": "step      3/", "after_a_save": "step      6/",
+                "during_a_save": "rank 0 pauses while saving"}[when]
     try:
-        deadline = time.monotonic() + 240
-        while "step      3/" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+        _wait_for_text(proc, log, wait_for, timeout=240)
         proc.send_signal(signal.SIGUSR1)  # the script exec'd torchrun: this is torchrun's pid
-        assert proc.wait(timeout=120) == 1
+        assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
     assert "rank 0: received SIGUSR1" in text and "rank 1: received SIGUSR1" in text
     assert text.count("exiting with code 75") == 2, text[-3000:]
+    assert "Error" not in text, text[-3000:]
     saved = int(_latest(run).split("_")[1])
-    assert 3 <= saved < 40
+    assert {"before_any_save": 3, "after_a_save": 6, "during_a_save": 9}[when] <= saved < 40
+    assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
+    assert leftover_processes(run.name) == []
