@@ -11,13 +11,17 @@ dropped documents are not written. The report (before/after statistics) is writt
 data as ``<prefix>.report.json``.
 
 Atomicity: everything is written under temporary names in the output directory
-(``<prefix>.tmp-<pid>.*``) and renamed at the end (``.bin``, ``.report.json``, then ``.idx``),
-so an error or an interrupt leaves no output file, only the previous state. Existing outputs are
-refused unless ``overwrite=True``.
+(``<prefix>.tmp-<host>-<pid>.*``) and renamed at the end (``.bin``, ``.report.json``, then
+``.idx``), so an error or an interrupt (Ctrl-C) leaves no output file, only the previous state.
+Temporary files of a writer that was killed (kill -9, node loss) are removed by the next write of
+the same prefix on the same host, once their pid is gone (other hosts' files are left alone).
+Existing outputs are refused unless ``overwrite=True``.
 
 Tokenization can run in ``workers`` processes; documents are batched, at most ``2 * workers``
 batches are in flight (bounded memory) and written in input order, so the output does not depend
-on the number of workers.
+on the number of workers. Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process
+group): the parent alone handles it and terminates the pool, so no worker dies holding a task
+whose result the parent would wait for forever.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from __future__ import annotations
 import collections
 import json
 import multiprocessing as mp
+import glob
 import os
+import re
+import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -71,6 +79,7 @@ _WORKER_TOKENIZER: SentencePieceTokenizer | None = None
 
 def _init_worker(tokenizer: SentencePieceTokenizer) -> None:
     global _WORKER_TOKENIZER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
     _WORKER_TOKENIZER = tokenizer
     torch.set_num_threads(1)
 
@@ -100,7 +109,15 @@ def _tokenized(
             yield doc, np.asarray(tokenizer.tokenize(doc.text), dtype=np.int64)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    # SIGINT is blocked while the workers start: they inherit the mask (then ignore SIGINT), and a
+    # Ctrl-C meanwhile is raised after the start instead of inside fork's at-fork handlers, where
+    # Python ignores exceptions (the interrupt was lost and the run went on).
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    with pool:
         pending: collections.deque = collections.deque()
         for batch in _batches(documents, batch_size):
             pending.append((batch, pool.apply_async(_encode_batch, ([d.text for d in batch],))))
@@ -110,6 +127,29 @@ def _tokenized(
         while pending:
             docs, result = pending.popleft()
             yield from zip(docs, result.get())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(output_prefix: str) -> list[str]:
+    """Remove ``<prefix>.tmp-<this host>-<pid>.*`` files whose writer process is gone; their names."""
+    pattern = re.compile(re.escape(os.path.basename(output_prefix)) + r"\.tmp-" + re.escape(socket.gethostname())
+                         + r"-(\d+)\.")
+    removed = []
+    for path in sorted(glob.glob(glob.escape(output_prefix) + ".tmp-*")):
+        match = pattern.match(os.path.basename(path))
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            _remove([path])
+            removed.append(path)
+    return removed
 
 
 def _remove(paths: Iterable[str]) -> None:
@@ -152,7 +192,10 @@ def write_indexed_dataset(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     created_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
+    stale = _remove_stale_tmp(output_prefix)
+    if stale:
+        print(f"removed temporary files of an interrupted earlier write: {', '.join(stale)}", file=sys.stderr)
+    tmp_prefix = f"{output_prefix}.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp = output_paths(tmp_prefix)
 
     vocab_size = tokenizer.vocab_size
@@ -161,11 +204,12 @@ def write_indexed_dataset(
     report = UpsamplingReport(upsampler, bin_edges)
     written_docs = written_tokens = empty = 0
     builder = None
+    tokenized = _tokenized(documents, tokenizer, workers, batch_size)
     bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc", disable=not progress,
                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
     try:
         builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
-        for doc, ids in _tokenized(documents, tokenizer, workers, batch_size):
+        for doc, ids in tokenized:
             bar.update(1)
             if ids.size == 0:
                 empty += 1
@@ -205,6 +249,7 @@ def write_indexed_dataset(
         for key in ("bin", "report", "idx"):  # the .idx last: both data files present => complete
             os.replace(tmp[key], outputs[key])
     except BaseException:
+        tokenized.close()  # now, not at garbage collection: terminates the worker pool
         if builder is not None and not builder.data_file.closed:
             builder.data_file.close()
         _remove(tmp.values())

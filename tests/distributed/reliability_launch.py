@@ -110,11 +110,15 @@ class Ranks:
                 p.wait()
 
 
+def _not_strict_json(constant: str):
+    raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+
 def read_metrics(run_dir: Path) -> dict[int, dict]:
     """step -> metrics from ``<run_dir>/metrics.jsonl`` (a later launch's line for a step wins)."""
     rows: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+        row = json.loads(line, parse_constant=_not_strict_json)
         if "loss" in row:
             rows.setdefault(row["step"], {}).update(row)
     return rows

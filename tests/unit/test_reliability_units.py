@@ -294,6 +294,12 @@ def test_watchdog_explain_failure_returns_when_every_peer_is_alive():
     ("training.max_consecutive_nonfinite_steps=-1", "training.max_consecutive_nonfinite_steps must be >= 0"),
     ("training.slow_phase_timeout_s=10", r"training.slow_phase_timeout_s \(10.0\) must be >= training.hang_timeout_s"),
     ("training.distributed_timeout_s=0", "training.distributed_timeout_s must be positive"),
+    # issue 13: these used to crash later with a traceback
+    ("model.num_query_groups=0", "model.num_query_groups must be positive, got 0"),
+    ("model.num_query_groups=-4", "model.num_query_groups must be positive, got -4"),
+    ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by must be positive, got 0"),
+    ("training.train_iters=-5", "training.train_iters must be positive, got -5"),
+    ("training.eval_iters=0", "training.eval_iters must be positive, got 0"),
 ])
 def test_reliability_config_errors(override, message):
     from pathlib import Path
