@@ -19,9 +19,11 @@ Existing outputs are refused unless ``overwrite=True``.
 
 Tokenization can run in ``workers`` processes; documents are batched, at most ``2 * workers``
 batches are in flight (bounded memory) and written in input order, so the output does not depend
-on the number of workers. Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process
-group): the parent alone handles it and terminates the pool, so no worker dies holding a task
-whose result the parent would wait for forever.
+on the number of workers. Ctrl-C: a terminal sends SIGINT to the whole process group. Workers
+ignore it (one dying with a task would leave the parent waiting for its result forever); in the
+parent (main thread) a handler only records it and the write loop raises ``KeyboardInterrupt``
+after the current document, then terminates the pool and removes its temporary files (Python's
+own ``KeyboardInterrupt`` can land inside fork's at-fork hooks, where it is ignored and lost).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -152,6 +155,26 @@ def _remove_stale_tmp(output_prefix: str) -> list[str]:
     return removed
 
 
+class _CtrlC:
+    """Context manager: SIGINT sets :attr:`requested` (main thread only; the previous handler is put back)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
 def _remove(paths: Iterable[str]) -> None:
     for p in paths:
         try:
@@ -207,57 +230,64 @@ def write_indexed_dataset(
     tokenized = _tokenized(documents, tokenizer, workers, batch_size)
     bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc", disable=not progress,
                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-    try:
-        builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
-        for doc, ids in tokenized:
-            bar.update(1)
-            if ids.size == 0:
-                empty += 1
-                continue
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= vocab_size:
-                bad = hi if hi >= vocab_size else lo
-                raise ValueError(f"{doc.where}: token id {bad} outside the vocabulary [0, {vocab_size}) "
-                                 f"of {tokenizer.model_path}")
-            parts = ([np.array([bos], dtype=np.int64)] if add_bos else []) + [ids, np.array([eod], dtype=np.int64)]
-            tokens = np.concatenate(parts)
-            kept = upsampler.keep(doc.index, tokens.size)
-            report.add(doc.source, int(tokens.size), kept)
-            if not kept:
-                continue
-            builder.add_item(torch.from_numpy(tokens))
-            builder.end_document()
-            written_docs += 1
-            written_tokens += int(tokens.size)
-            if written_docs % 1000 == 0:
-                bar.set_postfix(kept=written_docs, tokens=written_tokens, refresh=False)
-        bar.set_postfix(kept=written_docs, tokens=written_tokens)
-        if written_docs == 0:
-            raise ValueError(
-                f"no document left to write to {output_prefix} (input documents: {report.to_dict()['total']['before']['documents']}, "
-                f"empty: {empty}); lower short_threshold or raise short_keep_prob"
-            )
-        builder.finalize(tmp["idx"])
-        summary = report.to_dict()
-        summary["empty_documents_skipped"] = empty
-        summary["output"] = {"prefix": output_prefix, "documents": written_docs, "tokens": written_tokens,
-                             "dtype": np.dtype(dtype).name, "tokenizer": tokenizer.model_path,
-                             "vocab_size": vocab_size, "add_bos": add_bos, "eod": eod}
-        with open(tmp["report"], "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-        for key in ("bin", "report", "idx"):  # the .idx last: both data files present => complete
-            os.replace(tmp[key], outputs[key])
-    except BaseException:
-        tokenized.close()  # now, not at garbage collection: terminates the worker pool
-        if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
-        _remove(tmp.values())
-        if created_dir and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        raise
-    finally:
-        bar.close()
+    with _CtrlC() as ctrl_c:
+        try:
+            builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
+            for doc, ids in tokenized:
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
+                bar.update(1)
+                if ids.size == 0:
+                    empty += 1
+                    continue
+                lo, hi = int(ids.min()), int(ids.max())
+                if lo < 0 or hi >= vocab_size:
+                    bad = hi if hi >= vocab_size else lo
+                    raise ValueError(f"{doc.where}: token id {bad} outside the vocabulary [0, {vocab_size}) "
+                                     f"of {tokenizer.model_path}")
+                parts = ([np.array([bos], dtype=np.int64)] if add_bos else []) + [ids, np.array([eod], dtype=np.int64)]
+                tokens = np.concatenate(parts)
+                kept = upsampler.keep(doc.index, tokens.size)
+                report.add(doc.source, int(tokens.size), kept)
+                if not kept:
+                    continue
+                builder.add_item(torch.from_numpy(tokens))
+                builder.end_document()
+                written_docs += 1
+                written_tokens += int(tokens.size)
+                if written_docs % 1000 == 0:
+                    bar.set_postfix(kept=written_docs, tokens=written_tokens, refresh=False)
+            bar.set_postfix(kept=written_docs, tokens=written_tokens)
+            if written_docs == 0:
+                raise ValueError(
+                    f"no document left to write to {output_prefix} (input documents: {report.to_dict()['total']['before']['documents']}, "
+                    f"empty: {empty}); lower short_threshold or raise short_keep_prob"
+                )
+            builder.finalize(tmp["idx"])
+            summary = report.to_dict()
+            summary["empty_documents_skipped"] = empty
+            summary["output"] = {"prefix": output_prefix, "documents": written_docs, "tokens": written_tokens,
+                                 "dtype": np.dtype(dtype).name, "tokenizer": tokenizer.model_path,
+                                 "vocab_size": vocab_size, "add_bos": add_bos, "eod": eod}
+            with open(tmp["report"], "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+                f.write("\n")
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
+            for key in ("bin", "report", "idx"):  # the .idx last: both data files present => complete
+                os.replace(tmp[key], outputs[key])
+        except BaseException:
+            tokenized.close()  # now, not at garbage collection: terminates the worker pool
+            if builder is not None and not builder.data_file.closed:
+                builder.data_file.close()
+            _remove(tmp.values())
+            if created_dir and not os.listdir(out_dir):
+                os.rmdir(out_dir)
+            raise
+        finally:
+            bar.close()
+    if ctrl_c.requested:  # Ctrl-C after the last document: the output is complete, say so
+        print("interrupted after the output was complete; it is kept", file=sys.stderr)
     return PreprocessResult(
         prefix=output_prefix, bin_path=outputs["bin"], idx_path=outputs["idx"], report_path=outputs["report"],
         documents=written_docs, tokens=written_tokens, dtype=np.dtype(dtype).name, report=summary,

@@ -33,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
             f"data.build_demo_corpus writes {expected.prefix} and {expected.tokenizer}; set data.paths "
             f"and data.tokenizer_model to those (got {cfg.data.paths[0]} and {cfg.data.tokenizer_model})"
         )
-    prepare_demo_data(out_dir, vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+    try:
+        prepare_demo_data(out_dir, vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+    except FileExistsError as exc:
+        # The launcher has no --overwrite to pass on: say what to do from here.
+        reason = str(exc).split("; pass overwrite=True")[0]
+        print(f"config error: {reason}; delete {out_dir} to have the launcher rebuild it, or set "
+              "data.paths / data.tokenizer_model elsewhere", file=sys.stderr)
+        return 2
     return 0
 
 
