@@ -4,7 +4,8 @@ Run under torchrun (or scripts/pretrain_harpe.sh) for several ranks; a plain ``p
 one rank. Overrides use dotted key paths of the YAML tree, e.g. ``training.lr=3e-5``.
 
 Exit codes (harpe_megatron/training/exit_codes.py, docs/reliability.md): 0 done, 1 error,
-2 config error (also: the run_dir is in use by another run), 75 preempted (SIGTERM/SIGUSR1; checkpoint saved, start again to resume),
+2 config error (also: the run_dir is in use by another run), 75 preempted (SIGTERM/SIGUSR1;
+checkpoint saved, start again to resume),
 76 another rank died or hung, 77 too many non-finite steps in a row.
 """
 

@@ -260,7 +260,8 @@ def write_indexed_dataset(
             bar.set_postfix(kept=written_docs, tokens=written_tokens)
             if written_docs == 0:
                 raise ValueError(
-                    f"no document left to write to {output_prefix} (input documents: {report.to_dict()['total']['before']['documents']}, "
+                    f"no document left to write to {output_prefix} (input documents: "
+                    f"{report.to_dict()['total']['before']['documents']}, "
                     f"empty: {empty}); lower short_threshold or raise short_keep_prob"
                 )
             builder.finalize(tmp["idx"])

@@ -139,7 +139,8 @@ def test_dead_rank_makes_the_other_exit(reference):
     died = ranks.wait_for(1, "rank 1 exits at step 5", timeout=240)
     assert ranks.wait(timeout=60) == [PEER_FAILURE_EXIT_CODE, 1], ranks.log(0)
     assert time.monotonic() - died < 30
-    assert "because rank 1 (host" in ranks.log(0) and "has exited" in ranks.log(0)
+    assert "because rank 1 (host" in ranks.log(0) and "last at step 5 in train) has exited" in ranks.log(0)
+    assert leftover_processes(ranks.marker) == []
 
 
 def test_frozen_rank_makes_the_other_exit(reference):

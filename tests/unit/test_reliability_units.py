@@ -147,9 +147,9 @@ def test_full_disk_during_save_keeps_latest(tmp_path, monkeypatch, single_rank, 
 
     monkeypatch.setattr(checkpointing, "_sharded_state", lambda *a, **k: {})
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", full_disk)
-    with pytest.raises(CheckpointError, match=r"^saving checkpoint iter_0000008 into \S+iter_0000008.tmp failed on rank 0: "
-                                              r"OSError: \[Errno 28\] No space left on device; iter_0000008.tmp removed; "
-                                              r"'latest' still names iter_0000004$"):
+    expected = (r"^saving checkpoint iter_0000008 into \S+iter_0000008.tmp failed on rank 0: OSError: \[Errno 28\] "
+                r"No space left on device; iter_0000008.tmp removed; 'latest' still names iter_0000004$")
+    with pytest.raises(CheckpointError, match=expected):
         save_checkpoint(tmp_path, 8, [object()], None, None, 64, "", keep_last=2)
     assert (tmp_path / "latest").read_text() == "iter_0000004\n"
     assert not (tmp_path / "iter_0000008.tmp").exists()
