@@ -14,7 +14,10 @@ Reliability (docs/reliability.md):
   step; its data is *not* replayed), counted, logged; more than
   ``training.max_consecutive_nonfinite_steps`` in a row raise :class:`NonFiniteAbort`;
 * both decisions come from one all-reduce(MAX) per step, so every rank takes the same one;
-* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung.
+* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung;
+* one run per run_dir: rank 0 holds its lock for the run's life (training/run_lock.py);
+* a failed checkpoint save or load raises ``CheckpointError`` on every rank (one line; a failed
+  save removes its partial directory and leaves ``latest`` as it was).
 """
 
 from __future__ import annotations
