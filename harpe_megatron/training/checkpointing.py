@@ -327,11 +327,20 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
 
     checksums: dict[str, str] = {}
 
-    def checksum() -> None:
+    def checksum() -> Optional[str]:
+        """Every rank checksums its share; one gather of the shares or of a rank's error."""
+        try:
+            share: Any = _checksum_share(tmp)
+        except OSError as exc:
+            share = _describe(exc)
         shares: list = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, _checksum_share(tmp))
-        for share in shares:
-            checksums.update(share)
+        dist.all_gather_object(shares, share)
+        failed = [(r, f) for r, f in enumerate(shares) if isinstance(f, str)]
+        if failed:
+            return f"rank {failed[0][0]}: {failed[0][1]}"
+        for part in shares:
+            checksums.update(part)
+        return None
 
     def publish() -> None:
         if rank == 0:
@@ -348,7 +357,7 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
             failure = _first_failure(_attempt(
                 lambda: _write_shards(tmp, step, model_chunks, optimizer, scheduler, consumed_samples, config_yaml)))
         if failure is None:
-            failure = _first_failure(_attempt(checksum))  # all ranks' files are written: agreed just above
+            failure = checksum()  # all ranks' files are written: agreed just above
         if failure is None:
             failure = _first_failure(_attempt(publish))
     if failure is None:
@@ -366,12 +375,11 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
 def verify_checkpoint(path: Path) -> None:
     """Check checkpoint ``path``'s files against its manifest's checksums, each rank a share
     (collective); :class:`CheckpointError` naming the damaged file on every rank."""
-    manifest = read_manifest(path)
-    names = sorted((manifest or {}).get("crc32", {}))
     error = None
     try:
+        names = sorted((read_manifest(path) or {}).get("crc32", {}))
         verify_checksums(path, names[dist.get_rank()::dist.get_world_size()])
-    except (CheckpointDamaged, OSError) as exc:
+    except (CheckpointDamaged, OSError, ValueError) as exc:
         error = str(exc)
     errors: list = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
