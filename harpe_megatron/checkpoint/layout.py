@@ -38,6 +38,7 @@ __all__ = [
     "MANIFEST_FILE",
     "CheckpointDamaged",
     "CheckpointScan",
+    "checkpoint_files",
     "checkpoint_name",
     "file_crc32",
     "incomplete_reason",
