@@ -66,6 +66,9 @@ INTERNALS: tuple[Internal, ...] = (
              "selects the torch-Adam optimizer-state loading work-around", "training/checkpointing.py"),
     Internal("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_parameter_state_from_fully_reshardable",
              "second half of that work-around", "training/checkpointing.py"),
+    Internal("megatron.core.dist_checkpointing.strategies.filesystem_async:_results_queue",
+             "seeded with an in-process queue so synchronous saves need no Manager process",
+             "training/checkpointing.py"),
     Internal("megatron.core.tokenizers:MegatronTokenizerBase",
              "base class of our sentencepiece tokenizer (what GPTDataset reads)", "data/tokenizer.py"),
 )

@@ -4,7 +4,8 @@ Run under torchrun (or scripts/pretrain_harpe.sh) for several ranks; a plain ``p
 one rank. Overrides use dotted key paths of the YAML tree, e.g. ``training.lr=3e-5``.
 
 Exit codes (harpe_megatron/training/exit_codes.py, docs/reliability.md): 0 done, 1 error,
-2 config error, 75 preempted (SIGTERM/SIGUSR1; checkpoint saved, start again to resume),
+2 config error (also: the run_dir is in use by another run), 75 preempted (SIGTERM/SIGUSR1;
+checkpoint saved, start again to resume),
 76 another rank died or hung, 77 too many non-finite steps in a row.
 """
 
@@ -16,6 +17,11 @@ import sys
 from harpe_megatron.cli import parse_run_config, quiet_library_warnings
 
 
+def _close_process_group(dist) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     cfg = parse_run_config("python -m harpe_megatron.train", __doc__, argv)
@@ -23,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         return cfg
     import torch.distributed as dist
 
+    from harpe_megatron.config.loader import ConfigError
+    from harpe_megatron.training.checkpointing import CheckpointError
     from harpe_megatron.training.exit_codes import (
         NONFINITE_EXIT_CODE,
         PEER_FAILURE_EXIT_CODE,
         PREEMPTED_EXIT_CODE,
         NonFiniteAbort,
     )
+    from harpe_megatron.training.run_lock import RunDirInUse
     from harpe_megatron.training.stages import run_stages
     from harpe_megatron.training.trainer import train
     from harpe_megatron.training.watchdog import PeerFailure
@@ -39,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[harpe] error: {exc}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         return NONFINITE_EXIT_CODE
+    except (ConfigError, RunDirInUse) as exc:  # found before anything was written; the same on every rank
+        print(f"{'config error' if isinstance(exc, ConfigError) else '[harpe] error'}: {exc}", file=sys.stderr,
+              flush=True)
+        _close_process_group(dist)
+        return 2
+    except CheckpointError as exc:  # a failed save or load, the same on every rank
+        print(f"[harpe] error: {exc}", file=sys.stderr, flush=True)
+        _close_process_group(dist)
+        return 1
     except PeerFailure as exc:
         print(f"[harpe] error: {exc}", file=sys.stderr, flush=True)
         return PEER_FAILURE_EXIT_CODE  # no destroy_process_group: it would wait for the lost rank

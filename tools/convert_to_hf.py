@@ -5,12 +5,17 @@
         [--config RUN.yaml] [--max-shard-size 5GB] [--max-position-embeddings N] [--overwrite] [--no-progress]
 
 CKPT_DIR: a training save directory (its `latest` is used), a run directory with checkpoints/,
-or one iter_* directory. It is loaded into a TP=1 model in this process, mapped to HF Llama names
+or one iter_* directory; an incomplete checkpoint (also one that `latest` names) is refused, and
+the files are checked against the CRC-32s the checkpoint's manifest recorded. It is loaded into a TP=1 model in this process, mapped to HF Llama names
 and written as sharded safetensors + model.safetensors.index.json, config.json,
 generation_config.json and tokenizer files (the run config's data.tokenizer_model or
 --tokenizer-model). One RoPE base for all heads -> plain LlamaForCausalLM; per-head bases ->
 model_type harpe_llama, loaded with AutoModelForCausalLM.from_pretrained(OUT_DIR,
-trust_remote_code=True) from the modeling code copied into OUT_DIR. See docs/conversion.md.
+trust_remote_code=True) from the modeling code copied into OUT_DIR. Weights holding NaN/inf are
+refused. See docs/conversion.md.
+
+Exit codes: 0 exported; 2 a one-line error (bad or damaged checkpoint, config, output dir) with
+nothing written.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_library_warnings()
     from harpe_megatron.checkpoint.convert import convert_megatron_to_hf
+    from harpe_megatron.checkpoint.layout import CheckpointDamaged
     from harpe_megatron.config.loader import ConfigError
 
     try:
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             max_position_embeddings=args.max_position_embeddings, overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, CheckpointDamaged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary)

@@ -71,7 +71,12 @@ def main(argv=None) -> int:
         return 0
     from harpe_megatron.cli import quiet_library_warnings
     quiet_library_warnings()
-    from harpe_megatron.eval.runner import evaluate
+    from harpe_megatron.eval.runner import evaluate, model_source
+    try:
+        model_source(args.model_dir)  # a folder with config.json or a Hub id; one-line error otherwise
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     res = evaluate(args.model_dir, args.out, args.tasks, args.lengths, args.depths, args.samples, args.seed,
                    args.name, args.device, args.dtype, args.ppl_file, args.ppl_lengths, args.ppl_stride,
                    args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress)

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"preprocess_data: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("preprocess_data: interrupted; no output written (temporary files removed)", file=sys.stderr)
+        return 130
     print(render_report(result.report))
     print()
     print(f"wrote {result.documents:,} documents, {result.tokens:,} tokens ({result.dtype}) "

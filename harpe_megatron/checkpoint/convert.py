@@ -41,6 +41,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from harpe_megatron.checkpoint import hf_config as hfc
 from harpe_megatron.checkpoint.hf_io import (
@@ -49,6 +50,17 @@ from harpe_megatron.checkpoint.hf_io import (
     SafetensorsShardWriter,
     atomic_output_dir,
     parse_size,
+)
+from harpe_megatron.checkpoint.layout import (
+    LATEST_FILE,
+    checkpoint_files,
+    checkpoint_name,
+    file_crc32,
+    incomplete_reason,
+    list_checkpoints,
+    resolve_checkpoint,
+    verify_checksums,
+    write_manifest,
 )
 from harpe_megatron.checkpoint.llama_mapping import hf_layer_to_megatron, megatron_to_hf
 from harpe_megatron.config.loader import ConfigError, apply_overrides, config_from_dict, config_to_dict
@@ -254,8 +266,6 @@ def convert_hf_to_megatron(
     """
     from megatron.core import dist_checkpointing
 
-    from harpe_megatron.training.checkpointing import LATEST_FILE, checkpoint_name
-
     start = time.monotonic()
     hf_dir = Path(hf_dir)
     if tp < 1 or pp < 1:
@@ -346,6 +356,7 @@ def convert_hf_to_megatron(
             }
             dist_checkpointing.save(state, str(iter_dir))
             del state, model
+            write_manifest(iter_dir, {n: file_crc32(iter_dir / n) for n in checkpoint_files(iter_dir)})
             (tmp / LATEST_FILE).write_text(iter_dir.name + "\n")
             (tmp / "config.yaml").write_text(config_yaml)
     rope = {k: written["positional"][k] for k in ("bases", "scaling") if k in written["positional"]}
@@ -365,16 +376,31 @@ def convert_hf_to_megatron(
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """The ``iter_*`` directory for a save dir (its ``latest``), a run dir or an ``iter_*`` dir."""
-    from harpe_megatron.training.checkpointing import LATEST_FILE, find_latest, list_checkpoints
+    """The ``iter_*`` directory for a save dir (its ``latest``), a run dir or an ``iter_*`` dir.
 
+    Refuses (``ValueError``, naming the reason) an incomplete checkpoint, including a ``latest``
+    that names one: exporting an older iteration in its place would pass silently for the newest.
+    """
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint directory {p} does not exist")
     for root in (p, p / "checkpoints"):
         if (root / LATEST_FILE).is_file():
-            return find_latest(root)
-    if (p / "metadata.json").is_file():
+            try:
+                chosen, messages = resolve_checkpoint(root)
+            except RuntimeError as exc:
+                raise ValueError(str(exc)) from None
+            named = (root / LATEST_FILE).read_text().strip()
+            if chosen is None or chosen.name != named:
+                reason = incomplete_reason(root / named) if named else "is empty"
+                alternative = f"; pass {chosen} to export that older checkpoint" if chosen is not None else ""
+                raise ValueError(f"{root / LATEST_FILE} names {named!r}, which {reason}: refusing to export "
+                                 f"another iteration in its place{alternative}")
+            return chosen
+    if (p / "metadata.json").is_file() or p.name.startswith("iter_"):
+        reason = incomplete_reason(p)
+        if reason is not None:
+            raise ValueError(f"checkpoint {p} {reason}")
         return p
     found = list_checkpoints(p)
     if found:
@@ -382,6 +408,30 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
                          f"({', '.join(d.name for _, d in found[-3:])})")
     raise ValueError(f"{p} is neither a training save directory (with '{LATEST_FILE}') nor a megatron "
                      "distributed checkpoint (with metadata.json)")
+
+
+def _load_error(exc: BaseException) -> str:
+    """One line for a failed load: the innermost cause (for CheckpointException, of its first failure)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        failure = sorted(exc.failures.items())[0][1]
+        exc = failure[0] if isinstance(failure, tuple) else failure
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _check_finite(state: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Refuse to export weights holding NaN/inf (a diverged or damaged checkpoint), naming them."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()})")
+    if bad:
+        raise ValueError(f"{ckpt}: non-finite weights in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
+                         "refusing to export them")
 
 
 def _sp_token_ids(sp) -> dict[str, Optional[int]]:
@@ -509,6 +559,7 @@ def convert_megatron_to_hf(
 
     start = time.monotonic()
     ckpt = resolve_checkpoint_dir(ckpt_dir)
+    verify_checksums(ckpt)  # CheckpointDamaged names a file whose bytes differ from the manifest's CRC-32
     check_megatron_checkpoint(ckpt)  # no pickled part runs code (see checkpoint/safety.py)
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     tree, source = _load_run_tree(ckpt, common, None if config_path is None else str(config_path))
@@ -553,10 +604,14 @@ def convert_megatron_to_hf(
     with atomic_output_dir(out_dir, overwrite, protect=[ckpt, ckpt_dir]) as tmp:
         with megatron_cpu_session():
             model = build_full_model(m, positional, ckpt_dtype, rows)
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+            try:
+                loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+            except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+                raise ValueError(f"{ckpt}: cannot read the checkpoint ({_load_error(exc)})") from None
             model.load_state_dict(loaded["model"])
             del loaded
             state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+            _check_finite(state, ckpt)
             plan = []
             for name, t in state.items():
                 meta = {name: torch.empty(t.shape, dtype=t.dtype, device="meta")}

@@ -123,6 +123,8 @@ def check_megatron_checkpoint(ckpt_dir: str | os.PathLike) -> None:
                                             "which this check cannot read; refusing")
             if file.resolve().parent != ckpt.resolve():
                 raise UnsafeCheckpointError(f"{where}: points outside the checkpoint directory")
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: missing (the checkpoint's .metadata lists entries in it)")
             f = handles.get(info.relative_path) or handles.setdefault(info.relative_path, open(file, "rb"))
             f.seek(info.offset)
             _weights_only(io.BytesIO(f.read(info.length)), where)

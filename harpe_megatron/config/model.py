@@ -38,6 +38,11 @@ class ModelConfig:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
+        for key in ("num_query_groups", "make_vocab_size_divisible_by", "pretrained_context_length"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if not self.norm_epsilon > 0:
+            raise ValueError(f"model.norm_epsilon must be positive, got {self.norm_epsilon}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "

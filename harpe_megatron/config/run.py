@@ -100,6 +100,12 @@ class TrainingConfig:
                 raise ValueError(f"training.{key} must be positive, got {getattr(self, key)}")
         if self.train_iters is not None and self.train_tokens is not None:
             raise ValueError("set exactly one of training.train_iters and training.train_tokens")
+        for key in ("train_iters", "train_tokens", "lr_decay_iters", "exit_interval", "eval_iters"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"training.{key} must be positive, got {getattr(self, key)}")
+        for key in ("lr_warmup_iters", "eval_interval"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"training.{key} must be >= 0, got {getattr(self, key)}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"training.precision: expected bf16, fp16 or fp32, got {self.precision!r}")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
@@ -187,6 +193,9 @@ class StageConfig:
     def __post_init__(self) -> None:
         if (self.train_iters is None) == (self.train_tokens is None):
             raise ValueError(f"stages[{self.name}]: set exactly one of train_iters and train_tokens")
+        for key in ("train_iters", "train_tokens", "seq_length", "global_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"stages[{self.name}].{key} must be positive, got {getattr(self, key)}")
         if not self.name or "/" in self.name:
             raise ValueError(f"stages: stage name {self.name!r} must be non-empty and contain no '/'")
 

@@ -11,13 +11,19 @@ dropped documents are not written. The report (before/after statistics) is writt
 data as ``<prefix>.report.json``.
 
 Atomicity: everything is written under temporary names in the output directory
-(``<prefix>.tmp-<pid>.*``) and renamed at the end (``.bin``, ``.report.json``, then ``.idx``),
-so an error or an interrupt leaves no output file, only the previous state. Existing outputs are
-refused unless ``overwrite=True``.
+(``<prefix>.tmp-<host>-<pid>.*``) and renamed at the end (``.bin``, ``.report.json``, then
+``.idx``), so an error or an interrupt (Ctrl-C) leaves no output file, only the previous state.
+Temporary files of a writer that was killed (kill -9, node loss) are removed by the next write of
+the same prefix on the same host, once their pid is gone (other hosts' files are left alone).
+Existing outputs are refused unless ``overwrite=True``.
 
 Tokenization can run in ``workers`` processes; documents are batched, at most ``2 * workers``
 batches are in flight (bounded memory) and written in input order, so the output does not depend
-on the number of workers.
+on the number of workers. Ctrl-C: a terminal sends SIGINT to the whole process group. Workers
+ignore it (one dying with a task would leave the parent waiting for its result forever); in the
+parent (main thread) a handler only records it and the write loop raises ``KeyboardInterrupt``
+after the current document, then terminates the pool and removes its temporary files (Python's
+own ``KeyboardInterrupt`` can land inside fork's at-fork hooks, where it is ignored and lost).
 """
 
 from __future__ import annotations
@@ -25,8 +31,13 @@ from __future__ import annotations
 import collections
 import json
 import multiprocessing as mp
+import glob
 import os
+import re
+import signal
+import socket
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -71,6 +82,7 @@ _WORKER_TOKENIZER: SentencePieceTokenizer | None = None
 
 def _init_worker(tokenizer: SentencePieceTokenizer) -> None:
     global _WORKER_TOKENIZER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
     _WORKER_TOKENIZER = tokenizer
     torch.set_num_threads(1)
 
@@ -100,7 +112,15 @@ def _tokenized(
             yield doc, np.asarray(tokenizer.tokenize(doc.text), dtype=np.int64)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    # SIGINT is blocked while the workers start: they inherit the mask (then ignore SIGINT), and a
+    # Ctrl-C meanwhile is raised after the start instead of inside fork's at-fork handlers, where
+    # Python ignores exceptions (the interrupt was lost and the run went on).
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    with pool:
         pending: collections.deque = collections.deque()
         for batch in _batches(documents, batch_size):
             pending.append((batch, pool.apply_async(_encode_batch, ([d.text for d in batch],))))
@@ -110,6 +130,49 @@ def _tokenized(
         while pending:
             docs, result = pending.popleft()
             yield from zip(docs, result.get())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(output_prefix: str) -> list[str]:
+    """Remove ``<prefix>.tmp-<this host>-<pid>.*`` files whose writer process is gone; their names."""
+    pattern = re.compile(re.escape(os.path.basename(output_prefix)) + r"\.tmp-" + re.escape(socket.gethostname())
+                         + r"-(\d+)\.")
+    removed = []
+    for path in sorted(glob.glob(glob.escape(output_prefix) + ".tmp-*")):
+        match = pattern.match(os.path.basename(path))
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            _remove([path])
+            removed.append(path)
+    return removed
+
+
+class _CtrlC:
+    """Context manager: SIGINT sets :attr:`requested` (main thread only; the previous handler is put back)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
 
 
 def _remove(paths: Iterable[str]) -> None:
@@ -152,7 +215,10 @@ def write_indexed_dataset(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     created_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
+    stale = _remove_stale_tmp(output_prefix)
+    if stale:
+        print(f"removed temporary files of an interrupted earlier write: {', '.join(stale)}", file=sys.stderr)
+    tmp_prefix = f"{output_prefix}.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp = output_paths(tmp_prefix)
 
     vocab_size = tokenizer.vocab_size
@@ -161,58 +227,68 @@ def write_indexed_dataset(
     report = UpsamplingReport(upsampler, bin_edges)
     written_docs = written_tokens = empty = 0
     builder = None
+    tokenized = _tokenized(documents, tokenizer, workers, batch_size)
     bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc", disable=not progress,
                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-    try:
-        builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
-        for doc, ids in _tokenized(documents, tokenizer, workers, batch_size):
-            bar.update(1)
-            if ids.size == 0:
-                empty += 1
-                continue
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= vocab_size:
-                bad = hi if hi >= vocab_size else lo
-                raise ValueError(f"{doc.where}: token id {bad} outside the vocabulary [0, {vocab_size}) "
-                                 f"of {tokenizer.model_path}")
-            parts = ([np.array([bos], dtype=np.int64)] if add_bos else []) + [ids, np.array([eod], dtype=np.int64)]
-            tokens = np.concatenate(parts)
-            kept = upsampler.keep(doc.index, tokens.size)
-            report.add(doc.source, int(tokens.size), kept)
-            if not kept:
-                continue
-            builder.add_item(torch.from_numpy(tokens))
-            builder.end_document()
-            written_docs += 1
-            written_tokens += int(tokens.size)
-            if written_docs % 1000 == 0:
-                bar.set_postfix(kept=written_docs, tokens=written_tokens, refresh=False)
-        bar.set_postfix(kept=written_docs, tokens=written_tokens)
-        if written_docs == 0:
-            raise ValueError(
-                f"no document left to write to {output_prefix} (input documents: {report.to_dict()['total']['before']['documents']}, "
-                f"empty: {empty}); lower short_threshold or raise short_keep_prob"
-            )
-        builder.finalize(tmp["idx"])
-        summary = report.to_dict()
-        summary["empty_documents_skipped"] = empty
-        summary["output"] = {"prefix": output_prefix, "documents": written_docs, "tokens": written_tokens,
-                             "dtype": np.dtype(dtype).name, "tokenizer": tokenizer.model_path,
-                             "vocab_size": vocab_size, "add_bos": add_bos, "eod": eod}
-        with open(tmp["report"], "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-        for key in ("bin", "report", "idx"):  # the .idx last: both data files present => complete
-            os.replace(tmp[key], outputs[key])
-    except BaseException:
-        if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
-        _remove(tmp.values())
-        if created_dir and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        raise
-    finally:
-        bar.close()
+    with _CtrlC() as ctrl_c:
+        try:
+            builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
+            for doc, ids in tokenized:
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
+                bar.update(1)
+                if ids.size == 0:
+                    empty += 1
+                    continue
+                lo, hi = int(ids.min()), int(ids.max())
+                if lo < 0 or hi >= vocab_size:
+                    bad = hi if hi >= vocab_size else lo
+                    raise ValueError(f"{doc.where}: token id {bad} outside the vocabulary [0, {vocab_size}) "
+                                     f"of {tokenizer.model_path}")
+                parts = ([np.array([bos], dtype=np.int64)] if add_bos else []) + [ids, np.array([eod], dtype=np.int64)]
+                tokens = np.concatenate(parts)
+                kept = upsampler.keep(doc.index, tokens.size)
+                report.add(doc.source, int(tokens.size), kept)
+                if not kept:
+                    continue
+                builder.add_item(torch.from_numpy(tokens))
+                builder.end_document()
+                written_docs += 1
+                written_tokens += int(tokens.size)
+                if written_docs % 1000 == 0:
+                    bar.set_postfix(kept=written_docs, tokens=written_tokens, refresh=False)
+            bar.set_postfix(kept=written_docs, tokens=written_tokens)
+            if written_docs == 0:
+                raise ValueError(
+                    f"no document left to write to {output_prefix} (input documents: "
+                    f"{report.to_dict()['total']['before']['documents']}, "
+                    f"empty: {empty}); lower short_threshold or raise short_keep_prob"
+                )
+            builder.finalize(tmp["idx"])
+            summary = report.to_dict()
+            summary["empty_documents_skipped"] = empty
+            summary["output"] = {"prefix": output_prefix, "documents": written_docs, "tokens": written_tokens,
+                                 "dtype": np.dtype(dtype).name, "tokenizer": tokenizer.model_path,
+                                 "vocab_size": vocab_size, "add_bos": add_bos, "eod": eod}
+            with open(tmp["report"], "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+                f.write("\n")
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
+            for key in ("bin", "report", "idx"):  # the .idx last: both data files present => complete
+                os.replace(tmp[key], outputs[key])
+        except BaseException:
+            tokenized.close()  # now, not at garbage collection: terminates the worker pool
+            if builder is not None and not builder.data_file.closed:
+                builder.data_file.close()
+            _remove(tmp.values())
+            if created_dir and not os.listdir(out_dir):
+                os.rmdir(out_dir)
+            raise
+        finally:
+            bar.close()
+    if ctrl_c.requested:  # Ctrl-C after the last document: the output is complete, say so
+        print("interrupted after the output was complete; it is kept", file=sys.stderr)
     return PreprocessResult(
         prefix=output_prefix, bin_path=outputs["bin"], idx_path=outputs["idx"], report_path=outputs["report"],
         documents=written_docs, tokens=written_tokens, dtype=np.dtype(dtype).name, report=summary,

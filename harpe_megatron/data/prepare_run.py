@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
-        prepare_demo_data(out_dir, vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+        try:
+            prepare_demo_data(out_dir, vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+        except FileExistsError as exc:
+            # The launcher has no --overwrite to pass on: say what to do from here.
+            reason = str(exc).split("; pass overwrite=True")[0]
+            print(f"config error: {reason}; delete {out_dir} to have the launcher rebuild it, or set "
+                  "data.paths / data.tokenizer_model elsewhere", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +41,29 @@ def hf_generator(model, tokenizer, device: str | torch.device = "cpu") -> Genera
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     return generate
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def model_source(model: str) -> tuple[str, str]:
+    """``(what to load, label)`` for a model argument: an HF folder on disk or a Hub id.
+
+    An existing directory must hold ``config.json``. A name that is not on disk is a Hub id only
+    if it looks like one (``name`` or ``org/name``); anything path-like (``/``, ``./``, ``~``,
+    several components) that does not exist is an error naming it, never sent to the Hub.
+    The label is the folder's name, or the Hub id's last part.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{model}: a directory without config.json is not a Hugging Face model folder")
+        return str(path), path.resolve().name
+    if path.exists():
+        raise ValueError(f"{model}: not a directory (expected an exported Hugging Face folder or a Hub id)")
+    if _HUB_ID.match(model) and not model.startswith("."):
+        return model, model.rsplit("/", 1)[-1]
+    raise FileNotFoundError(f"{model}: no such model folder (and not a Hub id of the form org/name)")
 
 
 def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None):
@@ -134,12 +158,13 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
              ppl_max_tokens: Optional[int] = None, heatmap_dir: Optional[str] = None,
              progress: bool = True) -> dict:
     """Full evaluation of an exported HF folder: tasks, optional perplexity, JSON (+ heatmaps)."""
-    model, tokenizer, window = load_hf(model_dir, device, dtype)
+    source, label = model_source(model_dir)
+    model, tokenizer, window = load_hf(source, device, dtype)
     result = run_tasks(hf_generator(model, tokenizer, device), tokenizer, tasks, lengths, depths,
                        num_samples, seed, window, progress) if tasks else {
         "trained_window": window, "per_length": {}, "grids": {}, "records": [], "skipped": []}
-    result["name"] = name or Path(model_dir).resolve().name
-    result["model_dir"] = str(model_dir)
+    result["name"] = name or label
+    result["model_dir"] = source
     if ppl_file:
         from harpe_megatron.eval.perplexity import perplexity_by_length
         ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))

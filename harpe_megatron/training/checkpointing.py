@@ -1,52 +1,73 @@
-"""Training checkpoints on megatron's dist_checkpointing: atomic, resumable, resharding.
+"""Training checkpoints on megatron's dist_checkpointing: atomic, verified, resumable, resharding.
 
-Layout of a save directory::
+The layout of a save directory, what makes a checkpoint complete, the manifest with its per-file
+CRC-32s and the choice of what to resume from are checkpoint/layout.py's (re-exported here).
 
-    <save>/latest              text file naming the newest *complete* checkpoint ("iter_0000200")
-    <save>/iter_0000200/       a megatron distributed checkpoint:
-        model / optimizer      sharded tensors (any TP/PP/CP/DP layout can load them)
-        (common state)         iteration, consumed samples, LR scheduler, resolved config
-        rng/rank_00000.pt      per-rank RNG states (tensors only; loaded with weights_only=True)
-        harpe_manifest.json    every file of the checkpoint with its size, written last
-    <save>/iter_0000300.tmp/   a save in progress (or interrupted): never pointed to
+A save writes into ``iter_N.tmp``; every rank finishes its files, the ranks checksum the files
+(each a share) and rank 0 writes the manifest, renames the directory to ``iter_N``, replaces
+``latest`` atomically (write + fsync + rename) and prunes all but the newest ``keep_last``
+complete checkpoints (and older interrupted ``.tmp`` saves). The ranks agree after every phase,
+so an error on any rank (a full disk: ``OSError``, or torch's ``CheckpointException``, which is a
+``BaseException``) makes every rank raise :class:`CheckpointError` with one line naming the
+checkpoint, the cause and what ``latest`` still names, after rank 0 removed ``iter_N.tmp``. A rank
+that dies mid-save leaves ``iter_N.tmp`` behind; ``latest`` still names a complete checkpoint.
 
-A save writes into ``iter_N.tmp``, every rank finishes, rank 0 writes the manifest, renames the
-directory to ``iter_N``, replaces ``latest`` atomically (write + fsync + rename) and prunes all
-but the newest ``keep_last`` complete checkpoints (and older interrupted ``.tmp`` saves). A crash
-or an error (full disk: ``OSError``) at any point leaves ``latest`` naming a complete checkpoint.
+Helper processes: megatron-core's torch_dist writer forks writer processes per save (started here
+with the preemption signals blocked, see training/preemption.py) and hands their results back
+through a queue; see :func:`_writer_results_in_process` for why that queue is made in-process.
 
-Complete = ``metadata.json`` present and, where there is a manifest (every checkpoint this code
-saves), every listed file present with its listed size (a truncated or missing file makes the
-checkpoint incomplete). :func:`resolve_checkpoint` picks what to resume from: the checkpoint
-named by ``latest`` if complete; otherwise, with a warning naming the problem, the newest
-complete one; it also names every partial directory (which is ignored). A file that passes the
-size check but cannot be read fails the load with an error naming the checkpoint and the cause.
+A load verifies the checksums of the checkpoint (each rank a share; resume and initial weights)
+and fails with :class:`CheckpointError` naming the damaged file.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
+import queue
 import random
-import re
 import shutil
-from dataclasses import dataclass, field
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException
 
+from harpe_megatron.checkpoint.layout import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    TMP_DIR,
+    CheckpointDamaged,
+    CheckpointScan,
+    checkpoint_files,
+    checkpoint_name,
+    file_crc32,
+    incomplete_reason,
+    list_checkpoints,
+    read_manifest,
+    resolve_checkpoint,
+    scan_checkpoints,
+    verify_checksums,
+    write_atomic,
+    write_manifest,
+)
 from harpe_megatron.compat import check_megatron
 from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
 from harpe_megatron.training.faults import fault_at
+from harpe_megatron.training.preemption import helpers_ignore_preemption
 
 check_megatron()  # supported megatron-core, internals we subclass present (compat.py)
 
 __all__ = [
     "LATEST_FILE",
+    "MANIFEST_FILE",
+    "CheckpointError",
     "checkpoint_name",
     "CheckpointScan",
     "find_latest",
@@ -58,139 +79,28 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "unwrap_model",
+    "verify_checkpoint",
 ]
 
-LATEST_FILE = "latest"
-MANIFEST_FILE = "harpe_manifest.json"
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
-_TMP_DIR = re.compile(r"^iter_(\d{7})\.tmp$")
 # "fully_reshardable": canonical per-parameter optimizer state, so a checkpoint resumes at another
 # TP/PP/DP layout (gathered on DP rank 0 when saving; fine for the sizes we save).
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# How long the ``slow_save`` fault pauses a save (tests signal the launcher meanwhile).
+_SLOW_SAVE_S = 3.0
 
 
-def checkpoint_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Checkpoint directories (``iter_N``, complete or not) under ``save_dir``, oldest first."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _ITER_DIR.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def incomplete_reason(path: Path) -> Optional[str]:
-    """Why ``path`` is not a complete checkpoint (None if it is; see the module docstring)."""
-    if not path.is_dir():
-        return "does not exist"
-    if not (path / "metadata.json").is_file():
-        return "has no metadata.json (megatron never finished writing it)"
-    manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        return None  # saved without a manifest (converter output, older runs): metadata.json is all we know
-    try:
-        sizes = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"has an unreadable {MANIFEST_FILE} ({exc})"
-    for name, size in sorted(sizes.items()):
-        f = path / name
-        if not f.is_file():
-            return f"is missing {name} (listed in {MANIFEST_FILE})"
-        actual = f.stat().st_size
-        if actual != size:
-            return f"has a truncated or damaged file {name}: {actual} bytes, {MANIFEST_FILE} says {size}"
-    return None
-
-
-@dataclass
-class CheckpointScan:
-    """What a save directory holds: complete checkpoints (oldest first) and partial directories."""
-
-    complete: list[tuple[int, Path]] = field(default_factory=list)
-    partial: list[tuple[Path, str]] = field(default_factory=list)  # (directory, why)
-
-
-def scan_checkpoints(save_dir: str | os.PathLike) -> CheckpointScan:
-    """Sort every ``iter_N`` / ``iter_N.tmp`` directory under ``save_dir`` into complete and partial."""
-    scan = CheckpointScan()
-    root = Path(save_dir)
-    if not root.is_dir():
-        return scan
-    for child in sorted(root.iterdir()):
-        if _TMP_DIR.match(child.name):
-            scan.partial.append((child, "is an interrupted save (.tmp)"))
-    for step, path in list_checkpoints(root):
-        reason = incomplete_reason(path)
-        if reason is None:
-            scan.complete.append((step, path))
-        else:
-            scan.partial.append((path, reason))
-    return scan
-
-
-def resolve_checkpoint(load_dir: str | os.PathLike) -> tuple[Optional[Path], list[str]]:
-    """``(checkpoint to resume from or None, warnings)`` for ``load_dir`` (no collective).
-
-    Policy: ``latest`` if it names a complete checkpoint; else the newest complete one, with a
-    warning; None if the directory has neither ``latest`` nor any complete checkpoint. A
-    ``latest`` with no complete checkpoint at all to fall back on raises (starting over from
-    scratch would silently throw the run away).
-    """
-    root = Path(load_dir)
-    scan = scan_checkpoints(root)
-    warnings_ = [f"ignoring partial checkpoint {p}: it {why}" for p, why in scan.partial]
-    marker = root / LATEST_FILE
-    if marker.is_file():
-        name = marker.read_text().strip()
-        named = root / name
-        reason = "is not a checkpoint name" if not _ITER_DIR.match(name) else incomplete_reason(named)
-        if reason is None:
-            return named, warnings_
-        if not scan.complete:
-            raise RuntimeError(f"{marker} names {name!r}, which {reason}, and {root} holds no other complete "
-                               "checkpoint to fall back on")
-        fallback = scan.complete[-1][1]
-        warnings_.append(f"WARNING: {marker} names {name!r}, which {reason}; resuming from the newest complete "
-                         f"checkpoint {fallback.name} instead")
-        return fallback, warnings_
-    if scan.complete:
-        fallback = scan.complete[-1][1]
-        warnings_.append(f"WARNING: {root} has no '{LATEST_FILE}' file; resuming from the newest complete "
-                         f"checkpoint {fallback.name}")
-        return fallback, warnings_
-    return None, warnings_
+class CheckpointError(RuntimeError):
+    """A checkpoint save or load failed; one line naming the checkpoint, the cause and what is kept
+    (raised on every rank alike; the CLI prints it without a traceback and exits 1)."""
 
 
 def find_latest(load_dir: str | os.PathLike) -> Optional[Path]:
     """The checkpoint :func:`resolve_checkpoint` picks (its warnings go to ``warnings.warn``)."""
-    import warnings
-
     path, messages = resolve_checkpoint(load_dir)
     for msg in messages:
         if msg.startswith("WARNING"):
             warnings.warn(msg, stacklevel=2)
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -287,16 +197,6 @@ def _sharded_state(model_chunks: list, optimizer, is_loading: bool) -> dict[str,
     return state
 
 
-def _write_manifest(directory: Path) -> None:
-    """List every file under ``directory`` with its size (written last, so its presence means done)."""
-    files = {}
-    for dirpath, _, names in os.walk(directory):
-        for n in names:
-            f = Path(dirpath) / n
-            files[str(f.relative_to(directory))] = f.stat().st_size
-    _write_atomic(directory / MANIFEST_FILE, json.dumps({"files": files}, indent=0, sort_keys=True))
-
-
 def _prune(root: Path, keep_last: int, newest: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; drop partial saves older than ``newest``."""
     if keep_last > 0:
@@ -304,58 +204,201 @@ def _prune(root: Path, keep_last: int, newest: int) -> None:
         for old in complete[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     for child in root.iterdir():
-        match = _TMP_DIR.match(child.name)
+        match = TMP_DIR.match(child.name)
         if match and int(match.group(1)) < newest:
             shutil.rmtree(child, ignore_errors=True)
+
+
+
+def _writer_results_in_process() -> None:
+    """Give megatron's checkpoint writer an in-process results queue instead of a Manager process.
+
+    megatron-core (0.16.1) hands the write results of its torch_dist writer back through
+    ``filesystem_async._results_queue``, created on first use as
+    ``multiprocessing.get_context("spawn").Manager().Queue()``: a server process per rank
+    (~270 MB) that lives until the rank exits, dies of the SIGTERM/SIGUSR1 that torchrun and
+    scancel send to the rank's process group (every later save then fails with
+    BrokenPipeError/EOFError: the preemption save is lost) and outlives a killed rank (orphan).
+    That queue crosses processes only for asynchronous saves (the write in a background
+    process); our saves are synchronous: the results are put and taken in this process, so a
+    ``queue.Queue`` does the job with no process at all. Seeding the module's cache is the only
+    hook megatron offers (its writer class is hard-wired in the strategy); nothing else is changed.
+    """
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause of ``exc``; for torch's CheckpointException, that of its first failure."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        _, failure = sorted(exc.failures.items())[0]
+        exc = failure[0] if isinstance(failure, tuple) else failure
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a save error (the first line of the innermost cause)."""
+    cause = _root_cause(exc)
+    if isinstance(cause, CheckpointException):  # a non-coordinator rank: torch names no cause there
+        return "CheckpointException: the write failed on another rank"
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def _attempt(action: Callable[[], Any]) -> Optional[str]:
+    """Run ``action``; its error as one line (None if it succeeded). KeyboardInterrupt propagates."""
+    try:
+        action()
+    except (Exception, CheckpointException) as exc:
+        return _describe(exc)
+    return None
+
+
+def _first_failure(failure: Optional[str]) -> Optional[str]:
+    """Every rank's ``failure`` (collective); the most informative one, prefixed with its rank."""
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    named = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if not named:
+        return None
+    specific = [(r, f) for r, f in named if "failed on another rank" not in f]
+    r, f = (specific or named)[0]
+    return f"rank {r}: {f}"
+
+
+def _disk_full(tmp: Path, rank: int) -> None:
+    """The ``disk_full`` fault: a partial file, then the exception torch raises when a write fails."""
+    partial = tmp / f"__{rank}_full.distcp"
+    partial.write_bytes(b"\0" * 4096)
+    err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
+    try:
+        raise RuntimeError(f"Worker failure: {err}") from err
+    except RuntimeError as wrapped:
+        raise CheckpointException("write", {rank: (wrapped, None)}) from None
+
+
+def _write_shards(tmp: Path, step: int, model_chunks: list, optimizer, scheduler, consumed_samples: int,
+                  config_yaml: str) -> None:
+    rank = dist.get_rank()
+    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
+                 scheduler=scheduler.state_dict() if scheduler is not None else None)
+    dist_checkpointing.save(state, str(tmp))
+    if fault_at("crash_in_save", step, rank):
+        print(f"[harpe] fault injection: rank {rank} dies in the middle of saving {tmp}", flush=True)
+        os._exit(137)
+    if fault_at("slow_save", step, rank):
+        print(f"[harpe] fault injection: rank {rank} pauses while saving {tmp}", flush=True)
+        time.sleep(_SLOW_SAVE_S)
+    if fault_at("disk_full", step, rank):
+        print(f"[harpe] fault injection: rank {rank}'s disk is full while saving {tmp}", flush=True)
+        _disk_full(tmp, rank)
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+
+
+def _checksum_share(directory: Path) -> dict[str, str]:
+    """CRC-32 of this rank's share of the files under ``directory`` (every world-th, sorted)."""
+    names = checkpoint_files(directory)
+    return {n: file_crc32(directory / n) for n in names[dist.get_rank()::dist.get_world_size()]}
 
 
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, optimizer, scheduler,
                     consumed_samples: int, config_yaml: str, keep_last: int) -> Path:
     """Save a complete checkpoint for ``step`` (collective: every rank calls it).
 
-    Any error (e.g. ``OSError`` of a full disk) is re-raised with the checkpoint's name; ``latest``
+    Any error on any rank raises :class:`CheckpointError` on every rank (one line: checkpoint,
+    failing rank and cause, what ``latest`` still names); ``iter_N.tmp`` is removed, ``latest``
     and the checkpoints before are left as they were.
     """
     root = Path(save_dir)
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + ".tmp")
     rank = dist.get_rank()
-    try:
+    _writer_results_in_process()
+
+    def prepare() -> None:
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
-                shutil.rmtree(tmp)  # left by an interrupted save of the same step
+                shutil.rmtree(tmp)  # left by an interrupted save of the same step (this run holds the lock)
             tmp.mkdir()
-        dist.barrier()
-        state = _sharded_state(model_chunks, optimizer, is_loading=False)
-        state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
-                     scheduler=scheduler.state_dict() if scheduler is not None else None)
-        dist_checkpointing.save(state, str(tmp))
-        if fault_at("crash_in_save", step, rank):
-            print(f"[harpe] fault injection: rank {rank} dies in the middle of saving {tmp}", flush=True)
-            os._exit(137)
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-        dist.barrier()
+
+    checksums: dict[str, str] = {}
+
+    def checksum() -> Optional[str]:
+        """Every rank checksums its share; one gather of the shares or of a rank's error."""
+        try:
+            share: Any = _checksum_share(tmp)
+        except OSError as exc:
+            share = _describe(exc)
+        shares: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, share)
+        failed = [(r, f) for r, f in enumerate(shares) if isinstance(f, str)]
+        if failed:
+            return f"rank {failed[0][0]}: {failed[0][1]}"
+        for part in shares:
+            checksums.update(part)
+        return None
+
+    def publish() -> None:
         if rank == 0:
-            _write_manifest(tmp)
+            write_manifest(tmp, checksums)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(root / LATEST_FILE, final.name + "\n")
+            write_atomic(root / LATEST_FILE, final.name + "\n")
             _prune(root, keep_last, step)
-        dist.barrier()
-    except Exception as exc:
-        marker = root / LATEST_FILE
-        previous = marker.read_text().strip() if marker.is_file() else "nothing"
-        raise RuntimeError(f"rank {rank}: saving checkpoint {final.name} into {tmp} failed ({type(exc).__name__}: "
-                           f"{exc}); '{LATEST_FILE}' still names {previous}") from exc
-    return final
+
+    with helpers_ignore_preemption():
+        failure = _first_failure(_attempt(prepare))
+        if failure is None:
+            failure = _first_failure(_attempt(
+                lambda: _write_shards(tmp, step, model_chunks, optimizer, scheduler, consumed_samples, config_yaml)))
+        if failure is None:
+            failure = checksum()  # all ranks' files are written: agreed just above
+        if failure is None:
+            failure = _first_failure(_attempt(publish))
+    if failure is None:
+        return final
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    removed = f"; {tmp.name} removed" if not tmp.exists() else f"; {tmp.name} could not be removed"
+    marker = root / LATEST_FILE
+    previous = marker.read_text().strip() if marker.is_file() else "nothing"
+    raise CheckpointError(f"saving checkpoint {final.name} into {tmp} failed on {failure}{removed}; "
+                          f"'{LATEST_FILE}' still names {previous}")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check checkpoint ``path``'s files against its manifest's checksums, each rank a share
+    (collective); :class:`CheckpointError` naming the damaged file on every rank."""
+    error = None
+    try:
+        names = sorted((read_manifest(path) or {}).get("crc32", {}))
+        verify_checksums(path, names[dist.get_rank()::dist.get_world_size()])
+    except (CheckpointDamaged, OSError, ValueError) as exc:
+        error = str(exc)
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    found = [e for e in errors if e]
+    if found:
+        raise CheckpointError(f"checkpoint {path} is damaged: {found[0]}. Move {path.name} out of {path.parent} "
+                              "to resume from the newest complete checkpoint before it")
 
 
 def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, scheduler) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and (same world size) RNG; returns the common state."""
+    """Restore model, optimizer, scheduler and (same world size) RNG; returns the common state.
+
+    The files are verified against the manifest's checksums first; any failure raises
+    :class:`CheckpointError` naming the checkpoint (and the file where known)."""
     path = Path(path)
+    verify_checkpoint(path)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
@@ -363,10 +406,10 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, sche
         # nothing pickled in it may run code (checkpoint/safety.py); a damaged file fails here too
         check_megatron_checkpoint(path)
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as exc:
-        raise RuntimeError(f"loading checkpoint {path} failed ({type(exc).__name__}: {exc}). Its files may be "
-                           f"damaged: move {path.name} out of {path.parent} to resume from the newest complete "
-                           "checkpoint before it") from exc
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"loading checkpoint {path} failed ({_describe(exc)}). Its files may be "
+                              f"damaged: move {path.name} out of {path.parent} to resume from the newest complete "
+                              "checkpoint before it") from exc
     unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
     if optimizer is not None:
         _load_optimizer_state(optimizer, loaded["optimizer"])
@@ -381,7 +424,8 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, sche
 
 
 def load_model_weights(path: str | os.PathLike, model_chunks: list) -> None:
-    """Initial weights only (a converted checkpoint or another run's); optimizer state is fresh."""
+    """Initial weights only (a converted checkpoint or another run's); optimizer state is fresh.
+    The files are verified against the manifest's checksums first (where it has them)."""
     path = Path(path)
     latest = find_latest(path)
     if latest is not None:
@@ -389,6 +433,7 @@ def load_model_weights(path: str | os.PathLike, model_chunks: list) -> None:
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"checkpoint.pretrained: {path} is not a megatron distributed checkpoint "
                                 "(no metadata.json)")
+    verify_checkpoint(path)
     check_megatron_checkpoint(path)  # also when data.validate is off
     model = unwrap_model(model_chunks[0])
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))

@@ -4,8 +4,10 @@
 code   name                         meaning
 =====  ===========================  ==========================================================
 0      -                            finished (``training.train_iters`` / ``exit_interval``)
-1      -                            any other error (traceback on stderr)
-2      -                            config error (message names the key)
+1      -                            any other error (traceback on stderr; a failed checkpoint
+                                    save or load: one line ``[harpe] error: ...``)
+2      -                            config error (message names the key), found before anything
+                                    is written; also: the run_dir is in use by another run
 75     PREEMPTED_EXIT_CODE          SIGTERM/SIGUSR1 received: every rank finished its step,
                                     a checkpoint was saved; start again to resume (requeue)
 76     PEER_FAILURE_EXIT_CODE       a rank died or hung: the watchdog saw no progress for

@@ -5,8 +5,10 @@ The variable holds ``;``-separated faults ``kind@steps[:rank]``; ``steps`` is on
 
     HARPE_FAULT_INJECT="nan_loss@3,6,7"           # the loss (hence every gradient) is NaN at these steps
     HARPE_FAULT_INJECT="crash_in_save@8:1"        # rank 1 os._exit(137)s mid-save of step 8
-    HARPE_FAULT_INJECT="exit@5:1"                 # rank 1 os._exit(1)s as step 5 starts
+    HARPE_FAULT_INJECT="exit@5:1"                 # rank 1 os._exit(1)s 0.5 s into step 5
     HARPE_FAULT_INJECT="hang@5:1"                 # rank 1 freezes (SIGSTOP to itself) as step 5 starts
+    HARPE_FAULT_INJECT="disk_full@8:1"            # rank 1's write of step 8's checkpoint fails (ENOSPC)
+    HARPE_FAULT_INJECT="slow_save@8"              # the save of step 8 pauses 3 s half-way (tests signal it)
 
 Steps count from 1 like the console line (the step being run or saved). Nothing reads the
 variable except :func:`fault_at`; an unknown kind fails at start with the list of known kinds.
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional
 
 __all__ = ["ENV_VAR", "KINDS", "parse_faults", "fault_at", "maybe_die"]
 
 ENV_VAR = "HARPE_FAULT_INJECT"
-KINDS = ("nan_loss", "crash_in_save", "exit", "hang")
+KINDS = ("nan_loss", "crash_in_save", "exit", "hang", "disk_full", "slow_save")
 
 
 def parse_faults(spec: str) -> list[tuple[str, set[int], Optional[int]]]:
@@ -52,6 +55,7 @@ def maybe_die(step: int, rank: int) -> None:
     """The ``exit`` and ``hang`` faults, called as a step starts."""
     if fault_at("exit", step, rank):
         print(f"[harpe] fault injection: rank {rank} exits at step {step}", flush=True)
+        time.sleep(0.5)  # a crash during the step's work (the step's start is published by then)
         os._exit(1)
     if fault_at("hang", step, rank):
         print(f"[harpe] fault injection: rank {rank} freezes at step {step} (SIGSTOP)", flush=True)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.testing.cpu import cpu_megatron
 
@@ -59,12 +60,16 @@ def _seed(seed: int) -> None:
 def distributed_run(cfg: RunConfig) -> Iterator[None]:
     """Initialise (or reuse) the process group and megatron's parallel state for ``cfg``.
 
+    A world size the layout or batch size cannot divide raises ``ConfigError`` (on every rank).
     Collectives time out after ``training.distributed_timeout_s`` (a process group that already
     exists keeps its own timeout; megatron's sub-groups take it in whole minutes, at least one).
     """
     timeout_s = cfg.training.distributed_timeout_s
     _init_process_group(timeout_s)
-    cfg.validate_for_world(dist.get_world_size())
+    try:
+        cfg.validate_for_world(dist.get_world_size())
+    except ValueError as exc:  # the same on every rank: one line and exit 2 from the CLI
+        raise ConfigError(str(exc)) from None
     on_cpu = not torch.cuda.is_available()
     with cpu_megatron() if on_cpu else contextlib.nullcontext():
         parallel_state.destroy_model_parallel()

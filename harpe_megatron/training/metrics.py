@@ -19,6 +19,7 @@ training precision (``logging.peak_tflops`` overrides the built-in table).
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import warnings
@@ -28,7 +29,7 @@ import torch
 
 from harpe_megatron.config.model import ModelConfig
 
-__all__ = ["training_flops_per_token", "peak_tflops", "memory_gib", "format_step_line", "MetricSinks"]
+__all__ = ["training_flops_per_token", "peak_tflops", "memory_gib", "format_step_line", "jsonl_record", "MetricSinks"]
 
 # Dense peak TFLOP/s (no sparsity) by device-name fragment and precision.
 _PEAK_TFLOPS = {
@@ -85,8 +86,27 @@ def format_step_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def jsonl_record(step: int, scalars: dict[str, float]) -> str:
+    """One strict-JSON line of ``metrics.jsonl``: a non-finite value is written as ``null`` and
+    named with its kind under ``"nonfinite"`` (``{"loss": null, "nonfinite": {"loss": "nan"}}``);
+    JSON has no NaN/Infinity and strict parsers (jq, JavaScript, Go) reject them."""
+    row: dict[str, Any] = {"step": step}
+    nonfinite = {}
+    for k, v in scalars.items():
+        if math.isfinite(v):
+            row[k] = v
+        else:
+            row[k] = None
+            nonfinite[k] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if nonfinite:
+        row["nonfinite"] = nonfinite
+    return json.dumps(row, allow_nan=False)
+
+
 class MetricSinks:
     """TensorBoard, W&B and a JSONL file of metrics, on the last rank only (others get a no-op).
+
+    ``metrics.jsonl`` is strict JSON, one object per line (see :func:`jsonl_record`).
 
     The last rank is used because it holds the loss (last pipeline stage) and, under DP x CP,
     the loss logged there is already the global token-weighted mean.
@@ -123,7 +143,7 @@ class MetricSinks:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.write(jsonl_record(step, scalars) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in scalars.items():

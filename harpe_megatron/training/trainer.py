@@ -14,7 +14,10 @@ Reliability (docs/reliability.md):
   step; its data is *not* replayed), counted, logged; more than
   ``training.max_consecutive_nonfinite_steps`` in a row raise :class:`NonFiniteAbort`;
 * both decisions come from one all-reduce(MAX) per step, so every rank takes the same one;
-* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung.
+* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung;
+* one run per run_dir: rank 0 holds its lock for the run's life (training/run_lock.py);
+* a failed checkpoint save or load raises ``CheckpointError`` on every rank (one line; a failed
+  save removes its partial directory and leaves ``latest`` as it was).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from harpe_megatron.config.run import RunConfig
 from harpe_megatron.data.validation import validate_training_inputs
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.training.checkpointing import (
+    CheckpointError,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
@@ -58,6 +62,7 @@ from harpe_megatron.training.metrics import (
     training_flops_per_token,
 )
 from harpe_megatron.training.preemption import Preemption
+from harpe_megatron.training.run_lock import RunDirInUse, hold_run_dir
 from harpe_megatron.training.step import forward_step
 from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error, watchdog_store
 
@@ -253,7 +258,8 @@ def train(cfg: RunConfig) -> TrainResult:
             try:
                 return _train(cfg, watchdog, preemption)
             except RuntimeError as exc:
-                if watchdog is not None and not isinstance(exc, (NonFiniteAbort, PeerFailure)) \
+                if watchdog is not None and not isinstance(exc, (NonFiniteAbort, PeerFailure, CheckpointError,
+                                                                 RunDirInUse)) \
                         and is_communication_error(exc):
                     watchdog.explain_failure(exc)  # raises PeerFailure if a peer went away
                 raise
@@ -273,12 +279,26 @@ def _resume_point(load_dir: Path) -> Optional[Path]:
     dist.broadcast_object_list(decision, src=0)
     status, value = decision[0]
     if status == "error":
-        raise RuntimeError(value)
+        raise CheckpointError(value)
     return Path(value) if value else None
+
+
+def _from_rank0(value):
+    """``value`` as rank 0 has it, on every rank (one broadcast)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Optional[Preemption] = None) -> TrainResult:
     validate_training_inputs(cfg, log=_log)  # data/tokenizer checks, before anything is written
+    # one run per run_dir, for the run's life (training/run_lock.py)
+    with hold_run_dir(cfg.run_dir, dist.get_rank() == 0, _from_rank0, log=_log):
+        return _train_holding_run_dir(cfg, watchdog, preemption)
+
+
+def _train_holding_run_dir(cfg: RunConfig, watchdog: Optional[Watchdog], preemption: Optional[Preemption]
+                           ) -> TrainResult:
     world = dist.get_world_size()
     t = cfg.training
     train_iters = t.resolved_train_iters(cfg.data.seq_length)

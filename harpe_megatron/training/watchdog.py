@@ -8,7 +8,8 @@ client connection of its own), under ``harpe_watchdog/<rank>``::
      "progress": wall time of the main thread's last progress mark}
 
 The main thread marks progress with :meth:`Watchdog.progress` (``step``, ``phase``) at every
-step, evaluation iteration, checkpoint save/load. If a rank's main thread has not progressed for
+step, evaluation iteration, checkpoint save/load; a new step or phase is published at once (the
+thread is woken), the rest every ``interval``. If a rank's main thread has not progressed for
 the phase's allowance (``hang_timeout_s``; ``slow_phase_timeout_s`` in the phases that are long
 by nature: start-up, checkpoint load/save, the first step), the thread reads every rank's record,
 names the suspects (no record, heartbeat older than ``3 * interval + 1`` s, process gone on this
@@ -122,14 +123,20 @@ class Watchdog:
         self._step, self._phase = 0, "startup"
         self._progress_mono, self._progress_wall = time.monotonic(), time.time()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by progress() on a new step/phase, and to stop
         self._thread: Optional[threading.Thread] = None
         self._store_error: Optional[str] = None
 
     # main thread -------------------------------------------------------------------------------
     def progress(self, step: int, phase: str) -> None:
-        """Mark progress of the main thread (cheap: no I/O; the thread publishes it)."""
+        """Mark progress of the main thread (cheap: no I/O). A new step or phase wakes the thread,
+        which publishes it at once, so the record a peer reads after this rank dies names the
+        step it died in, not one up to ``interval`` seconds old."""
+        changed = (step, phase) != (self._step, self._phase)
         self._step, self._phase = step, phase
         self._progress_mono, self._progress_wall = time.monotonic(), time.time()
+        if changed:
+            self._wake.set()
 
     def __enter__(self) -> "Watchdog":
         self._beat()
@@ -139,6 +146,7 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval + 5)
         self.progress(self._step, "done")
@@ -164,7 +172,11 @@ class Watchdog:
 
     # watchdog thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._beat()
             allowed = self.slow_phase_timeout_s if self._phase in SLOW_PHASES else self.hang_timeout_s
             idle = time.monotonic() - self._progress_mono

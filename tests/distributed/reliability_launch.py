@@ -3,6 +3,10 @@
 Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and its own log file,
 so a test can send a signal to one rank, kill it, or read its exit code (torchrun would turn every
 worker failure into its own exit code 1 and forward signals itself).
+
+Every process of a launch (ranks and whatever they start) carries ``HARPE_TEST_LAUNCH=<marker>`` in
+its environment, so :func:`leftover_processes` finds those that outlived the launch (orphans are
+re-parented, so the process tree cannot tell).
 """
 
 from __future__ import annotations
@@ -18,9 +22,34 @@ from typing import Optional
 
 from harpe_megatron.testing.distributed import free_port
 
-__all__ = ["Ranks", "read_metrics"]
+__all__ = ["LAUNCH_MARKER", "Ranks", "leftover_processes", "read_metrics"]
 
 REPO = Path(__file__).resolve().parents[2]
+LAUNCH_MARKER = "HARPE_TEST_LAUNCH"
+
+
+def leftover_processes(marker: str, grace_s: float = 10.0) -> list[str]:
+    """``"pid cmdline"`` of live processes whose environment has ``HARPE_TEST_LAUNCH=marker``,
+    after giving them ``grace_s`` seconds to exit."""
+    needle = f"{LAUNCH_MARKER}={marker}".encode()
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if needle not in (proc / "environ").read_bytes().split(b"\0"):
+                    continue
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue  # exited, not yet reaped by its parent
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name} {cmdline[:200]}")
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 class Ranks:
@@ -29,12 +58,14 @@ class Ranks:
     def __init__(self, config: str, overrides: list[str], log_dir: Path, world: int = 2,
                  fault: Optional[str] = None):
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.marker = str(log_dir)
         port = free_port()
         self.logs = [log_dir / f"rank_{r}.log" for r in range(world)]
         self.procs: list[subprocess.Popen] = []
         for r in range(world):
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                       **{LAUNCH_MARKER: self.marker})
             env.pop("HARPE_FAULT_INJECT", None)
             if fault:
                 env["HARPE_FAULT_INJECT"] = fault
@@ -79,11 +110,15 @@ class Ranks:
                 p.wait()
 
 
+def _not_strict_json(constant: str):
+    raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+
 def read_metrics(run_dir: Path) -> dict[int, dict]:
     """step -> metrics from ``<run_dir>/metrics.jsonl`` (a later launch's line for a step wins)."""
     rows: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+        row = json.loads(line, parse_constant=_not_strict_json)
         if "loss" in row:
             rows.setdefault(row["step"], {}).update(row)
     return rows

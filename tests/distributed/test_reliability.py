@@ -7,6 +7,7 @@ faults come from signals, killed processes, truncated files and ``HARPE_FAULT_IN
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -15,12 +16,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from harpe_megatron.training.exit_codes import NONFINITE_EXIT_CODE, PEER_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from harpe_megatron.testing.distributed import free_port
-from tests.distributed.reliability_launch import REPO, Ranks, read_metrics
+from tests.distributed.reliability_launch import LAUNCH_MARKER, REPO, Ranks, leftover_processes, read_metrics
 from tests.helpers import TINY_CPU_CONFIG as CONFIG
 from tests.helpers import tiny_run_overrides
 
@@ -88,6 +90,7 @@ def test_rank_killed_mid_save_keeps_previous_checkpoint(reference):
     codes = ranks.wait(timeout=240)
     assert codes == [PEER_FAILURE_EXIT_CODE, 137], ranks.log(0)
     assert "rank 1 (host" in ranks.log(0) and "has exited" in ranks.log(0)
+    assert leftover_processes(ranks.marker) == []  # no checkpoint-writer helper or tracker outlives a dead rank
     assert _latest(run) == "iter_0000004"
     assert (run / "checkpoints" / "iter_0000008.tmp").is_dir()
 
@@ -113,8 +116,10 @@ def test_nan_loss_skipped_then_abort(reference):
     assert ("steps 6-8 all had a non-finite loss or gradients, more than "
             "training.max_consecutive_nonfinite_steps=2") in log
     m = read_metrics(run)
-    assert math.isnan(m[3]["loss"]) and math.isnan(m[3]["grad_norm"]) and m[3]["skipped_steps"] == 1
-    assert [s for s in m if math.isnan(m[s]["loss"])] == [3, 6, 7, 8]
+    # metrics.jsonl is strict JSON: the NaN values are null and flagged
+    assert m[3]["loss"] is None and m[3]["grad_norm"] is None and m[3]["skipped_steps"] == 1
+    assert m[3]["nonfinite"] == {"loss": "nan", "grad_norm": "nan"}
+    assert [s for s in m if m[s]["loss"] is None] == [3, 6, 7, 8]
     for s in (1, 2):
         assert m[s]["loss"] == pytest.approx(ref[s]["loss"], abs=LOSS_ATOL)
     for s in (4, 5):  # finite, and still on the reference's curve (one update fewer)
@@ -134,7 +139,8 @@ def test_dead_rank_makes_the_other_exit(reference):
     died = ranks.wait_for(1, "rank 1 exits at step 5", timeout=240)
     assert ranks.wait(timeout=60) == [PEER_FAILURE_EXIT_CODE, 1], ranks.log(0)
     assert time.monotonic() - died < 30
-    assert "because rank 1 (host" in ranks.log(0) and "has exited" in ranks.log(0)
+    assert "because rank 1 (host" in ranks.log(0) and "last at step 5 in train) has exited" in ranks.log(0)
+    assert leftover_processes(ranks.marker) == []
 
 
 def test_frozen_rank_makes_the_other_exit(reference):
@@ -176,40 +182,143 @@ def test_truncated_checkpoint_file_falls_back_to_previous(reference):
     assert "resuming from the newest complete checkpoint iter_0000008" in log
     _assert_resumed_equal(run, ref, 9)
 
-    # Same size, garbage inside: not detectable before loading; the load fails and names the checkpoint.
+    # Same size, flipped exponent bits (bit rot): the manifest's CRC-32 names the file; the load
+    # fails on every rank with one line, instead of resuming with weights from the optimizer's copy.
     newest = run / "checkpoints" / _latest(run)
-    damaged = newest / "common.pt"
-    damaged.write_bytes(b"\0" * damaged.stat().st_size)
+    damaged = newest / "__0_0.distcp"
+    with open(damaged, "r+b") as f:
+        f.seek(damaged.stat().st_size // 2)
+        chunk = bytearray(f.read(64))
+        for i in range(3, len(chunk), 4):  # the high byte of each little-endian fp32: sign + exponent
+            chunk[i] ^= 0x3C
+        f.seek(damaged.stat().st_size // 2)
+        f.write(chunk)
     failed = Ranks(CONFIG, overrides + ["training.train_iters=13"], run / "logs2")
     assert failed.wait(timeout=240) == [1, 1], failed.log(0)
-    assert f"loading checkpoint {newest} failed" in failed.log(0)
+    for r in (0, 1):
+        log = failed.log(r)
+        assert (f"[harpe] error: checkpoint {newest} is damaged: {damaged}: damaged: its CRC-32 is ") in log, log
+        assert f"Move {newest.name} out of {newest.parent}" in log and "Traceback" not in log
 
 
-def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path):
-    """scripts/pretrain_harpe.sh under torchrun: SIGUSR1 to torchrun alone reaches both ranks
-    (torchrun forwards it and waits for them), which save and exit 75; torchrun exits 1."""
-    base, root, _ = reference
-    run = root / "torchrun"
-    log = tmp_path / "torchrun.log"
+def _launch_torchrun(run: Path, log: Path, overrides: list[str], fault: Optional[str] = None) -> subprocess.Popen:
+    """scripts/pretrain_harpe.sh (which execs torchrun) with 2 ranks; output to ``log``."""
     env = dict(os.environ, PYTHON=sys.executable, GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), CONFIG=CONFIG,
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", **{LAUNCH_MARKER: run.name})
     env.pop("HARPE_FAULT_INJECT", None)
+    if fault:
+        env["HARPE_FAULT_INJECT"] = fault
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "pretrain_harpe.sh"), *base,
-                                 "training.train_iters=40", "checkpoint.save_interval=0", f"run_dir={run}"],
+        return subprocess.Popen(["bash", str(REPO / "scripts" / "pretrain_harpe.sh"), *overrides, f"run_dir={run}"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for_text(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("when", ["before_any_save", "after_a_save", "during_a_save"])
+def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path, when):
+    """scripts/pretrain_harpe.sh under torchrun: SIGUSR1 to torchrun alone reaches both ranks
+    (torchrun forwards it to each rank's whole process group and waits for them), which save and
+    exit 75; torchrun exits 1. Also once a periodic checkpoint exists (megatron's writer used to
+    keep a helper process per rank that died of the forwarded signal, failing the save) and while
+    a periodic save is in progress; no process of the launch outlives it."""
+    base, root, _ = reference
+    run = root / f"torchrun_{when}"
+    log = tmp_path / "torchrun.log"
+    interval = 0 if when == "before_any_save" else 4
+    fault = "slow_save@8" if when == "during_a_save" else None
+    proc = _launch_torchrun(run, log, base + ["training.train_iters=40", f"checkpoint.save_interval={interval}"],
+                            fault=fault)
+    wait_for = {"before_any_save": "step      3/", "after_a_save": "step      6/",
+                "during_a_save": "rank 0 pauses while saving"}[when]
     try:
-        deadline = time.monotonic() + 240
-        while "step      3/" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+        _wait_for_text(proc, log, wait_for, timeout=240)
         proc.send_signal(signal.SIGUSR1)  # the script exec'd torchrun: this is torchrun's pid
-        assert proc.wait(timeout=120) == 1
+        assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
     assert "rank 0: received SIGUSR1" in text and "rank 1: received SIGUSR1" in text
     assert text.count("exiting with code 75") == 2, text[-3000:]
+    assert "Error" not in text, text[-3000:]
     saved = int(_latest(run).split("_")[1])
-    assert 3 <= saved < 40
+    assert {"before_any_save": 3, "after_a_save": 6, "during_a_save": 9}[when] <= saved < 40
+    assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
+    assert leftover_processes(run.name) == []
+
+
+def test_disk_full_during_save_removes_the_partial_save(reference):
+    """Rank 1's write of step 8 fails with ENOSPC (torch's CheckpointException, a BaseException):
+    both ranks exit 1 with one line naming the checkpoint, the rank and the cause; iter_8.tmp is
+    removed, 'latest' still names iter_4 and the next start resumes from it."""
+    base, root, ref = reference
+    run = root / "disk_full"
+    ranks = Ranks(CONFIG, base + [f"run_dir={run}"], run / "logs1", fault="disk_full@8:1")
+    assert ranks.wait(timeout=240) == [1, 1], ranks.log(0)
+    line = (f"[harpe] error: saving checkpoint iter_0000008 into {run / 'checkpoints' / 'iter_0000008.tmp'} failed on "
+            "rank 1: OSError: [Errno 28] No space left on device: ")
+    for r in (0, 1):
+        log = ranks.log(r)
+        assert line in log and "; iter_0000008.tmp removed; 'latest' still names iter_0000004" in log, log[-3000:]
+        assert "Traceback" not in log
+    assert _latest(run) == "iter_0000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000004", "latest"]
+    assert leftover_processes(ranks.marker) == []
+
+    again = Ranks(CONFIG, base + [f"run_dir={run}"], run / "logs2")
+    assert again.wait(timeout=240) == [0, 0], again.log(0)
+    assert "at step 4 " in again.log(0)
+    _assert_resumed_equal(run, ref, 5)
+
+
+def test_second_run_on_the_same_run_dir_is_refused(reference):
+    """While a run holds its run_dir, a second launch on it exits 2 on every rank with one line
+    naming the holder, and writes nothing; once the holder is killed (kill -9: no clean-up), the
+    next launch takes the lock over, saying whose it was, and no process of the killed run is left."""
+    base, root, _ = reference
+    run = root / "locked"
+    overrides = base + [f"run_dir={run}", "training.train_iters=400", "checkpoint.save_interval=0"]
+    first = Ranks(CONFIG, overrides, run / "logs1")
+    try:
+        first.wait_for(0, "step      2/", timeout=240)
+        second = Ranks(CONFIG, overrides, run / "logs2")
+        assert second.wait(timeout=120) == [2, 2], second.log(0)
+        for r in (0, 1):
+            log = second.log(r)
+            assert (f"[harpe] error: run_dir {run} is in use by another run (host ") in log, log[-3000:]
+            assert f"pid {first.procs[0].pid}" in log and "set another run_dir" in log and "Traceback" not in log
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, len(steps) + 1))  # only the first run's lines
+    finally:
+        for p in first.procs:
+            p.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    assert leftover_processes(first.marker) == []
+    third = Ranks(CONFIG, base + [f"run_dir={run}", "training.train_iters=2", "checkpoint.save_interval=0"],
+                  run / "logs3")
+    assert third.wait(timeout=240) == [0, 0], third.log(0)
+    log = third.log(0)
+    assert "taking over the lock left by a run that did not end cleanly" in log
+    assert f"pid {first.procs[0].pid}" in log
+    assert (run / ".harpe.lock").read_text() == ""  # a clean end leaves no record
+
+
+def test_world_size_the_batch_cannot_divide_is_one_line_exit_2(reference):
+    """A global batch that the world's data-parallel size cannot divide: every rank prints one
+    'config error' line and exits 2 before the run directory exists."""
+    base, root, _ = reference
+    run = root / "bad_batch"
+    ranks = Ranks(CONFIG, base + [f"run_dir={run}", "training.micro_batch_size=3"], root / "bad_batch_logs")
+    assert ranks.wait(timeout=120) == [2, 2], ranks.log(0)
+    for r in (0, 1):
+        log = ranks.log(r)
+        assert ("config error: training.global_batch_size (8) must be divisible by training.micro_batch_size (3) "
+                "x data-parallel size (1)") in log, log[-3000:]
+        assert "Traceback" not in log
+    assert not run.exists()

@@ -241,3 +241,60 @@ def test_conversion_refuses_inside_megatron_parallel_state(single_rank, source, 
     with megatron_parallel(), pytest.raises(RuntimeError, match="outside an initialised megatron"):
         with convert_module.megatron_cpu_session():
             pass
+
+
+def _flip_bits(path: Path, offset: int, mask: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def test_export_refuses_damaged_incomplete_and_nonfinite_checkpoints(single_rank, source, tmp_path, capsys):
+    """Export: a bit flipped without a size change is named by its checksum (the CLI exits 2,
+    nothing written); a 'latest' naming an incomplete checkpoint is not replaced by an older one;
+    a missing shard (with or without a manifest) and NaN/inf weights are one-line errors."""
+    import shutil
+
+    from tools.convert_to_hf import main as convert_to_hf_main
+
+    convert_hf_to_megatron(source, tmp_path / "mg", progress=False)
+    good = tmp_path / "mg" / "iter_0000000"
+    manifest = json.loads((good / "harpe_manifest.json").read_text())
+    shard = sorted(n for n in manifest["crc32"] if n.endswith(".distcp"))[0]
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(good, damaged)
+    _flip_bits(damaged / shard, (damaged / shard).stat().st_size // 2, 0x7F)
+    assert convert_to_hf_main([str(damaged), str(tmp_path / "hf"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()  # (library import warnings come first)
+    assert err[-1].startswith(f"error: {damaged / shard}: damaged: its CRC-32 is ")
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
+
+    incomplete = tmp_path / "mg" / "iter_0000005"
+    shutil.copytree(good, incomplete)
+    (incomplete / shard).unlink()
+    (tmp_path / "mg" / "latest").write_text("iter_0000005\n")
+    with pytest.raises(ValueError, match=rf"latest names 'iter_0000005', which is missing {shard} \(listed in "
+                                         r"harpe_manifest.json\): refusing to export another iteration in its place; "
+                                         r"pass \S+iter_0000000 to export that older checkpoint"):
+        convert_megatron_to_hf(tmp_path / "mg", tmp_path / "hf", progress=False)
+    with pytest.raises(ValueError, match=rf"checkpoint \S+iter_0000005 is missing {shard}"):
+        convert_megatron_to_hf(incomplete, tmp_path / "hf", progress=False)
+    (incomplete / "harpe_manifest.json").unlink()  # no manifest (older saves): the reads name the file
+    with pytest.raises(FileNotFoundError, match=rf"iter_0000005/{shard}: missing \(the checkpoint's .metadata lists"):
+        convert_megatron_to_hf(incomplete, tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+    nan_hf = tmp_path / "nan_hf"
+    model = tiny_hf_llama(tiny_model_config(num_query_groups=2))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, :5] = float("inf")
+    model.save_pretrained(nan_hf)
+    convert_hf_to_megatron(nan_hf, tmp_path / "nan_mg", progress=False)
+    with pytest.raises(ValueError, match=r"non-finite weights in embedding.word_embeddings.weight \(5 of \d+\); "
+                                         "refusing to export them"):
+        convert_megatron_to_hf(tmp_path / "nan_mg", tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()

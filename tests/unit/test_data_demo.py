@@ -79,3 +79,18 @@ def test_train_tokenizer_cli(demo, tmp_path, capsys):
     assert "400 pieces" in capsys.readouterr().out
     assert SentencePieceTokenizer(prefix + ".model").vocab_size == 400
     assert tool.main(["--input", out.corpus, "--output-prefix", prefix]) == 1  # exists
+
+
+def test_launcher_step_says_what_to_do_when_the_demo_data_differs(demo, capsys):
+    """prepare_run (run by the launcher, which has no --overwrite to pass) names the differing
+    setting and says to delete the directory, with exit 2."""
+    from harpe_megatron.data.prepare_run import main as prepare_run
+
+    out, _ = demo
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
+    code = prepare_run(["--config", config, f"data.paths=[{out.prefix}]", f"data.tokenizer_model={out.tokenizer}",
+                        "model.vocab_size=600"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "built with other settings" in err and f"delete {out.out_dir} to have the launcher rebuild it" in err
+    assert "--overwrite" not in err and "overwrite=True" not in err

@@ -205,3 +205,66 @@ def test_preprocess_cli(tmp_path, tokenizer, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert tool.main(args + ["--overwrite", "--no-upsample"]) == 0
     assert json.loads(Path(prefix + ".report.json").read_text())["total"]["after"]["documents"] == 30
+
+
+def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path, tokenizer, capsys):
+    """A writer killed with -9 leaves <prefix>.tmp-<host>-<pid>.*; the next write of that prefix
+    removes them once the pid is gone, and leaves a live writer's and another host's alone."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    prefix = tmp_path / "data"
+    dead = [tmp_path / f"data.tmp-{host}-{gone.pid}.bin", tmp_path / f"data.tmp-{host}-{gone.pid}.idx"]
+    kept = [tmp_path / f"data.tmp-{host}-{os.getppid()}.bin", tmp_path / f"data.tmp-otherhost-{gone.pid}.bin"]
+    for f in dead + kept:
+        f.write_bytes(b"partial")
+    src = write_jsonl(tmp_path / "in.jsonl", sample_texts(10))
+    write_indexed_dataset(read_documents([src]), tokenizer, str(prefix), progress=False)
+    assert not any(f.exists() for f in dead) and all(f.exists() for f in kept)
+    assert f"removed temporary files of an interrupted earlier write: {dead[0]}, {dead[1]}" in capsys.readouterr().err
+
+
+def test_ctrl_c_with_workers_stops_promptly_and_leaves_nothing(tmp_path, tokenizer):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while 2 workers tokenize:
+    the tool exits 130 within seconds with one line, no temporary file and no worker left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = write_jsonl(tmp_path / "in.jsonl", sample_texts(60) * 400)
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        marker = f"HARPE_TEST_LAUNCH={out}"
+        env = dict(os.environ, HARPE_TEST_LAUNCH=str(out), OMP_NUM_THREADS="1")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", src,
+                                 "--tokenizer-model", tokenizer.model_path, "--output-prefix", str(out / "data"),
+                                 "--workers", "2", "--no-upsample", "--no-progress"],
+                                env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not list(out.glob("data.tmp-*.bin")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        time.sleep(0.2 * attempt)  # at different points of the work
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"attempt {attempt}: preprocess_data hung after Ctrl-C") from None
+        err = proc.stderr.read()
+        assert code == 130, err
+        assert "preprocess_data: interrupted; no output written" in err and "Traceback" not in err
+        assert list(out.iterdir()) == [] if out.exists() else True
+        left = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and marker.encode() in (p / "environ").read_bytes().split(b"\0"):
+                    left.append(p.name)
+            except OSError:
+                continue
+        assert left == [], f"attempt {attempt}: processes left: {left}"

@@ -54,3 +54,21 @@ def test_tiny_model_writes_json_and_png(tmp_path, exported_model):
     assert res["perplexity"][0]["ppl"] > 1
     png = Path(res["heatmaps"]["passkey"])
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_argument_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
+    """A Hub id stays a Hub id (labelled by its last part, not resolved to a local path); a missing
+    path-like argument or a folder without config.json is a one-line error, never sent to the Hub."""
+    from harpe_megatron.eval.runner import model_source
+
+    monkeypatch.chdir(tmp_path)
+    assert model_source("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", "Llama-2-7b-hf")
+    assert model_source("gpt2") == ("gpt2", "gpt2")
+    (tmp_path / "exported").mkdir()
+    with pytest.raises(ValueError, match="exported: a directory without config.json"):
+        model_source("exported")
+    (tmp_path / "exported" / "config.json").write_text("{}")
+    assert model_source("exported") == ("exported", "exported")
+    for missing in ("./runs/x/hf", "/nonexistent/hf", "runs/x/hf"):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: no such model folder"):
+            model_source(missing)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from harpe_megatron.model.presets import get_preset
-from harpe_megatron.training.metrics import format_step_line, training_flops_per_token
+from harpe_megatron.training.metrics import MetricSinks, format_step_line, training_flops_per_token
 
 
 def test_llama2_7b_flops_at_128k_match_the_published_estimate():
@@ -46,3 +47,14 @@ def test_metric_sinks_write_jsonl_and_tensorboard(tmp_path):
                       wandb_mode="offline", wandb_run_name=None, config={})
     off.log(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()  # non-logging ranks write nothing
+
+
+def test_metrics_jsonl_is_strict_json_with_nonfinite_values_flagged(tmp_path):
+    sinks = MetricSinks(enabled=True, run_dir=str(tmp_path), tensorboard=False, wandb_project=None,
+                        wandb_mode="disabled", wandb_run_name=None, config={})
+    sinks.log(3, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4, "mfu": None})
+    sinks.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert row == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-4,
+                   "nonfinite": {"loss": "nan", "grad_norm": "inf"}}

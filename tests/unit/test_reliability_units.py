@@ -14,9 +14,18 @@ import time
 import pytest
 
 from harpe_megatron.training import checkpointing
-from harpe_megatron.training.checkpointing import MANIFEST_FILE, resolve_checkpoint, save_checkpoint
+from harpe_megatron.checkpoint.layout import (
+    CheckpointDamaged,
+    checkpoint_files,
+    file_crc32,
+    incomplete_reason,
+    verify_checksums,
+    write_manifest,
+)
+from harpe_megatron.training.checkpointing import MANIFEST_FILE, CheckpointError, resolve_checkpoint, save_checkpoint
 from harpe_megatron.training.faults import fault_at, parse_faults
-from harpe_megatron.training.preemption import Preemption
+from harpe_megatron.training.preemption import Preemption, helpers_ignore_preemption
+from harpe_megatron.training.run_lock import LOCK_FILE, acquire_run_dir
 from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error
 
 
@@ -113,22 +122,104 @@ def test_checkpoint_without_manifest_counts_if_metadata_exists(tmp_path):
     assert resolve_checkpoint(tmp_path) == (tmp_path / "iter_0000004", [])
 
 
-def test_full_disk_during_save_keeps_latest(tmp_path, monkeypatch, single_rank):
+def _checkpoint_exception(rank, exc):
+    """What torch's writer raises when a rank's write fails: a BaseException, the OSError inside."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        raise RuntimeError(f"Worker failure: {exc}") from exc
+    except RuntimeError as wrapped:
+        return CheckpointException("write", {rank: (wrapped, None)})
+
+
+@pytest.mark.parametrize("raised", ["oserror", "torch_checkpoint_exception"])
+def test_full_disk_during_save_keeps_latest(tmp_path, monkeypatch, single_rank, raised):
+    """A full disk mid-save: one line naming the checkpoint, rank and cause; the partial iter_8.tmp
+    is removed (it would keep the disk full); 'latest' still names iter_4, which stays loadable.
+    torch reports the error as CheckpointException, a BaseException that `except Exception` misses."""
     _fake_checkpoint(tmp_path, 4)
     (tmp_path / "latest").write_text("iter_0000004\n")
+    err = OSError(28, "No space left on device")
 
     def full_disk(state, directory):
         (checkpointing.Path(directory) / "__0_0.distcp").write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
+        raise err if raised == "oserror" else _checkpoint_exception(0, err)
 
     monkeypatch.setattr(checkpointing, "_sharded_state", lambda *a, **k: {})
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", full_disk)
-    with pytest.raises(RuntimeError, match=r"saving checkpoint iter_0000008 .* failed \(OSError: \[Errno 28\] No space "
-                                           r"left on device\); 'latest' still names iter_0000004"):
+    expected = (r"^saving checkpoint iter_0000008 into \S+iter_0000008.tmp failed on rank 0: OSError: \[Errno 28\] "
+                r"No space left on device; iter_0000008.tmp removed; 'latest' still names iter_0000004$")
+    with pytest.raises(CheckpointError, match=expected):
         save_checkpoint(tmp_path, 8, [object()], None, None, 64, "", keep_last=2)
     assert (tmp_path / "latest").read_text() == "iter_0000004\n"
-    path, msgs = resolve_checkpoint(tmp_path)
-    assert path.name == "iter_0000004" and any("iter_0000008.tmp" in m for m in msgs)
+    assert not (tmp_path / "iter_0000008.tmp").exists()
+    assert resolve_checkpoint(tmp_path) == (tmp_path / "iter_0000004", [])
+
+
+def test_checksums_name_a_damaged_file_of_the_same_size(tmp_path):
+    d = tmp_path / "iter_0000004"
+    (d / "rng").mkdir(parents=True)
+    (d / "metadata.json").write_text("{}")
+    (d / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
+    (d / "rng" / "rank_00000.pt").write_bytes(b"y" * 10)
+    write_manifest(d, {n: file_crc32(d / n) for n in checkpoint_files(d)})
+    manifest = json.loads((d / MANIFEST_FILE).read_text())
+    assert set(manifest["crc32"]) == set(manifest["files"]) == {"metadata.json", "__0_0.distcp", "rng/rank_00000.pt"}
+    assert verify_checksums(d) == 3
+    with open(d / "__0_0.distcp", "r+b") as f:  # flip one bit, same size
+        f.seek(1000)
+        byte = f.read(1)[0]
+        f.seek(1000)
+        f.write(bytes([byte ^ 0x40]))
+    assert incomplete_reason(d) is None  # sizes cannot tell
+    with pytest.raises(CheckpointDamaged, match=r"__0_0.distcp: damaged: its CRC-32 is [0-9a-f]{8}, "
+                                                r"harpe_manifest.json recorded [0-9a-f]{8}"):
+        verify_checksums(d)
+    assert verify_checksums(d, ["metadata.json"]) == 1
+    with pytest.raises(ValueError, match="no checksum for rng/rank_00000.pt"):
+        write_manifest(d, {"metadata.json": "0", "__0_0.distcp": "0"})
+
+
+def test_helpers_started_while_saving_survive_the_launchers_signals():
+    """torchrun/scancel signal the rank's whole process group: a helper started inside
+    helpers_ignore_preemption (as megatron's writer forks are) survives SIGTERM/SIGUSR1/SIGINT,
+    and this process still handles the signal."""
+    code = "import sys, time; sys.stdout.write('up\\n'); sys.stdout.flush(); time.sleep(3)"
+    with Preemption() as p:
+        with helpers_ignore_preemption():
+            helper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+            assert helper.stdout.readline() == b"up\n"
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                helper.send_signal(sig)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while p.received is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.received == "SIGUSR1"
+    assert helper.wait(timeout=10) == 0
+    plain = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert plain.stdout.readline() == b"up\n"
+    plain.send_signal(signal.SIGUSR1)
+    assert plain.wait(timeout=10) == -signal.SIGUSR1
+
+
+def test_run_dir_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path):
+    logged = []
+    fd = acquire_run_dir(tmp_path / "run", logged.append)
+    record = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
+    assert record["pid"] == os.getpid() and logged == []
+    # another process (flock locks belong to the open file: a child process stands in for a second run)
+    probe = ("import sys; from harpe_megatron.training.run_lock import acquire_run_dir, RunDirInUse\n"
+             "try:\n    acquire_run_dir(sys.argv[1])\nexcept RunDirInUse as e:\n    print(e); sys.exit(3)")
+    second = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], capture_output=True, text=True)
+    assert second.returncode == 3, second.stderr
+    assert f"run_dir {tmp_path / 'run'} is in use by another run (host " in second.stdout
+    assert f"pid {os.getpid()}" in second.stdout and "set another run_dir" in second.stdout
+    os.close(fd)  # as if the holder died (kill -9): the kernel drops the lock, the record stays
+    fd = acquire_run_dir(tmp_path / "run", logged.append)
+    assert len(logged) == 1 and "taking over the lock left by a run that did not end cleanly" in logged[0]
+    assert f"pid {os.getpid()}" in logged[0]
+    os.close(fd)
 
 
 class DictStore:
@@ -203,6 +294,12 @@ def test_watchdog_explain_failure_returns_when_every_peer_is_alive():
     ("training.max_consecutive_nonfinite_steps=-1", "training.max_consecutive_nonfinite_steps must be >= 0"),
     ("training.slow_phase_timeout_s=10", r"training.slow_phase_timeout_s \(10.0\) must be >= training.hang_timeout_s"),
     ("training.distributed_timeout_s=0", "training.distributed_timeout_s must be positive"),
+    # issue 13: these used to crash later with a traceback
+    ("model.num_query_groups=0", "model.num_query_groups must be positive, got 0"),
+    ("model.num_query_groups=-4", "model.num_query_groups must be positive, got -4"),
+    ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by must be positive, got 0"),
+    ("training.train_iters=-5", "training.train_iters must be positive, got -5"),
+    ("training.eval_iters=0", "training.eval_iters must be positive, got 0"),
 ])
 def test_reliability_config_errors(override, message):
     from pathlib import Path

@@ -107,6 +107,16 @@ def _copy(src: Path, dest: Path) -> Path:
     return dest
 
 
+def _plant(file: Path, data: bytes) -> None:
+    """Replace ``file`` and re-record the checkpoint's manifest, as someone who can write the files
+    can: the manifest's checksums catch damage, not attacks; the pickle checks must hold alone."""
+    from harpe_megatron.checkpoint.layout import checkpoint_files, file_crc32, write_manifest
+
+    file.write_bytes(data)
+    ckpt = file.parent
+    write_manifest(ckpt, {n: file_crc32(ckpt / n) for n in checkpoint_files(ckpt)})
+
+
 def test_clean_checkpoint_passes(megatron_ckpt):
     check_megatron_checkpoint(megatron_ckpt / "iter_0000000")  # byte entries (_extra_state) included
 
@@ -115,7 +125,7 @@ def test_pickled_metadata_is_refused_and_would_have_run(megatron_ckpt, tmp_path,
     from torch.distributed.checkpoint import FileSystemReader
 
     ckpt = _copy(megatron_ckpt, tmp_path / "mg") / "iter_0000000"
-    (ckpt / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    _plant(ckpt / ".metadata", pickle.dumps(Payload(marker)))
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to unpickle: it references "
                                                     r"(_io|io|builtins)\.open, which is not torch\.distributed\.checkpoint metadata"):
         check_megatron_checkpoint(ckpt)
@@ -164,7 +174,7 @@ def test_training_refuses_an_unsafe_pretrained_checkpoint(megatron_ckpt, tmp_pat
     from harpe_megatron.config.loader import config_from_dict
 
     mg = _copy(megatron_ckpt, tmp_path / "mg")
-    (mg / "iter_0000000" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    _plant(mg / "iter_0000000" / ".metadata", pickle.dumps(Payload(marker)))
     base = {"training": {"train_iters": 1}, "positional": {"bases": {"strategy": "constant", "base": 10000.0}}}
     cfg = config_from_dict({"checkpoint": {"pretrained": str(mg)}, **base})
     with pytest.raises(DataValidationError, match=r"checkpoint\.pretrained: unsafe checkpoint: .*\.metadata: refusing"):
@@ -262,7 +272,7 @@ def test_resume_and_initial_weights_refuse_pickled_code(megatron_ckpt, tmp_path,
     from tests.helpers import tiny_model_config
 
     ckpt = _copy(megatron_ckpt, tmp_path / "mg") / "iter_0000000"
-    (ckpt / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    _plant(ckpt / ".metadata", pickle.dumps(Payload(marker)))
     m = tiny_model_config()
     with megatron_parallel():
         cfg = transformer_config(m, ParallelConfig(), use_cpu_initialization=True)
