@@ -28,9 +28,9 @@ Conventions
   the fix instead of materialising S x S scores (e.g. fp32 with CP > 1). Off CUDA (CPU tests) the
   kernel choice is not checked. ``_sdpa_probe`` is the capability probe (tests substitute it).
 * Fake tensors (the memory planner, training/plan.py): ``CausalBias`` cannot be wrapped by
-  ``FakeTensorMode``, so the lower-right chunks call the op ``CausalBias`` dispatches to on GPU
-  for bf16/fp16 (``aten._scaled_dot_product_flash_attention`` with ``is_causal=True``, which
-  is lower-right aligned for ``sq < sk``): same outputs, same saved tensors, same memory.
+  ``FakeTensorMode``, so every call runs the op SDPA and ``CausalBias`` dispatch to on GPU for
+  bf16/fp16: ``aten._scaled_dot_product_flash_attention`` with ``is_causal=True`` (lower-right
+  aligned for ``sq < sk``): same output shapes, same saved tensors, same memory as on the GPU.
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ def require_fused_sdpa(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, lower_
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
     """Causal attention on ``[b, h, s, d]`` tensors (``k``/``v`` may have fewer heads: GQA)."""
+    if _is_fake(q):  # the planner: the flash op SDPA runs on GPU (the CPU kernel is not FLOP-counted)
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal=True, scale=scale)[0]
     require_fused_sdpa(q, k, v, dropout_p, lower_right=False)
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1)
