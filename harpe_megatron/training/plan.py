@@ -219,6 +219,8 @@ class RunPlan:
     peak_bytes: int
     breakdown_bytes: dict[str, int]
     static_bytes: int
+    params_local: int  # parameters of this rank (sum of numel)
+    buffer_elements: int  # elements of DDP's param/grad buffers (params + megatron's alignment padding)
     flops_per_rank_microbatch: dict[str, float]  # forward / backward / recompute, counted
     flops_per_step: float  # counted model FLOPs of the whole step, all ranks, recompute excluded
     executed_flops_per_step: float  # the same with recomputation (what the GPUs execute)
@@ -374,12 +376,13 @@ def _adam_moment_bytes(optimizer) -> int:
 
 
 def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = True, name: str = "run",
-                tracker: Optional[AllocationTracker] = None) -> RunPlan:
+                tracker: Optional[AllocationTracker] = None,
+                inspect: Optional[Callable[[list, Any], None]] = None) -> RunPlan:
     """Plan ``cfg`` for rank 0 with megatron's parallel state already initialised for it.
 
     ``fake=False`` runs the same code on real tensors (small configs; what the agreement tests
-    compare against). Nothing of the planning survives: RNG states and megatron's buffer cache
-    are restored.
+    compare against); ``inspect(chunks, optimizer)`` is then called after the micro-step. Nothing
+    of the planning survives: RNG states and megatron's buffer cache are restored.
     """
     import time
 
@@ -398,6 +401,9 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
         # grad buffer (no memory), and the fake backend has no coalesced collectives.
         tconfig.finalize_model_grads_func = None
         tconfig.grad_sync_func = None
+        for c in chunks:  # likewise the distributed optimizer's param all-gather (in place in the param buffer)
+            if getattr(c, "use_forward_hook", False):
+                c.disable_forward_pre_hook(param_sync=False)
         tracker.category = "optimizer"
         optimizer, _ = build.optimizer(cfg, chunks, max(cfg.training.train_iters or 1, 1))
         params = _unique_storages(p for c in chunks for p in c.parameters())
@@ -428,6 +434,10 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
             )
         del batch
         peak, by_cat = tracker.peak, dict(tracker.peak_by_category)
+        params_local = sum(p.numel() for c in chunks for p in c.parameters())
+        buffer_elements = sum(b.grad_data.numel() for c in chunks for b in c.buffers)
+        if inspect is not None:
+            inspect(chunks, optimizer)
     nmb = cfg.num_microbatches(world_size)
     flops = dict(tracker.flops)
     model_flops = (flops["forward"] + flops["backward"]) * nmb * world_size
@@ -440,6 +450,7 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
         seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size, num_microbatches=nmb,
         recompute=recompute, peak_bytes=peak,
         breakdown_bytes={k: by_cat.get(k, 0) for k in BREAKDOWN}, static_bytes=static,
+        params_local=params_local, buffer_elements=buffer_elements,
         flops_per_rank_microbatch=flops, flops_per_step=model_flops,
         executed_flops_per_step=model_flops + flops["recompute"] * nmb * world_size,
         analytic_flops_per_step=training_flops_per_token(cfg.model, cfg.data.seq_length)
@@ -456,6 +467,9 @@ def preflight(cfg: RunConfig, world_size: int, build: Builders, log: Callable[[s
     """
     mode = cfg.training.preflight
     if mode == "off":
+        return None
+    if cfg.parallel.pipeline_model_parallel_size != 1:
+        log("[harpe] preflight: skipped (the memory planner covers pipeline_model_parallel_size 1 only)")
         return None
     plan = plan_layout(cfg, world_size, build)
     if torch.cuda.is_available():

@@ -57,6 +57,7 @@ from harpe_megatron.training.metrics import (
     peak_tflops,
     training_flops_per_token,
 )
+from harpe_megatron.training.plan import Builders, preflight
 from harpe_megatron.training.preemption import Preemption
 from harpe_megatron.training.step import forward_step
 from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error, watchdog_store
@@ -292,6 +293,7 @@ def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Opti
     if dist.get_rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
 
+    preflight(cfg, world, Builders(build_training_model, build_optimizer), log=_log)  # memory plan, nothing allocated
     model_chunks, tconfig = build_training_model(cfg)
     optimizer, scheduler = build_optimizer(cfg, model_chunks, train_iters)
 
