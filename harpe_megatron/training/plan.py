@@ -113,6 +113,7 @@ class AllocationTracker(TorchDispatchMode):
         self.live: dict[str, int] = {}
         self.peak = 0
         self.peak_by_category: dict[str, int] = {}
+        self.max_by_category: dict[str, int] = {}  # each category's own high-water mark
         self.flops: dict[str, float] = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
         self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.after_op: Optional[Callable[[], None]] = None
@@ -124,6 +125,7 @@ class AllocationTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.total
         self.peak_by_category = dict(self.live)
+        self.max_by_category = dict(self.live)
 
     def _free(self, rec: _Storage) -> None:
         self.live[rec.category] -= rec.nbytes
@@ -134,6 +136,7 @@ class AllocationTracker(TorchDispatchMode):
         rec = _Storage(storage.nbytes(), category)
         self._records[storage] = rec
         self.live[category] = self.live.get(category, 0) + rec.nbytes
+        self.max_by_category[category] = max(self.max_by_category.get(category, 0), self.live[category])
         weakref.finalize(storage, self._free, rec)
         if self.total > self.peak:
             self.peak = self.total
@@ -150,6 +153,7 @@ class AllocationTracker(TorchDispatchMode):
                 self.live[rec.category] -= rec.nbytes
                 self.live[category] = self.live.get(category, 0) + rec.nbytes
                 rec.category = category
+                self.max_by_category[category] = max(self.max_by_category.get(category, 0), self.live[category])
 
     def category_of(self, t: torch.Tensor) -> Optional[str]:
         rec = self._records.get(t.untyped_storage())
@@ -217,7 +221,8 @@ class RunPlan:
     num_microbatches: int
     recompute: str
     peak_bytes: int
-    breakdown_bytes: dict[str, int]
+    breakdown_bytes: dict[str, int]  # what was live at the peak, by category
+    category_max_bytes: dict[str, int]  # each category's own maximum during the step (e.g. logits at the loss)
     static_bytes: int
     params_local: int  # parameters of this rank (sum of numel)
     buffer_elements: int  # elements of DDP's param/grad buffers (params + megatron's alignment padding)
@@ -433,7 +438,7 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
                 seq_length=cfg.data.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=False,
             )
         del batch
-        peak, by_cat = tracker.peak, dict(tracker.peak_by_category)
+        peak, by_cat, cat_max = tracker.peak, dict(tracker.peak_by_category), dict(tracker.max_by_category)
         params_local = sum(p.numel() for c in chunks for p in c.parameters())
         buffer_elements = sum(b.grad_data.numel() for c in chunks for b in c.buffers)
         if inspect is not None:
@@ -449,7 +454,8 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
         config_name=name, world_size=world_size, layout=dict(tp=tp, cp=cp, pp=1, dp=dp),
         seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size, num_microbatches=nmb,
         recompute=recompute, peak_bytes=peak,
-        breakdown_bytes={k: by_cat.get(k, 0) for k in BREAKDOWN}, static_bytes=static,
+        breakdown_bytes={k: by_cat.get(k, 0) for k in BREAKDOWN},
+        category_max_bytes={k: cat_max.get(k, 0) for k in BREAKDOWN}, static_bytes=static,
         params_local=params_local, buffer_elements=buffer_elements,
         flops_per_rank_microbatch=flops, flops_per_step=model_flops,
         executed_flops_per_step=model_flops + flops["recompute"] * nmb * world_size,
@@ -459,11 +465,13 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
     )
 
 
-def preflight(cfg: RunConfig, world_size: int, build: Builders, log: Callable[[str], None]) -> Optional[RunPlan]:
+def preflight(cfg: RunConfig, world_size: int, build: Builders, log: Callable[[str], None],
+              device_memory_gib: Optional[float] = None) -> Optional[RunPlan]:
     """``training.preflight``: plan this run on its own process groups before anything is allocated.
 
-    Prints one line with the predicted per-rank peak (and, on CUDA, whether it fits the device);
-    ``fail`` raises :class:`PreflightError` when it does not. Every rank plans (no communication).
+    Prints one line with the predicted per-rank peak (and, on CUDA or with ``device_memory_gib``,
+    whether it fits that memory); ``fail`` raises :class:`PreflightError` when it does not. Every
+    rank plans (collectives on fake tensors communicate nothing).
     """
     mode = cfg.training.preflight
     if mode == "off":
@@ -472,9 +480,11 @@ def preflight(cfg: RunConfig, world_size: int, build: Builders, log: Callable[[s
         log("[harpe] preflight: skipped (the memory planner covers pipeline_model_parallel_size 1 only)")
         return None
     plan = plan_layout(cfg, world_size, build)
-    if torch.cuda.is_available():
+    if device_memory_gib is None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        plan.gpu_memory_gib = props.total_memory / GIB
+        device_memory_gib = props.total_memory / GIB
+    if device_memory_gib is not None:
+        plan.gpu_memory_gib = device_memory_gib
         plan.margin_gib = cfg.training.preflight_margin_gib
     top = sorted(plan.breakdown_bytes.items(), key=lambda kv: -kv[1])[:3]
     log(f"[harpe] preflight: {plan.summary()} ({', '.join(f'{k} {v / GIB:.2f}' for k, v in top)} GiB; "

@@ -105,6 +105,8 @@ def _report(plan: RunPlan) -> str:
     lines = [plan.summary()]
     lines.append("  breakdown at the peak (GiB): " + ", ".join(
         f"{k} {v / GIB:.2f}" for k, v in plan.breakdown_bytes.items()))
+    lines.append("  each category's own maximum (GiB): " + ", ".join(
+        f"{k} {v / GIB:.2f}" for k, v in plan.category_max_bytes.items() if k not in ("params_bf16", "main_grads_fp32")))
     lines.append(f"  FLOPs per step (all ranks): counted {plan.flops_per_step:.4e} (+ recompute: "
                  f"{plan.executed_flops_per_step:.4e} executed), analytic (MFU formula) "
                  f"{plan.analytic_flops_per_step:.4e}, ratio {plan.flops_per_step / plan.analytic_flops_per_step:.4f}")

@@ -137,3 +137,25 @@ def test_fix_is_searched_and_checked(tmp_path):
     assert plan["fits"] is False and plan["suggestion"] is not None, proc.stdout
     assert plan["suggestion"]["peak_gib"] <= 0.02
     assert "checked" in proc.stdout or plan["suggestion"]
+
+
+def test_preflight_prints_one_line_and_fail_stops(single_rank):
+    """The trainer's start-up plan on the run's own process group (here one gloo rank)."""
+    from harpe_megatron.testing.distributed import megatron_parallel
+    from harpe_megatron.training.plan import Builders, PreflightError, preflight
+    from harpe_megatron.training.trainer import build_optimizer, build_training_model
+
+    build = Builders(build_training_model, build_optimizer)
+    cfg = load_config(TINY, ["parallel.tensor_model_parallel_size=1", "training.preflight=fail"])
+    lines = []
+    with megatron_parallel():
+        plan = preflight(cfg, 1, build, lines.append)
+        assert plan.fits is None  # no GPU, no capacity given: a prediction only
+        assert len(lines) == 1 and "predicted peak" in lines[0] and "preflight" in lines[0]
+        with pytest.raises(PreflightError, match="training.preflight=fail"):
+            preflight(cfg, 1, build, lines.append, device_memory_gib=0.001)
+        cfg.training.preflight = "warn"
+        assert preflight(cfg, 1, build, lines.append, device_memory_gib=0.001).fits is False
+        cfg.training.preflight = "off"
+        assert preflight(cfg, 1, build, lines.append) is None
+    assert len(lines) == 3 and "does NOT fit" in lines[-1]
