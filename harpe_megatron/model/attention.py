@@ -135,6 +135,7 @@ def _lower_right_causal(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p
         return torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, dropout_p, is_causal=True, scale=scale
         )[0]
+    require_fused_sdpa(q, k, v, dropout_p, lower_right=True)
     if not q.is_cuda:
         # What CausalBias does off CUDA (no fused kernel takes it there): materialise the mask and
         # run SDPA with it. Built here, the path holds no tensor subclass, which the planner's
@@ -142,7 +143,6 @@ def _lower_right_causal(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p
         mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p,
                                               enable_gqa=gqa)
-    require_fused_sdpa(q, k, v, dropout_p, lower_right=True)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=causal_lower_right(q.size(2), k.size(2)), scale=scale, dropout_p=dropout_p,
         enable_gqa=gqa,

@@ -1,14 +1,15 @@
 """Memory and FLOP plan of a run for one rank of its layout, without a GPU and without memory.
 
-``plan_run(cfg, world_size)`` builds the real model, DDP and optimizer of :mod:`training.trainer`
-(``build_training_model`` / ``build_optimizer``) and runs one training micro-step through
+``plan_layout(cfg, world_size, builders)`` builds the real model, DDP and optimizer with the
+trainer's ``build_training_model`` / ``build_optimizer`` and runs one training micro-step through
 megatron's forward/backward schedule (the configured recomputation, CP attention, loss) under
 ``FakeTensorMode``: every tensor has its real shape, dtype and lifetime but no storage. A
 ``TorchDispatchMode`` (:class:`AllocationTracker`) sees every op, keeps the bytes of every live
 storage (freed when the storage dies) by category, the peak and what was live at the peak, and
 counts FLOPs with torch's ``flop_counter`` formulas (causal attention counted as computed).
-Process groups: a fake backend of the full world size (``tools/plan_run.py``), or the run's own
-groups (the training pre-flight: collectives on fake tensors move nothing).
+Process groups: a fake backend of the full world size (:mod:`training.plan_run`,
+``tools/plan_run.py``), or the run's own groups (the training pre-flight, :func:`preflight`:
+collectives on fake tensors move nothing).
 
 What is **modelled** vs **measured**:
 
@@ -22,8 +23,9 @@ What is **modelled** vs **measured**:
   be wrapped by fake tensors); non-CP attention runs the same flash op;
 * not included: the CUDA context and NCCL buffers (~1-3 GiB), allocator fragmentation, the
   optimizer step's own temporaries (at most about one fp32 shard, far below the activation peak
-  at long context), pipeline parallelism (only PP 1 is planned). The margin (``margin_gib``)
-  stands for these.
+  at long context), the DP gradient reduce-scatter and the distributed optimizer's parameter
+  all-gather (both in place in DDP's buffers; not run), pipeline parallelism (only PP 1 is
+  planned). The margin (``margin_gib``) stands for these.
 
 One micro-batch is planned: with PP 1 megatron runs micro-batches one after the other, so the
 peak does not grow with their number (FLOPs are multiplied by it).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import weakref
 from typing import Any, Callable, Iterator, Optional
 
@@ -173,12 +176,15 @@ class AllocationTracker(TorchDispatchMode):
             # flop_counter's attention backward includes the kernel's recomputation of Q K^T
             names = [a.name for a in func._schema.arguments]
             bound = dict(zip(names, args)) | dict(kwargs)
-            q, k = bound["query"], bound["key"]
-            b, h, sq, d = q.shape if "scaled_dot_product" in func.__name__ else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
-            sk = k.shape[-2] if "scaled_dot_product" in func.__name__ else k.shape[1]
-            redo = 2 * b * h * sq * sk * d * fraction
-            self.flops["recompute"] += redo
-            flops -= redo
+            q, k = bound.get("query"), bound.get("key")
+            if q is not None and k is not None:
+                if "scaled_dot_product" in func.__name__:  # [b, h, s, d]
+                    (b, h, sq, d), sk = q.shape, k.shape[-2]
+                else:  # raw kernels: [b, s, h, d]
+                    (b, sq, h, d), sk = q.shape, k.shape[1]
+                redo = 2 * b * h * sq * sk * d * fraction
+                self.flops["recompute"] += redo
+                flops -= redo
         self.flops[phase] += flops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -389,8 +395,6 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
     compare against); ``inspect(chunks, optimizer)`` is then called after the micro-step. Nothing
     of the planning survives: RNG states and megatron's buffer cache are restored.
     """
-    import time
-
     if cfg.parallel.pipeline_model_parallel_size != 1:
         raise NotImplementedError("the planner covers pipeline_model_parallel_size 1 only")
     start = time.perf_counter()
