@@ -159,3 +159,15 @@ def test_preflight_prints_one_line_and_fail_stops(single_rank):
         cfg.training.preflight = "off"
         assert preflight(cfg, 1, build, lines.append) is None
     assert len(lines) == 3 and "does NOT fit" in lines[-1]
+
+
+def test_plan_table_script_runs(tmp_path):
+    """scripts/bench/plan_table.py (the docs table) on the tiny config: one markdown row per node count."""
+    out = tmp_path / "table.json"
+    proc = subprocess.run([sys.executable, "scripts/bench/plan_table.py", "--configs", "configs/tiny_cpu.yaml",
+                           "--nodes", "1", "--json", str(out)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny_cpu")]
+    assert len(rows) == 2 and "| yes | yes |" in rows[0]  # printed as it goes, then in the table
+    assert json.loads(out.read_text())[0]["world_size"] == 8
