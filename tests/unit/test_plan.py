@@ -6,7 +6,9 @@ allocation happens), both measured by the planner's tracker: live tensor storage
 what CUDA's caching allocator would have to hold, without fragmentation. On CPU the real run's
 CP attention materialises its lower-right mask and runs the math kernel (what CausalBias does
 off CUDA), while the plan runs the GPU's flash op, so the real peak also carries the small
-score matrices of these tiny shapes. Plans need a process without a process group, so each
+score matrices of these tiny shapes. torch's MemTracker was tried as the real run's tracker and
+cannot follow megatron's DDP: its module hooks call ``module.buffers()``, which megatron's DDP
+shadows with its list of grad buffers. Plans need a process without a process group, so each
 runs in a subprocess (tests/unit/plan_worker.py).
 """
 
