@@ -31,8 +31,14 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     make_vocab_size_divisible_by: int = 128
     pretrained_context_length: int = 4096
+    # layer implementation: "local" (megatron's local spec with our SDPAttention and RMSNorm: the
+    # tested path, CPU and GPU) or "te" (Transformer Engine's spec: never run anywhere yet, see
+    # docs/design.md; needs transformer_engine installed)
+    transformer_impl: str = "local"
 
     def __post_init__(self) -> None:
+        if self.transformer_impl not in ("local", "te"):
+            raise ValueError(f"model.transformer_impl: expected 'local' or 'te', got {self.transformer_impl!r}")
         for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

@@ -93,6 +93,10 @@ class TrainingConfig:
     hang_timeout_s: float = 900.0  # no progress for this long in a step/eval -> exit 76 naming stale ranks; 0: off
     slow_phase_timeout_s: float = 3600.0  # the same for start-up, checkpoint load/save and the first step
     distributed_timeout_s: float = 1800.0  # init_process_group's timeout for collectives
+    # memory plan at start-up, before anything is allocated (training/plan.py): warn = print the
+    # predicted per-rank peak (and, on CUDA, whether it fits), fail = also stop when it does not fit
+    preflight: str = "warn"
+    preflight_margin_gib: float = 6.0  # kept free beside the plan: CUDA context, NCCL, fragmentation
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size"):
@@ -132,6 +136,9 @@ class TrainingConfig:
                 f"training.slow_phase_timeout_s ({self.slow_phase_timeout_s}) must be >= training.hang_timeout_s "
                 f"({self.hang_timeout_s}): checkpoint save/load and the first step take longer than a step"
             )
+
+        if self.preflight not in ("warn", "fail", "off"):
+            raise ValueError(f"training.preflight: expected warn, fail or off, got {self.preflight!r}")
 
     def resolved_train_iters(self, seq_length: int) -> int:
         if self.train_iters is not None:

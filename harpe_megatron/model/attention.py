@@ -21,6 +21,16 @@ Conventions
   tensor is built by this code. This is the "all_gather" CP scheme (as in Llama 3 and TE's
   ``cp_comm_type="all_gather"``): it trades K/V memory for simplicity; communication is one
   all-gather of K and V per layer (``2 * S * ng * hn`` elements) and overlaps nothing.
+* Never a silent math fallback (:func:`require_fused_sdpa`): on CUDA every call is checked
+  before it runs; when no fused kernel (flash, cuDNN, memory-efficient; for the lower-right
+  mask only flash and memory-efficient, which is what ``CausalBias`` dispatches to) accepts the
+  inputs and the sequence is longer than ``SMALL_SEQUENCE``, it raises naming dtype, shapes and
+  the fix instead of materialising S x S scores (e.g. fp32 with CP > 1). Off CUDA (CPU tests) the
+  kernel choice is not checked. ``_sdpa_probe`` is the capability probe (tests substitute it).
+* Fake tensors (the memory planner, training/plan.py): ``CausalBias`` cannot be wrapped by
+  ``FakeTensorMode``, so every call runs the op SDPA and ``CausalBias`` dispatch to on GPU for
+  bf16/fp16: ``aten._scaled_dot_product_flash_attention`` with ``is_causal=True`` (lower-right
+  aligned for ``sq < sk``): same output shapes, same saved tensors, same memory as on the GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import math
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -43,13 +54,98 @@ from torch.nn.attention.bias import causal_lower_right
 from harpe_megatron.parallel.zigzag import gathered_to_natural_order, zigzag_chunk_ids
 from harpe_megatron.positional.rotary import split_rotary_table
 
-__all__ = ["SDPAttention", "HarpeSelfAttention", "causal_attention", "context_parallel_causal_attention"]
+__all__ = [
+    "SDPAttention", "HarpeSelfAttention", "causal_attention", "context_parallel_causal_attention",
+    "require_fused_sdpa", "SMALL_SEQUENCE",
+]
+
+# Up to this many query or key positions the math kernel's score matrix is small enough to allow
+# (tiny test models, fp32 references on GPU); above it a math fallback is an error.
+SMALL_SEQUENCE = 1024
+
+_FUSED = ("flash", "cudnn", "efficient")
+
+
+def _is_fake(t: Tensor) -> bool:
+    """Whether ``t`` is a FakeTensor (thin wrapper over torch's private helper)."""
+    return _torch_is_fake(t)
+
+
+def _torch_sdpa_probe(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool,
+                      enable_gqa: bool) -> Optional[frozenset[str]]:
+    """The fused SDPA kernels that accept these ``[b, h, s, d]`` inputs (torch's own checks, also
+    honouring ``torch.backends.cuda.*_sdp_enabled``); None off CUDA, where there is no choice to check."""
+    if not q.is_cuda or _is_fake(q):
+        return None
+    cuda = torch.backends.cuda
+    params = cuda.SDPAParams(q, k, v, None, dropout_p, is_causal, enable_gqa)
+    checks = {"flash": (cuda.flash_sdp_enabled, cuda.can_use_flash_attention),
+              "cudnn": (cuda.cudnn_sdp_enabled, cuda.can_use_cudnn_attention),
+              "efficient": (cuda.mem_efficient_sdp_enabled, cuda.can_use_efficient_attention)}
+    return frozenset(name for name, (enabled, usable) in checks.items() if enabled() and usable(params))
+
+
+_sdpa_probe = _torch_sdpa_probe  # the capability probe; tests substitute it to check selection on CPU
+
+
+def require_fused_sdpa(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, lower_right: bool) -> None:
+    """Raise unless SDPA will run a fused kernel for these ``[b, h, s, d]`` inputs (see module doc).
+
+    ``lower_right``: the call uses a ``causal_lower_right`` mask (CP chunks with ``sq < sk``),
+    which ``CausalBias`` serves with flash or memory-efficient attention only, else it
+    materialises the mask and runs the math kernel; otherwise the call is ``is_causal=True``.
+    """
+    gqa = k.size(1) != q.size(1)
+    kernels = _sdpa_probe(q, k, v, dropout_p, not lower_right, gqa)
+    if kernels is None:
+        return
+    if lower_right:
+        kernels = kernels & {"flash", "efficient"}
+    if kernels or max(q.size(-2), k.size(-2)) <= SMALL_SEQUENCE:
+        return
+    b, h, sq, d = q.shape
+    raise RuntimeError(
+        f"scaled_dot_product_attention would fall back to the math kernel "
+        f"({'a materialised causal_lower_right mask and ' if lower_right else ''}{sq} x {k.size(-2)} scores per "
+        f"head) for q {tuple(q.shape)} {q.dtype}, k/v {tuple(k.shape)} {k.dtype} (head_dim {d}, dropout {dropout_p}"
+        f"{', GQA' if gqa else ''}): none of the fused kernels (flash, cuDNN, memory-efficient) accepts these inputs. "
+        "Fix: train in bf16 or fp16 (training.precision; flash attention needs them"
+        f"{' and the CP path cannot use cuDNN' if lower_right else ''}), keep head_dim a multiple of 8 and <= 256, "
+        "attention dropout 0, and the kernels enabled (torch.backends.cuda.enable_flash_sdp / "
+        "enable_mem_efficient_sdp); see docs/performance.md"
+    )
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
     """Causal attention on ``[b, h, s, d]`` tensors (``k``/``v`` may have fewer heads: GQA)."""
+    if _is_fake(q):  # the planner: the flash op SDPA runs on GPU (the CPU kernel is not FLOP-counted)
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal=True, scale=scale)[0]
+    require_fused_sdpa(q, k, v, dropout_p, lower_right=False)
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1)
+    )
+
+
+def _lower_right_causal(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, gqa: bool) -> Tensor:
+    """Attention of ``q`` ``[b, h, c, d]`` to ``k``/``v`` ``[b, g, L, d]`` (``c <= L``), causal aligned
+    bottom-right: query ``i`` sees keys ``[0, L - c + i]``."""
+    if q.size(2) == k.size(2):  # plain causal (what CausalBias does too; cuDNN may serve it)
+        return causal_attention(q, k, v, scale, dropout_p)
+    if _is_fake(q):  # FakeTensorMode cannot wrap CausalBias; this is the op it dispatches to on GPU
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, dropout_p, is_causal=True, scale=scale
+        )[0]
+    require_fused_sdpa(q, k, v, dropout_p, lower_right=True)
+    if not q.is_cuda:
+        # What CausalBias does off CUDA (no fused kernel takes it there): materialise the mask and
+        # run SDPA with it. Built here, the path holds no tensor subclass, which the planner's
+        # dispatch-mode tracker could not wrap on real tensors.
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(q.size(2), k.size(2)), scale=scale, dropout_p=dropout_p,
+        enable_gqa=gqa,
     )
 
 
@@ -78,13 +174,7 @@ def context_parallel_causal_attention(
     for local_idx, chunk in enumerate(zigzag_chunk_ids(cp_rank, cp_size)):
         q_chunk = q[:, :, local_idx * c : (local_idx + 1) * c]
         kv_len = (chunk + 1) * c
-        mask = causal_lower_right(c, kv_len)
-        outs.append(
-            F.scaled_dot_product_attention(
-                q_chunk, k_all[:, :, :kv_len], v_all[:, :, :kv_len],
-                attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa,
-            )
-        )
+        outs.append(_lower_right_causal(q_chunk, k_all[:, :, :kv_len], v_all[:, :, :kv_len], scale, dropout_p, gqa))
     return torch.cat(outs, dim=2)
 
 

@@ -20,7 +20,10 @@ from harpe_megatron.model.gpt import HarpeGPTModel
 from harpe_megatron.model.spec import block_spec, transformer_engine_available
 from harpe_megatron.positional.bases import per_query_head_bases
 
-__all__ = ["transformer_config", "build_model", "model_head_bases"]
+__all__ = ["transformer_config", "build_model", "model_head_bases", "TE_UNVERIFIED"]
+
+TE_UNVERIFIED = ("[harpe] model.transformer_impl=te: the Transformer Engine layer spec is UNVERIFIED (it has never "
+                 "run in this project; no test covers it); model.transformer_impl=local is the tested path")
 
 
 def transformer_config(
@@ -97,10 +100,18 @@ def build_model(
 ) -> HarpeGPTModel:
     """The model chunk for this rank (parallel state must be initialised).
 
-    ``use_transformer_engine=None`` picks TE when it is importable and the model is on CUDA.
+    ``use_transformer_engine=None`` follows ``model.transformer_impl`` (default ``local``: our
+    tested spec). ``te`` needs Transformer Engine installed and prints one line saying that
+    path is unverified (it has never run: TE cannot be installed on CPU and no reachable GPU has it).
     """
     if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available() and torch.cuda.is_available()
+        use_transformer_engine = model.transformer_impl == "te"
+    if use_transformer_engine:
+        if not transformer_engine_available():
+            raise RuntimeError("model.transformer_impl: te needs transformer_engine, which is not installed; "
+                               "use model.transformer_impl: local (the tested default)")
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(TE_UNVERIFIED, flush=True)
     tp = config.tensor_model_parallel_size
     return HarpeGPTModel(
         config=config,

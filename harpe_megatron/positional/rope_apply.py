@@ -20,6 +20,7 @@ keeps fp32 cos/sin per layer alive through autograd.
 Implementations: ``"triton"`` (:mod:`harpe_megatron.positional.rope_kernel`, used automatically
 for CUDA tensors when Triton is importable) and ``"torch"`` (the same expression in torch: CPU, and
 the reference the kernel is tested against). ``HARPE_ROPE_IMPL=torch|triton`` overrides the choice.
+Fake tensors (the memory planner) take the Triton path's allocations without launching it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 
 __all__ = ["apply_per_head_rope", "rope_torch", "triton_available", "default_impl"]
 
@@ -53,7 +55,14 @@ def default_impl(x: Tensor) -> str:
         if forced not in _IMPLS:
             raise ValueError(f"HARPE_ROPE_IMPL: expected one of {_IMPLS}, got {forced!r}")
         return forced
+    if _is_fake(x):
+        return "triton"  # the memory planner: the GPU path's allocations (no kernel runs on fake tensors)
     return "triton" if x.is_cuda and triton_available() else "torch"
+
+
+def _is_fake(x: Tensor) -> bool:
+    """Whether ``x`` is a FakeTensor (thin wrapper over torch's private helper)."""
+    return _torch_is_fake(x)
 
 
 def _pairs(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
@@ -85,12 +94,13 @@ def rope_torch(x: Tensor, positions: Tensor, inv_freq: Tensor, interleaved: bool
 def _rotate(x: Tensor, positions: Tensor, inv_freq: Tensor, interleaved: bool, inverse: bool, impl: str,
             out: Optional[Tensor]) -> Tensor:
     if impl == "triton":
-        from harpe_megatron.positional.rope_kernel import launch_rope
-
         src = x if x.stride(-1) == 1 else x.contiguous()
         target = out if out is not None and out.stride(-1) == 1 else torch.empty(
             x.shape, dtype=x.dtype, device=x.device)
-        launch_rope(src, target, positions, inv_freq, interleaved, inverse)
+        if not _is_fake(x):  # fake tensors (the planner): the kernel's allocations, without the kernel
+            from harpe_megatron.positional.rope_kernel import launch_rope
+
+            launch_rope(src, target, positions, inv_freq, interleaved, inverse)
         if out is not None and target is not out:
             out.copy_(target)
             return out

@@ -20,6 +20,11 @@ arguments (raw angles reach ~1.3e5 rad at 128k) is then never taken. The rotatio
 and rounded once to ``x``'s dtype.
 
 One program handles one token row (all ``b`` samples are separate rows) and ``BLOCK_H`` heads.
+
+Addressing is 64-bit: a row's element offset ``s * stride_s + b * stride_b`` exceeds 2^31 once
+tokens-per-rank x token stride does (128k tokens with micro_batch_size 2 at TP 1, where the token
+stride of q/k inside the fused QKV output is ``3 * h * d``). Integer kernel arguments and
+``tl.program_id`` are int32, so :func:`row_offset` widens the row index before multiplying.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["rope_rows_kernel", "launch_rope"]
+__all__ = ["rope_rows_kernel", "row_offset", "launch_rope"]
 
 _TWO_PI = tl.constexpr(6.283185307179586)
+
+
+@triton.jit
+def row_offset(row, batch, stride_s, stride_b):
+    """Element offset (int64) of token row ``row`` (= ``s * batch + b``) of a ``[s, b, ...]`` tensor."""
+    wide = row.to(tl.int64)
+    return (wide // batch) * stride_s + (wide % batch) * stride_b
 
 
 @triton.jit
@@ -43,15 +55,13 @@ def rope_rows_kernel(
     INTERLEAVED: tl.constexpr, SHARED_FREQ: tl.constexpr, SIGN: tl.constexpr,
 ):
     row = tl.program_id(0)
-    s = row // batch
-    b = row % batch
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_D)
     h_ok = h < heads
     i_ok = i < half
     mask = h_ok[:, None] & i_ok[None, :]
 
-    pos = tl.load(pos_ptr + s * sp_s + b * sp_b)
+    pos = tl.load(pos_ptr + row_offset(row, batch, sp_s, sp_b))
     if SHARED_FREQ:
         freq = tl.load(freq_ptr + i, mask=i_ok, other=0.0)[None, :]
     else:
@@ -69,8 +79,8 @@ def rope_rows_kernel(
     else:
         first = i
         second = i + half
-    x_row = x_ptr + s * sx_s + b * sx_b + h[:, None] * sx_h
-    o_row = out_ptr + s * so_s + b * so_b + h[:, None] * so_h
+    x_row = x_ptr + row_offset(row, batch, sx_s, sx_b) + h[:, None].to(tl.int64) * sx_h
+    o_row = out_ptr + row_offset(row, batch, so_s, so_b) + h[:, None].to(tl.int64) * so_h
     x1 = tl.load(x_row + first[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + second[None, :], mask=mask, other=0.0).to(tl.float32)
     y1 = x1 * cos - x2 * sin

@@ -61,6 +61,7 @@ from harpe_megatron.training.metrics import (
     peak_tflops,
     training_flops_per_token,
 )
+from harpe_megatron.training.plan import Builders, preflight
 from harpe_megatron.training.preemption import Preemption
 from harpe_megatron.training.run_lock import RunDirInUse, hold_run_dir
 from harpe_megatron.training.step import forward_step
@@ -125,8 +126,11 @@ def build_training_model(cfg: RunConfig):
     return [ddp], tconfig
 
 
-def build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int):
-    """megatron's (distributed) Adam with grad clipping, and its LR/WD scheduler, from ``cfg.training``."""
+def build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int, use_gloo_process_groups: bool = True):
+    """megatron's (distributed) Adam with grad clipping, and its LR/WD scheduler, from ``cfg.training``.
+
+    ``use_gloo_process_groups=False``: without megatron's gloo groups (used only to save/load the
+    distributed optimizer's state; the memory planner's fake process groups have none)."""
     t = cfg.training
     opt_config = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -135,7 +139,7 @@ def build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int):
         use_distributed_optimizer=t.use_distributed_optimizer,
         overlap_param_gather=t.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks, use_gloo_process_groups=use_gloo_process_groups)
     decay_iters = t.lr_decay_iters or train_iters
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
@@ -309,6 +313,7 @@ def _train_holding_run_dir(cfg: RunConfig, watchdog: Optional[Watchdog], preempt
     if dist.get_rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
 
+    preflight(cfg, world, Builders(build_training_model, build_optimizer), log=_log)  # memory plan, nothing allocated
     model_chunks, tconfig = build_training_model(cfg)
     optimizer, scheduler = build_optimizer(cfg, model_chunks, train_iters)
 

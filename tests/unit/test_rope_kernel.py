@@ -92,3 +92,26 @@ def test_kernel_is_really_per_head(interpreted):
     torch.testing.assert_close(per_head[:, :, 0], single[:, :, 0], rtol=0, atol=1e-6)
     assert (per_head[:, :, 1:] - single[:, :, 1:]).abs().max() > 0.1
 
+
+
+def test_row_offsets_are_64_bit(interpreted):
+    """Row offsets past 2^31 elements: 131072 tokens x micro-batch 2 at TP 1, q inside the fused
+    QKV output (token stride 3 * 32 heads * 128). Rows come in as int32, like ``tl.program_id``,
+    and strides as int32 kernel arguments, so an int32 ``s * stride`` would wrap here."""
+    tl = pytest.importorskip("triton.language")
+    globals()["_kernels"] = interpreted  # the interpreter resolves names in the module's globals
+
+    @triton.jit
+    def offsets(rows_ptr, out_ptr, batch, stride_s, stride_b):
+        i = tl.program_id(0)
+        tl.store(out_ptr + i, _kernels.row_offset(tl.load(rows_ptr + i), batch, stride_s, stride_b))  # noqa: F821
+
+    tokens, batch, stride_b = 131072, 2, 3 * 32 * 128
+    stride_s = batch * stride_b
+    rows = torch.tensor([0, 1, 7, tokens, tokens * batch - 2, tokens * batch - 1], dtype=torch.int32)
+    out = torch.zeros(len(rows), dtype=torch.int64)
+    offsets[(len(rows),)](rows, out, batch, stride_s, stride_b)
+    wide = rows.long()
+    expected = (wide // batch) * stride_s + (wide % batch) * stride_b
+    assert int(expected[-1]) >= 2**31
+    torch.testing.assert_close(out, expected)
