@@ -54,3 +54,32 @@ def test_tiny_model_writes_json_and_png(tmp_path, exported_model):
     assert res["perplexity"][0]["ppl"] > 1
     png = Path(res["heatmaps"]["passkey"])
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_self_extend_option(tmp_path, exported_model):
+    """--self-extend GROUP,WINDOW: recorded in the result and its name; a window covering every
+    length gives the plain model's perplexity; retrieval tasks run with it (generate with cache)."""
+    from harpe_megatron.eval.runner import evaluate
+
+    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "tools" / "eval_long_context.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:3000])
+    out = tmp_path / "se.json"
+    with pytest.warns(UserWarning, match="trained window"):
+        rc = cli.main(["run", str(exported_model), "--out", str(out), "--tasks", "passkey", "--lengths", "384",
+                       "--depths", "50", "--ppl-file", str(text), "--ppl-lengths", "384",
+                       "--self-extend", "4,64", "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["self_extend"] == {"group_size": 4, "window": 64}
+    assert res["name"].endswith("+selfextend-g4-w64")
+    assert len(res["records"]) == 1 and res["perplexity"][0]["ppl"] > 1
+    kwargs = dict(tasks=[], lengths=[192], ppl_file=str(text), progress=False)
+    plain = evaluate(str(exported_model), str(tmp_path / "a.json"), **kwargs)
+    wide = evaluate(str(exported_model), str(tmp_path / "b.json"), self_extend=(4, 192), **kwargs)
+    assert plain["self_extend"] is None
+    assert wide["perplexity"][0]["ppl"] == pytest.approx(plain["perplexity"][0]["ppl"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["run", str(exported_model), "--out", "x.json", "--self-extend", "32"])
