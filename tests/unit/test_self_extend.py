@@ -220,3 +220,18 @@ def test_bad_settings_and_caches_are_refused():
     model = apply_self_extend(tiny_llama(), 4, 8)
     with torch.no_grad(), pytest.raises(ValueError, match="DynamicCache"):
         model(_ids(10), cache=StaticCache(config=model.config, max_cache_len=32))
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone():
+    """Keys sit at consecutive positions ending at the query's ``position_ids``, so a left-padded
+    row keeps its real tokens' positions (and their groups) in a batch."""
+    model = apply_self_extend(tiny_harpe(), 4, 8)
+    a, b = _ids(20, seed=5), _ids(14, seed=6)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        alone = [model.generate(x, attention_mask=torch.ones_like(x), **kwargs)[0, x.shape[1]:] for x in (a, b)]
+        batch = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :6] = 0
+        together = model.generate(batch, attention_mask=mask, **kwargs)[:, 20:]
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
