@@ -83,3 +83,12 @@ def test_self_extend_option(tmp_path, exported_model):
     assert wide["perplexity"][0]["ppl"] == pytest.approx(plain["perplexity"][0]["ppl"], rel=1e-5)
     with pytest.raises(SystemExit):
         cli.parse_args(["run", str(exported_model), "--out", "x.json", "--self-extend", "32"])
+    # a folder whose config carries the key runs with it, and the result says so
+    import shutil
+    keyed = tmp_path / "keyed"
+    shutil.copytree(exported_model, keyed)
+    config = json.loads((keyed / "config.json").read_text())
+    (keyed / "config.json").write_text(json.dumps({**config, "self_extend": {"group_size": 4, "window": 192}}))
+    from_key = evaluate(str(keyed), str(tmp_path / "c.json"), **kwargs)
+    assert from_key["self_extend"] == {"group_size": 4, "window": 192}
+    assert from_key["perplexity"][0]["ppl"] == pytest.approx(wide["perplexity"][0]["ppl"], rel=1e-6)

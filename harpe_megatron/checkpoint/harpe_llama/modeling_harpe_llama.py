@@ -132,6 +132,7 @@ __all__ = [
     "apply_self_extend",
     "harpe_group_bases",
     "self_extend_attention",
+    "self_extend_of",
     "self_extend_settings",
 ]
 
@@ -515,6 +516,14 @@ def apply_self_extend(model: nn.Module, group_size: int, window: int) -> nn.Modu
         else:
             layer.self_attn = SelfExtendAttention(attention, inv_freq, attention_scaling, group_size, window)
     return model
+
+
+def self_extend_of(model: nn.Module) -> Optional[tuple[int, int]]:
+    """``(group_size, window)`` of the model's Self-Extend layers, or None when it has none."""
+    found = {(m.group_size, m.window) for m in model.modules() if isinstance(m, SelfExtendAttention)}
+    if len(found) > 1:
+        raise ValueError(f"Self-Extend layers with different settings: {sorted(found)}")
+    return found.pop() if found else None
 
 
 class HarpeLlamaDecoderLayer(LlamaDecoderLayer):
