@@ -19,6 +19,7 @@ from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import (
     HarpeLlamaForCausalLM,
     SelfExtendAttention,
     apply_self_extend,
+    self_extend_attention,
     self_extend_settings,
 )
 from tests.helpers import tiny_hf_llama, tiny_model_config
@@ -235,3 +236,16 @@ def test_left_padded_batch_generates_like_each_prompt_alone():
         mask[1, :6] = 0
         together = model.generate(batch, attention_mask=mask, **kwargs)[:, 20:]
     assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+
+
+def test_query_chunks_give_the_same_attention():
+    """Scores are built a few query rows at a time (bounded memory); the chunking changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 30, 8, generator=g)
+    k, v = torch.randn(2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g)
+    pos = torch.arange(30)[None]
+    inv_freq = torch.tensor([[1.0, 0.1, 0.01, 0.001], [1.0, 0.3, 0.09, 0.027]])
+    args = (q, k, v, pos, pos, inv_freq, 1.0, 8 ** -0.5, 4, 6)
+    whole = self_extend_attention(*args)
+    assert whole.shape == (2, 30, 4, 8)
+    torch.testing.assert_close(self_extend_attention(*args, max_scores=2 * 4 * 30 * 7), whole, rtol=0, atol=1e-6)

@@ -382,10 +382,10 @@ def self_extend_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
         raise ValueError(f"inv_freq {tuple(inv_freq.shape)} does not fit {kv_heads} KV heads of dim {d}")
     qg = query.unflatten(1, (kv_heads, heads // kv_heads))       # [b, kv, rep, q, d]
     kg, vg = key[:, :, None], value[:, :, None]                  # [b, kv, 1, k, d]
-    distance = query_positions[:, :, None] - key_positions[:, None, :]   # [b|1, q, k]
     q_near = _rotate_at(qg, query_positions, inv_freq, attention_scaling)
     k_near = _rotate_at(kg, key_positions, inv_freq, attention_scaling).transpose(-1, -2)
-    grouped = bool((distance >= window).any())
+    # any (query, key) pair at distance >= window? (without building the q x k distances)
+    grouped = bool((query_positions.amax(-1) - key_positions.amin(-1) >= window).any())
     if grouped:
         group_q, group_k = self_extend_positions(query_positions, key_positions, group_size, window)
         q_far = _rotate_at(qg, group_q, inv_freq, attention_scaling)
@@ -394,7 +394,7 @@ def self_extend_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     outputs = []
     for start in range(0, q_len, rows):
         part = slice(start, start + rows)
-        dist = distance[:, None, None, part]                     # [b|1, 1, 1, r, k]
+        dist = (query_positions[:, part, None] - key_positions[:, None, :])[:, None, None]   # [b|1, 1, 1, r, k]
         scores = torch.matmul(q_near[..., part, :], k_near)
         if grouped:
             scores = torch.where(dist >= window, torch.matmul(q_far[..., part, :], k_far), scores)
