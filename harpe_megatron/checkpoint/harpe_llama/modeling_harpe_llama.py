@@ -322,7 +322,9 @@ def self_extend_positions(query_positions: torch.Tensor, key_positions: torch.Te
     The shift makes the two regions join: at distance ``q - k = W`` the grouped relative position is
     ``~W``. It is datamllab/LongLM's convention (``group_query_position = q // g1 + g2 - g2 / g1``,
     ``group_key_position = k // g1``); when ``G`` divides ``W`` (the paper's 1024 / 32) it is
-    ``W - W // G``, otherwise the query position is fractional, as in LongLM.
+    ``W - W // G``, otherwise the query position is fractional, as in LongLM. (LongLM also drops
+    the shift while every query position is below ``W``; no grouped score is used then, so that
+    changes nothing and is not repeated here.)
     """
     shift = window - window / group_size
     grouped_q = torch.div(query_positions, group_size, rounding_mode="floor").to(torch.float32) + shift
