@@ -5,10 +5,13 @@
         [--tasks passkey,needle,niah_single,...|all] [--lengths 1024,2048,4096] [--depths 0,0.25,0.5,0.75,1]
         [--samples N] [--seed S] [--name LABEL] [--device cpu|cuda] [--dtype bf16|fp16|fp32]
         [--heatmap-dir DIR] [--ppl-file TEXT --ppl-lengths 1024,4096 --ppl-stride N | --ppl-stride-fraction 0.5
-         --ppl-max-tokens N] [--no-progress]
+         --ppl-max-tokens N] [--self-extend GROUP,WINDOW] [--no-progress]
     python tools/eval_long_context.py report results/harpe.json results/abf.json --out report.md [--heatmap report.png]
 
 Lengths beyond the model's max_position_embeddings are run and flagged ('*' in reports).
+--self-extend GROUP,WINDOW evaluates with Self-Extend (Jin et al. 2024; training-free): keys within
+WINDOW tokens of the query keep their positions, farther ones use positions floor-divided by GROUP
+(the paper's Llama-2-7B setting at 128k: --self-extend 32,1024). Plain Llama and harpe_llama folders.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ import sys
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
+
+
+def _self_extend(s: str) -> tuple[int, int]:
+    try:
+        group, window = (int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GROUP,WINDOW (two integers, e.g. 32,1024), got {s!r}") from None
+    if group < 1 or window < 1:
+        raise argparse.ArgumentTypeError(f"GROUP and WINDOW must be >= 1, got {s!r}")
+    return group, window
 
 
 def _floats(s: str) -> list[float]:
@@ -47,6 +60,8 @@ def parse_args(argv=None):
     r.add_argument("--ppl-stride", type=int, default=None)
     r.add_argument("--ppl-stride-fraction", type=float, default=None)
     r.add_argument("--ppl-max-tokens", type=int, default=None)
+    r.add_argument("--self-extend", type=_self_extend, default=None, metavar="GROUP,WINDOW",
+                   help="Self-Extend: group size and neighbour window (e.g. 32,1024)")
     r.add_argument("--no-progress", action="store_true")
     rep = sub.add_parser("report", help="Markdown table comparing result files per length")
     rep.add_argument("results", nargs="+")
@@ -79,7 +94,8 @@ def main(argv=None) -> int:
         return 2
     res = evaluate(args.model_dir, args.out, args.tasks, args.lengths, args.depths, args.samples, args.seed,
                    args.name, args.device, args.dtype, args.ppl_file, args.ppl_lengths, args.ppl_stride,
-                   args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress)
+                   args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress,
+                   args.self_extend)
     for task, d in res["per_length"].items():
         print(f"{task:20s} " + "  ".join(f"{L}:{v:.1f}" for L, v in d.items()))
     for row in res.get("perplexity", []):

@@ -66,11 +66,16 @@ def model_source(model: str) -> tuple[str, str]:
     raise FileNotFoundError(f"{model}: no such model folder (and not a Hub id of the form org/name)")
 
 
-def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None):
+def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
+            self_extend: Optional[tuple[int, int]] = None):
     """(model, tokenizer, max_position_embeddings) from an exported HF folder.
 
     Runs no code from the folder (``trust_remote_code=False``): ``harpe_llama`` models use this
     package's own copy of the modeling code, registered with the Auto classes.
+    ``self_extend=(group_size, window)`` gives every attention layer Self-Extend (plain Llama or
+    harpe_llama; :func:`~harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama.apply_self_extend`);
+    without it, a ``self_extend`` key in the folder's config is honoured for plain Llama folders
+    too (harpe_llama builds it itself; transformers' own Llama class would ignore the key).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,6 +87,11 @@ def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None):
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
+    from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import (
+        apply_self_extend, self_extend_of, self_extend_settings)
+    wanted = self_extend or self_extend_settings(getattr(model.config, "self_extend", None))
+    if wanted is not None and self_extend_of(model) != tuple(wanted):
+        apply_self_extend(model, *wanted)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer.model_max_length = int(1e30)   # long prompts are intended; silence the length warning
     return model, tokenizer, getattr(model.config, "max_position_embeddings", None)
@@ -156,14 +166,23 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
              ppl_file: Optional[str] = None, ppl_lengths: Optional[list[int]] = None,
              ppl_stride: Optional[int] = None, ppl_stride_fraction: Optional[float] = None,
              ppl_max_tokens: Optional[int] = None, heatmap_dir: Optional[str] = None,
-             progress: bool = True) -> dict:
-    """Full evaluation of an exported HF folder: tasks, optional perplexity, JSON (+ heatmaps)."""
+             progress: bool = True, self_extend: Optional[tuple[int, int]] = None) -> dict:
+    """Full evaluation of an exported HF folder: tasks, optional perplexity, JSON (+ heatmaps).
+    ``self_extend=(group_size, window)`` evaluates the model with Self-Extend (what the model runs
+    with, option or config key, is recorded as ``self_extend``; the default name gets a
+    ``+selfextend-gG-wW`` suffix)."""
+    from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import self_extend_of
+
     source, label = model_source(model_dir)
-    model, tokenizer, window = load_hf(source, device, dtype)
+    model, tokenizer, window = load_hf(source, device, dtype, self_extend)
+    self_extend = self_extend_of(model)   # the option, or the folder's config key
     result = run_tasks(hf_generator(model, tokenizer, device), tokenizer, tasks, lengths, depths,
                        num_samples, seed, window, progress) if tasks else {
         "trained_window": window, "per_length": {}, "grids": {}, "records": [], "skipped": []}
-    result["name"] = name or label
+    suffix = f"+selfextend-g{self_extend[0]}-w{self_extend[1]}" if self_extend else ""
+    result["name"] = name or label + suffix
+    result["self_extend"] = ({"group_size": self_extend[0], "window": self_extend[1]}
+                             if self_extend else None)
     result["model_dir"] = source
     if ppl_file:
         from harpe_megatron.eval.perplexity import perplexity_by_length

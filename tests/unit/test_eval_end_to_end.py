@@ -72,3 +72,41 @@ def test_model_argument_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
     for missing in ("./runs/x/hf", "/nonexistent/hf", "runs/x/hf"):
         with pytest.raises(FileNotFoundError, match=f"{missing}: no such model folder"):
             model_source(missing)
+
+
+def test_self_extend_option(tmp_path, exported_model):
+    """--self-extend GROUP,WINDOW: recorded in the result and its name; a window covering every
+    length gives the plain model's perplexity; retrieval tasks run with it (generate with cache)."""
+    from harpe_megatron.eval.runner import evaluate
+
+    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "tools" / "eval_long_context.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:3000])
+    out = tmp_path / "se.json"
+    with pytest.warns(UserWarning, match="trained window"):
+        rc = cli.main(["run", str(exported_model), "--out", str(out), "--tasks", "passkey", "--lengths", "384",
+                       "--depths", "50", "--ppl-file", str(text), "--ppl-lengths", "384",
+                       "--self-extend", "4,64", "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["self_extend"] == {"group_size": 4, "window": 64}
+    assert res["name"].endswith("+selfextend-g4-w64")
+    assert len(res["records"]) == 1 and res["perplexity"][0]["ppl"] > 1
+    kwargs = dict(tasks=[], lengths=[192], ppl_file=str(text), progress=False)
+    plain = evaluate(str(exported_model), str(tmp_path / "a.json"), **kwargs)
+    wide = evaluate(str(exported_model), str(tmp_path / "b.json"), self_extend=(4, 192), **kwargs)
+    assert plain["self_extend"] is None
+    assert wide["perplexity"][0]["ppl"] == pytest.approx(plain["perplexity"][0]["ppl"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["run", str(exported_model), "--out", "x.json", "--self-extend", "32"])
+    # a folder whose config carries the key runs with it, and the result says so
+    import shutil
+    keyed = tmp_path / "keyed"
+    shutil.copytree(exported_model, keyed)
+    config = json.loads((keyed / "config.json").read_text())
+    (keyed / "config.json").write_text(json.dumps({**config, "self_extend": {"group_size": 4, "window": 192}}))
+    from_key = evaluate(str(keyed), str(tmp_path / "c.json"), **kwargs)
+    assert from_key["self_extend"] == {"group_size": 4, "window": 192}
+    assert from_key["perplexity"][0]["ppl"] == pytest.approx(wide["perplexity"][0]["ppl"], rel=1e-6)

@@ -2,8 +2,10 @@
 
 A ``LlamaConfig`` with ``model_type = "harpe_llama"`` and one extra key, ``harpe_rope_bases``: the
 RoPE base of every query head, in head order (query head ``h`` uses its KV group
-``h // (num_attention_heads // num_key_value_heads)``; heads of a group share one base). Every
-other key means what it means for Llama; ``rope_theta`` is not used by the HARPE model.
+``h // (num_attention_heads // num_key_value_heads)``; heads of a group share one base). Optional:
+``self_extend: {"group_size": G, "window": W}`` builds every attention layer with Self-Extend
+(inference-time; see ``modeling_harpe_llama.py``). Every other key means what it means for Llama;
+``rope_theta`` is not used by the HARPE model.
 
 This file only imports transformers; it runs no other code.
 """
