@@ -58,3 +58,16 @@ def hf_state(folder: Path) -> dict[str, torch.Tensor]:
         out.update(load_file(Path(folder) / shard))
     assert set(out) == set(index["weight_map"])
     return out
+
+
+def checkpoint_tensors(ckpt_dir: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a megatron torch_dist checkpoint (global, unsharded), read with torch's own
+    DCP converter. (megatron's ``load_plain_tensors`` fails on torch >= 2.15: its metadata reader
+    passes TensorProperties' new ``strides`` field to ``torch.empty``.)"""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = scratch / (Path(ckpt_dir).name + ".pt")
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    state = torch.load(out, weights_only=False)  # a file this test wrote itself
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}
