@@ -122,6 +122,7 @@ def update_cache(cache, key_states, value_states, layer_idx: int, cos, sin, kwar
         return cache.update(key_states, value_states, layer_idx)
     return cache.update(key_states, value_states, layer_idx, kwargs=kwargs)
 
+
 __all__ = [
     "HarpeLlamaRotaryEmbedding",
     "HarpeLlamaAttention",
