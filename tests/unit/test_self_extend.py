@@ -220,7 +220,7 @@ def test_bad_settings_and_caches_are_refused():
 
     model = apply_self_extend(tiny_llama(), 4, 8)
     with torch.no_grad(), pytest.raises(ValueError, match="DynamicCache"):
-        model(_ids(10), cache=StaticCache(config=model.config, max_cache_len=32))
+        model(_ids(10), past_key_values=StaticCache(config=model.config, max_cache_len=32))
 
 
 def test_left_padded_batch_generates_like_each_prompt_alone():

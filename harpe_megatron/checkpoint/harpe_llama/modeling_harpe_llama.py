@@ -254,6 +254,13 @@ def _attention_interface(impl: str) -> Callable:
     return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
 
 
+def project_qkv(attention, hidden_states: torch.Tensor):
+    """Llama's q/k/v projections of ``[b, s, hidden]``: ``[b, heads|kv_heads, s, head_dim]`` each, unrotated."""
+    hidden_shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
+    return tuple(proj(hidden_states).view(hidden_shape).transpose(1, 2)
+                 for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+
+
 class HarpeLlamaAttention(LlamaAttention):
     """Llama attention whose rotary tables hold one row per KV group (see module docstring)."""
 
@@ -266,11 +273,7 @@ class HarpeLlamaAttention(LlamaAttention):
     ):
         cache = pop_cache(kwargs)  # ``cache=`` (>= 5.24) or ``past_key_values=``
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states, value_states = project_qkv(self, hidden_states)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_harpe_rotary(query_states, key_states, cos, sin)
@@ -457,10 +460,7 @@ class SelfExtendAttention(nn.Module):
     ):
         cache = pop_cache(kwargs)  # ``cache=`` (>= 5.24) or ``past_key_values=``
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states, value_states = project_qkv(self, hidden_states)
 
         if cache is not None:  # unrotated keys
             key_states, value_states = update_cache(cache, key_states, value_states, self.layer_idx, None, None, kwargs)
