@@ -48,7 +48,7 @@ export PYTHONUNBUFFERED=1
 
 if [ -n "${LOCAL_RANK:-}" ] && [ -n "${RANK:-}" ]; then
   # One rank of a torchrun job (torchrun --no-python scripts/pretrain_harpe.sh ...).
-  "$PYTHON" -m harpe_megatron.data.prepare_run --config "$CONFIG" "$@"
+  "$PYTHON" -m harpe_megatron.cli.prepare_run --config "$CONFIG" "$@"
   exec "$PYTHON" -m harpe_megatron.train --config "$CONFIG" "$@"
 fi
 
@@ -61,7 +61,7 @@ MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
 # Build the demo corpus/tokenizer/index first when the config asks for it (data.build_demo_corpus).
-"$PYTHON" -m harpe_megatron.data.prepare_run --config "$CONFIG" "$@"
+"$PYTHON" -m harpe_megatron.cli.prepare_run --config "$CONFIG" "$@"
 
 echo "[pretrain_harpe] config $CONFIG | nodes $NNODES (this: $NODE_RANK) x $GPUS_PER_NODE ranks | master $MASTER_ADDR:$MASTER_PORT"
 # Preemption (docs/reliability.md): the ranks save and exit with 75 on SIGTERM/SIGUSR1. torchrun
@@ -100,8 +100,7 @@ def main() -> int:
             os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
         sys.exit(f"pretrain_harpe.sh: {sys.executable} cannot import harpe_megatron; "
                  f"run 'bash scripts/setup_venv.sh' first, or use the torchrun of that venv")
-    from harpe_megatron import train
-    from harpe_megatron.data import prepare_run
+    from harpe_megatron.cli import prepare_run, train
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     code = prepare_run.main(["--config", config, *sys.argv[1:]])

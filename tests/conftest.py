@@ -5,26 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harpe_megatron.testing.distributed import free_port, init_gloo
-
-
-class FakeGroup:
-    """Stands in for a process group where only ``rank()``/``size()`` are read (table slicing)."""
-
-    def __init__(self, rank: int, size: int):
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
+from harpe_megatron.distributed.bringup import free_port, init_process_group
 
 
 @pytest.fixture(scope="session")
 def single_rank():
     """A gloo process group of one rank for this pytest process (megatron needs one)."""
-    init_gloo(0, 1, free_port())
+    init_process_group("cpu", rank=0, world_size=1, port=free_port())
     yield
 
 

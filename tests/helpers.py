@@ -1,4 +1,4 @@
-"""Test helpers: tiny HF Llama models and the matching configs."""
+"""Test helpers: tiny HF Llama models and the matching configs, a stand-in process group."""
 
 from __future__ import annotations
 
@@ -71,3 +71,16 @@ def checkpoint_tensors(ckpt_dir: Path, scratch: Path) -> dict[str, torch.Tensor]
     dcp_to_torch_save(str(ckpt_dir), str(out))
     state = torch.load(out, weights_only=False)  # a file this test wrote itself
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
+
+
+class FakeGroup:
+    """Stands in for a process group where only ``rank()``/``size()`` are read (table slicing)."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size

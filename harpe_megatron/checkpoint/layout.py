@@ -20,7 +20,7 @@ Manifest format (JSON)::
     {"files": {"<relative path>": <size in bytes>, ...},
      "crc32": {"<relative path>": "<8 hex digits>", ...}}     # absent in manifests before checksums
 
-Everything here reads files only (no collectives); training/checkpointing.py does the saving.
+Everything here reads files only (no collectives); checkpoint/save_load.py does the saving.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 __all__ = [
+    "resolve_checkpoint_dir",
     "LATEST_FILE",
     "MANIFEST_FILE",
     "CheckpointDamaged",
@@ -248,3 +249,38 @@ def resolve_checkpoint(load_dir: str | os.PathLike) -> tuple[Optional[Path], lis
                          f"checkpoint {fallback.name}")
         return fallback, warnings_
     return None, warnings_
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The ``iter_*`` directory for a save dir (its ``latest``), a run dir or an ``iter_*`` dir.
+
+    Refuses (``ValueError``, naming the reason) an incomplete checkpoint, including a ``latest``
+    that names one: exporting an older iteration in its place would pass silently for the newest.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {p} does not exist")
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST_FILE).is_file():
+            try:
+                chosen, messages = resolve_checkpoint(root)
+            except RuntimeError as exc:
+                raise ValueError(str(exc)) from None
+            named = (root / LATEST_FILE).read_text().strip()
+            if chosen is None or chosen.name != named:
+                reason = incomplete_reason(root / named) if named else "is empty"
+                alternative = f"; pass {chosen} to export that older checkpoint" if chosen is not None else ""
+                raise ValueError(f"{root / LATEST_FILE} names {named!r}, which {reason}: refusing to export "
+                                 f"another iteration in its place{alternative}")
+            return chosen
+    if (p / "metadata.json").is_file() or p.name.startswith("iter_"):
+        reason = incomplete_reason(p)
+        if reason is not None:
+            raise ValueError(f"checkpoint {p} {reason}")
+        return p
+    found = list_checkpoints(p)
+    if found:
+        raise ValueError(f"{p} has no '{LATEST_FILE}' marker; pass one of its checkpoint directories "
+                         f"({', '.join(d.name for _, d in found[-3:])})")
+    raise ValueError(f"{p} is neither a training save directory (with '{LATEST_FILE}') nor a megatron "
+                     "distributed checkpoint (with metadata.json)")

@@ -5,7 +5,7 @@
   (``3e-5`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, ``null`` -> None).
 * Unknown keys, wrong types and invalid combinations raise :class:`ConfigError` whose message
   starts with the file and the key path (``configs/x.yaml: training.lr: ...``).
-* ``model.preset`` selects an architecture from :mod:`harpe_megatron.model.presets`; the other
+* ``model.preset`` selects an architecture from :mod:`harpe_megatron.config.presets`; the other
   ``model.*`` keys override its fields.
 * ``config_to_dict`` gives the resolved tree (what is written to the run dir and checkpoints).
 """
@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 from harpe_megatron.config.model import ModelConfig, PositionalConfig
+from harpe_megatron.config.presets import PRESETS
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.positional.bases import BASE_STRATEGIES, BaseStrategy
 from harpe_megatron.positional.position_ids import POSITION_SCHEMES, PositionScheme
@@ -161,8 +162,6 @@ def _build_variant(data: Any, path: str, registry: dict[str, type], key: str) ->
 
 def _build_section(cls: type, data: Any, path: str) -> Any:
     if cls is ModelConfig and isinstance(data, dict) and "preset" in data:
-        from harpe_megatron.model.presets import PRESETS
-
         data = dict(data)
         name = data.pop("preset")
         if name not in PRESETS:

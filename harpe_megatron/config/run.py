@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig, validate_model_setup
+from harpe_megatron.positional.bases import per_query_head_bases
 from harpe_megatron.positional.position_ids import PositionScheme
 
 __all__ = ["DataConfig", "TrainingConfig", "CheckpointConfig", "LoggingConfig", "StageConfig", "RunConfig"]
@@ -85,6 +86,9 @@ class TrainingConfig:
     recompute_method: Optional[str] = None  # uniform | block (with full)
     recompute_num_layers: Optional[int] = None
     seed: int = 1234
+    # auto: cuda when torch sees a GPU, else cpu (gloo + the CUDA->CPU redirection); cuda or cpu
+    # force one (cuda without a GPU is an error). Announced in one log line at start-up.
+    device: str = "auto"
     eval_interval: int = 0  # 0: never
     eval_iters: int = 1
     exit_interval: Optional[int] = None  # stop (after saving) at this step; for tests/schedulers
@@ -110,6 +114,8 @@ class TrainingConfig:
         for key in ("lr_warmup_iters", "eval_interval"):
             if getattr(self, key) < 0:
                 raise ValueError(f"training.{key} must be >= 0, got {getattr(self, key)}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"training.device: expected auto, cuda or cpu, got {self.device!r}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"training.precision: expected bf16, fp16 or fp32, got {self.precision!r}")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
@@ -235,8 +241,6 @@ class RunConfig:
         if self.stages is not None and len({s.name for s in self.stages}) != len(self.stages):
             raise ValueError("stages: stage names must be unique")
         # Resolving the bases checks their count and GQA consistency against the model.
-        from harpe_megatron.positional.bases import per_query_head_bases
-
         per_query_head_bases(self.positional.bases, self.model.num_attention_heads,
                              self.model.num_query_groups, self.model.head_dim)
         if self.parallel.pipeline_model_parallel_size > 1 and self.training.global_batch_size < (

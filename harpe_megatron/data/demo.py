@@ -42,6 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from harpe_megatron.data.indexed import write_indexed_dataset
+from harpe_megatron.data.jsonl import read_documents
+from harpe_megatron.data.tokenizer import train_sentencepiece
+from harpe_megatron.data.upsample import LengthUpsampler, render_report
+
 __all__ = [
     "DEMO_BIN_EDGES",
     "DEMO_KEEP_PROB",
@@ -264,10 +269,6 @@ def prepare_demo_data(
         raise FileExistsError(f"{out.manifest}: the demo data there was built with other settings "
                               f"(setting: (built, asked) {diff}); pass overwrite=True / --overwrite to rebuild it")
     # Imported here: megatron-core takes seconds to import, the check above does not need it.
-    from harpe_megatron.data.indexed import write_indexed_dataset
-    from harpe_megatron.data.jsonl import read_documents
-    from harpe_megatron.data.tokenizer import train_sentencepiece
-    from harpe_megatron.data.upsample import LengthUpsampler, render_report
 
     # A missing manifest means no build or an interrupted one: (re)build everything.
     Path(out.out_dir).mkdir(parents=True, exist_ok=True)

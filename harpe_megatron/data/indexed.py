@@ -29,9 +29,9 @@ own ``KeyboardInterrupt`` can land inside fork's at-fork hooks, where it is igno
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import multiprocessing as mp
-import glob
 import os
 import re
 import signal

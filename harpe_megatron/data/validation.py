@@ -19,8 +19,8 @@ config key and the file, and says what was expected:
   with no validation share;
 * an existing index-cache ``.npy`` file of an object dtype (megatron loads its caches with
   ``numpy.load(allow_pickle=True)``, i.e. it would unpickle it);
-* ``checkpoint.pretrained`` missing, or with a pickled part that could run code when megatron
-  loads it (:func:`harpe_megatron.checkpoint.safety.check_megatron_checkpoint`).
+* whatever the caller adds as ``checks`` (the trainer and ``tools/check_data.py``:
+  ``checkpoint.pretrained`` missing or unsafe, :mod:`harpe_megatron.training.input_checks`).
 
 How much is read depends on ``data.validate``:
 
@@ -46,13 +46,13 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
-
 from megatron.core.datasets.indexed_dataset import DType
 
 from harpe_megatron.data.dataset import _IDX_HEADER_BYTES, check_indexed_dataset
+from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 
 __all__ = [
     "VALIDATE_MODES",
@@ -116,7 +116,6 @@ def _fail(msg: str) -> None:
 # --- tokenizer -------------------------------------------------------------------------------------
 def _check_tokenizer(cfg) -> int:
     """The tokenizer's vocabulary size, after checking it against ``model.vocab_size``."""
-    from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 
     path = cfg.data.tokenizer_model
     if not path:
@@ -334,23 +333,8 @@ def _check_cache(cfg, prefixes: list[str]) -> None:
                       "caches with allow_pickle=True, so it is refused; delete it to rebuild")
 
 
-# --- initial weights -------------------------------------------------------------------------------
-def _check_pretrained(cfg) -> None:
-    """``checkpoint.pretrained`` exists and none of its pickled parts can run code when loaded."""
-    if not cfg.checkpoint.pretrained:
-        return
-    from harpe_megatron.checkpoint.convert import resolve_checkpoint_dir
-    from harpe_megatron.checkpoint.safety import UnsafeCheckpointError, check_megatron_checkpoint
-
-    try:
-        check_megatron_checkpoint(resolve_checkpoint_dir(cfg.checkpoint.pretrained))
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # UnsafeCheckpointError is a ValueError
-        kind = "unsafe" if isinstance(exc, UnsafeCheckpointError) else "unusable"
-        _fail(f"checkpoint.pretrained: {kind} checkpoint: {exc}")
-
-
 # --- entry -----------------------------------------------------------------------------------------
-def _validate_local(cfg, mode: str, rank: int, world: int) -> ValidationReport:
+def _validate_local(cfg, mode: str, rank: int, world: int, checks: Sequence[Callable]) -> ValidationReport:
     start = time.perf_counter()
     report = ValidationReport(mode=mode)
     if not cfg.data.paths:
@@ -369,19 +353,25 @@ def _validate_local(cfg, mode: str, rank: int, world: int) -> ValidationReport:
                          rank, world, pr)
         report.prefixes.append(pr)
     _check_cache(cfg, list(cfg.data.paths))
-    _check_pretrained(cfg)
+    for check in checks:
+        try:
+            check(cfg)
+        except ValueError as exc:
+            _fail(str(exc))
     report.seconds = time.perf_counter() - start
     return report
 
 
-def validate_training_inputs(cfg, mode: Optional[str] = None,
-                             log: Optional[Callable[[str], None]] = None) -> ValidationReport:
+def validate_training_inputs(cfg, mode: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
+                             checks: Sequence[Callable] = ()) -> ValidationReport:
     """Check the data and tokenizer of ``cfg`` (a RunConfig) before anything is written.
 
     ``mode`` defaults to ``cfg.data.validate``. With torch.distributed initialised this is a
     collective: call it on every rank; each reads its share and every rank raises the same
     :class:`DataValidationError` if any rank found a problem. ``log`` (rank 0 only) receives
-    the one-line summary.
+    the one-line summary. ``checks`` are further ``check(cfg)`` calls made with the data checks
+    (unless ``mode`` is off) whose ``ValueError`` is reported the same way (the trainer's: the
+    initial weights, :mod:`harpe_megatron.training.input_checks`).
     """
     import torch.distributed as dist
 
@@ -393,12 +383,12 @@ def validate_training_inputs(cfg, mode: Optional[str] = None,
     if mode == "off":
         report = ValidationReport(mode=mode)
     elif not distributed:
-        report = _validate_local(cfg, mode, rank, world)
+        report = _validate_local(cfg, mode, rank, world, checks)
     else:
         error: Optional[str] = None
         report = None
         try:
-            report = _validate_local(cfg, mode, rank, world)
+            report = _validate_local(cfg, mode, rank, world, checks)
         except DataValidationError as exc:
             error = str(exc)
         except Exception as exc:  # an unexpected failure must still reach the other ranks

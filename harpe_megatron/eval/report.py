@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from harpe_megatron.eval.heatmap import plot_grids
+
 
 def load(paths) -> list[dict]:
     return [json.loads(Path(p).read_text()) for p in paths]
@@ -64,7 +66,6 @@ def make_report(paths, out_md: Optional[str] = None, heatmap_png: Optional[str] 
           "`*` = beyond the model's trained window (`max_position_embeddings`).", "",
           task_tables(results), perplexity_tables(results)]
     if heatmap_png:
-        from harpe_megatron.eval.heatmap import plot_grids
         grid_tasks = list(dict.fromkeys(t for r in results for t in r.get("grids", {})))
         for task in grid_tasks:
             panels = [(f"{r.get('name')}: {task}", r["grids"][task], r.get("trained_window"))

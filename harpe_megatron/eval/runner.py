@@ -19,6 +19,10 @@ from typing import Callable, Optional
 import torch
 
 from harpe_megatron.eval import scoring, synthetic
+from harpe_megatron.eval.heatmap import plot_grid
+from harpe_megatron.eval.perplexity import perplexity_by_length
+from harpe_megatron.hf.harpe_llama import register
+from harpe_megatron.hf.harpe_llama.modeling_harpe_llama import apply_self_extend, self_extend_of, self_extend_settings
 
 Generate = Callable[[str, int], str]
 
@@ -73,13 +77,11 @@ def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
     Runs no code from the folder (``trust_remote_code=False``): ``harpe_llama`` models use this
     package's own copy of the modeling code, registered with the Auto classes.
     ``self_extend=(group_size, window)`` gives every attention layer Self-Extend (plain Llama or
-    harpe_llama; :func:`~harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama.apply_self_extend`);
+    harpe_llama; :func:`~harpe_megatron.hf.harpe_llama.modeling_harpe_llama.apply_self_extend`);
     without it, a ``self_extend`` key in the folder's config is honoured for plain Llama folders
     too (harpe_llama builds it itself; transformers' own Llama class would ignore the key).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from harpe_megatron.checkpoint.harpe_llama import register
 
     register()
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
@@ -87,8 +89,6 @@ def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
-    from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import (
-        apply_self_extend, self_extend_of, self_extend_settings)
     wanted = self_extend or self_extend_settings(getattr(model.config, "self_extend", None))
     if wanted is not None and self_extend_of(model) != tuple(wanted):
         apply_self_extend(model, *wanted)
@@ -171,7 +171,6 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
     ``self_extend=(group_size, window)`` evaluates the model with Self-Extend (what the model runs
     with, option or config key, is recorded as ``self_extend``; the default name gets a
     ``+selfextend-gG-wW`` suffix)."""
-    from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import self_extend_of
 
     source, label = model_source(model_dir)
     model, tokenizer, window = load_hf(source, device, dtype, self_extend)
@@ -185,14 +184,12 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
                              if self_extend else None)
     result["model_dir"] = source
     if ppl_file:
-        from harpe_megatron.eval.perplexity import perplexity_by_length
         ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))
         result["perplexity"] = perplexity_by_length(
             model, ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
             window, device, progress)
         result["perplexity_file"] = str(ppl_file)
     if heatmap_dir and result["grids"]:
-        from harpe_megatron.eval.heatmap import plot_grid
         result["heatmaps"] = {}
         for task, g in result["grids"].items():
             png = Path(heatmap_dir) / f"{result['name']}_{task}.png"

@@ -39,7 +39,6 @@ import math
 from typing import Optional
 
 import torch
-from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -49,6 +48,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 from torch.nn.attention.bias import causal_lower_right
 
 from harpe_megatron.parallel.zigzag import gathered_to_natural_order, zigzag_chunk_ids

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+from harpe_megatron.positional.peak_valley import peak_valley_bases
+
 __all__ = [
     "PAPER_LLAMA2_7B_BASES",
     "BaseStrategy",
@@ -131,7 +133,6 @@ class PeakValleyBases(BaseStrategy):
             raise ValueError(f"positional.bases.stride must be > 0, got {self.stride}")
 
     def resolve(self, count: int, head_dim: int) -> list[float]:
-        from harpe_megatron.positional.peak_valley import peak_valley_bases
 
         return peak_valley_bases(
             num_heads=count, b_min=self.b_min, b_max=self.b_max, stride=self.stride,

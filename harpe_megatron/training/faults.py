@@ -16,15 +16,22 @@ variable except :func:`fault_at`; an unknown kind fails at start with the list o
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Optional
 
-__all__ = ["ENV_VAR", "KINDS", "parse_faults", "fault_at", "maybe_die"]
+from torch.distributed.checkpoint.api import CheckpointException
+
+from harpe_megatron.checkpoint.save_load import SaveHooks
+
+__all__ = ["ENV_VAR", "KINDS", "SaveFaults", "parse_faults", "fault_at", "maybe_die"]
 
 ENV_VAR = "HARPE_FAULT_INJECT"
 KINDS = ("nan_loss", "crash_in_save", "exit", "hang", "disk_full", "slow_save")
+SLOW_SAVE_S = 3.0  # how long ``slow_save`` pauses a save (tests signal the launcher meanwhile)
 
 
 def parse_faults(spec: str) -> list[tuple[str, set[int], Optional[int]]]:
@@ -60,3 +67,29 @@ def maybe_die(step: int, rank: int) -> None:
     if fault_at("hang", step, rank):
         print(f"[harpe] fault injection: rank {rank} freezes at step {step} (SIGSTOP)", flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, heartbeat thread included
+
+
+def _disk_full(tmp: Path, rank: int) -> None:
+    """The ``disk_full`` fault: a partial file, then the exception torch raises when a write fails."""
+    partial = tmp / f"__{rank}_full.distcp"
+    partial.write_bytes(b"\0" * 4096)
+    err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
+    try:
+        raise RuntimeError(f"Worker failure: {err}") from err
+    except RuntimeError as wrapped:
+        raise CheckpointException("write", {rank: (wrapped, None)}) from None
+
+
+class SaveFaults(SaveHooks):
+    """The checkpoint faults (``crash_in_save``, ``slow_save``, ``disk_full``) as save hooks."""
+
+    def after_shards_written(self, tmp: Path, step: int, rank: int) -> None:
+        if fault_at("crash_in_save", step, rank):
+            print(f"[harpe] fault injection: rank {rank} dies in the middle of saving {tmp}", flush=True)
+            os._exit(137)
+        if fault_at("slow_save", step, rank):
+            print(f"[harpe] fault injection: rank {rank} pauses while saving {tmp}", flush=True)
+            time.sleep(SLOW_SAVE_S)
+        if fault_at("disk_full", step, rank):
+            print(f"[harpe] fault injection: rank {rank}'s disk is full while saving {tmp}", flush=True)
+            _disk_full(tmp, rank)

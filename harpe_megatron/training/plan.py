@@ -50,7 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from harpe_megatron.config.model import padded_vocab_size
 from harpe_megatron.config.run import RunConfig
-from harpe_megatron.testing.cpu import cpu_megatron
+from harpe_megatron.distributed.cpu import cpu_megatron
 from harpe_megatron.training.metrics import training_flops_per_token
 from harpe_megatron.training.step import forward_step
 

@@ -1,30 +1,24 @@
 """Plan a config at full scale: a fake world of the run's size, every stage, and fixes that fit.
 
-    python tools/plan_run.py --config CONFIG [key.path=value ...] [--gpu-memory-gib 80] [--nodes N]
-                             [--gpus-per-node 8] [--margin-gib 6] [--json OUT] [--no-suggest]
-
-For each plain run the config launches (one, or one per stage) it plans one rank of the
-configured layout on ``nodes x gpus_per_node`` ranks (:mod:`harpe_megatron.training.plan`: real
-model, optimizer and one forward + backward on fake tensors) and prints the predicted per-rank
-peak with its breakdown, counted FLOPs beside the MFU formula's, and whether it fits; when it
-does not, the first of (full recompute, half the micro-batch, TP x 2, CP x 2) that fits, planned
-too. Exit status 0 when every run fits, 1 when one does not, 2 for a config error.
+For each plain run the config launches (one, or one per stage), :func:`plan_run` plans one rank of
+the configured layout on ``world_size`` ranks (:mod:`harpe_megatron.training.plan`: real model,
+optimizer and one forward + backward on fake tensors): the predicted per-rank peak with its
+breakdown, counted FLOPs beside the MFU formula's, and whether it fits; when it does not, the first
+of (full recompute, half the micro-batch, TP x 2, CP x 2) that fits, planned too. The command is
+:mod:`harpe_megatron.cli.plan_run`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from typing import Callable, Optional
 
 from harpe_megatron.config.run import RunConfig
-from harpe_megatron.training.plan import GIB, Builders, RunPlan, fake_world, megatron_layout, plan_layout
+from harpe_megatron.training.plan import Builders, RunPlan, fake_world, megatron_layout, plan_layout
 from harpe_megatron.training.stages import stage_config
 from harpe_megatron.training.trainer import build_optimizer, build_training_model
 
-__all__ = ["plan_run", "plan_configs", "main"]
+__all__ = ["plan_run", "plan_configs"]
 
 # the fake process groups have no gloo twins (megatron's gloo groups serve only checkpointing)
 _BUILDERS = Builders(model=build_training_model,
@@ -99,65 +93,3 @@ def plan_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
         return [("run", cfg)]
     return [(f"stage {i} ({s.name})", stage_config(cfg, i, s, cfg.checkpoint.pretrained))
             for i, s in enumerate(cfg.stages)]
-
-
-def _report(plan: RunPlan) -> str:
-    lines = [plan.summary()]
-    lines.append("  breakdown at the peak (GiB): " + ", ".join(
-        f"{k} {v / GIB:.2f}" for k, v in plan.breakdown_bytes.items()))
-    lines.append("  each category's own maximum (GiB): " + ", ".join(
-        f"{k} {v / GIB:.2f}" for k, v in plan.category_max_bytes.items() if k not in ("params_bf16", "main_grads_fp32")))
-    lines.append(f"  FLOPs per step (all ranks): counted {plan.flops_per_step:.4e} (+ recompute: "
-                 f"{plan.executed_flops_per_step:.4e} executed), analytic (MFU formula) "
-                 f"{plan.analytic_flops_per_step:.4e}, ratio {plan.flops_per_step / plan.analytic_flops_per_step:.4f}")
-    if plan.suggestion:
-        lines.append(f"  would fit with {plan.suggestion['change']}: {plan.suggestion['peak_gib']:.2f} GiB (planned)")
-    elif plan.fits is False:
-        lines.append("  no single checked change fits")
-    lines.append(f"  planned in {plan.planning_s:.1f} s")
-    return "\n".join(lines)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from harpe_megatron.cli import quiet_library_warnings
-
-    p = argparse.ArgumentParser(prog="tools/plan_run.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    p.add_argument("--margin-gib", type=float, default=6.0,
-                   help="kept free for CUDA context, NCCL buffers, fragmentation (default 6)")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--json", default=None, help="write the plan(s) as JSON here")
-    p.add_argument("--no-suggest", action="store_true", help="do not search for a change that fits")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.micro_batch_size=2")
-    args = p.parse_args(argv)
-    quiet_library_warnings()
-    from harpe_megatron.config.loader import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        world = args.nodes * args.gpus_per_node
-        runs = plan_configs(cfg)
-        for _, run_cfg in runs:
-            run_cfg.validate_for_world(world)
-    except (ConfigError, ValueError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    plans = []
-    for label, run_cfg in runs:
-        plan = plan_run(run_cfg, world, args.gpu_memory_gib, args.margin_gib, name=f"{args.config} [{label}]",
-                        suggest=not args.no_suggest)
-        print(_report(plan), flush=True)
-        plans.append(plan)
-    if args.json:
-        data = [pl.to_json() for pl in plans]
-        with open(args.json, "w") as f:
-            json.dump(data[0] if len(data) == 1 else data, f, indent=2)
-            f.write("\n")
-    return 0 if all(pl.fits is not False for pl in plans) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,24 +9,23 @@ Handlers are installed only in the main thread (Python allows no other) and the 
 put back when the context exits, so the trainer can run inside tests or a larger program.
 
 torchrun and ``scancel --signal`` signal each rank's whole process group, so every helper process
-a rank starts gets the signal too. :func:`helpers_ignore_preemption` starts helpers (megatron's
+a rank starts gets the signal too. :func:`~harpe_megatron.distributed.signals.helpers_ignore_preemption` starts helpers (megatron's
 checkpoint-writer forks, multiprocessing's resource tracker) with the signals blocked, so they
 cannot die of it in the middle of the save that the signal asks for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch.distributed as dist
 
-__all__ = ["PREEMPTION_SIGNALS", "Preemption", "helpers_ignore_preemption"]
+from harpe_megatron.distributed.signals import PREEMPTION_SIGNALS
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+__all__ = ["PREEMPTION_SIGNALS", "Preemption"]
 
 
 class Preemption:
@@ -59,27 +58,3 @@ class Preemption:
     def flag(self) -> float:
         """1.0 once this rank has received a preemption signal, else 0.0."""
         return 1.0 if self.received else 0.0
-
-
-@contextlib.contextmanager
-def helpers_ignore_preemption(signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS + (signal.SIGINT,)
-                              ) -> Iterator[None]:
-    """Block ``signals`` in the calling thread while the body runs.
-
-    A process forked or spawned by this thread inherits the blocked mask (it survives exec), so a
-    helper started inside stays alive through the launcher's SIGTERM/SIGUSR1/SIGINT and finishes
-    its work; Python never unblocks them (multiprocessing's resource tracker unblocks SIGINT and
-    SIGTERM after setting them to SIG_IGN). This process still sees the signals: the kernel hands a
-    process-directed signal to a thread that does not block it (the watchdog's, gloo's) and
-    CPython runs the handler in the main thread; with no such thread it stays pending and is
-    handled when the block ends. Nothing happens outside the main thread or without
-    ``pthread_sigmask``.
-    """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from harpe_megatron.checkpoint.save_load import find_latest
 from harpe_megatron.config.run import RunConfig, StageConfig
 from harpe_megatron.positional.bases import ConstantBase
-from harpe_megatron.training.checkpointing import find_latest
 from harpe_megatron.training.trainer import TrainResult, train
 
 __all__ = ["stage_config", "run_stages"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -39,21 +40,22 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from harpe_megatron.config.loader import config_to_dict, save_config
-from harpe_megatron.config.run import RunConfig
-from harpe_megatron.data.validation import validate_training_inputs
-from harpe_megatron.model.builder import build_model, transformer_config
-from harpe_megatron.training.checkpointing import (
+from harpe_megatron.checkpoint.save_load import (
     CheckpointError,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
     save_checkpoint,
 )
+from harpe_megatron.config.loader import config_to_dict, save_config
+from harpe_megatron.config.run import RunConfig
+from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.training.data import TrainingData
 from harpe_megatron.training.exit_codes import PEER_FAILURE_EXIT_CODE, NonFiniteAbort
-from harpe_megatron.training.faults import fault_at, maybe_die
+from harpe_megatron.training.faults import ENV_VAR as FAULTS_ENV_VAR
+from harpe_megatron.training.faults import SaveFaults, fault_at, maybe_die
 from harpe_megatron.training.initialize import distributed_run
+from harpe_megatron.training.input_checks import validate_run_inputs
 from harpe_megatron.training.metrics import (
     MetricSinks,
     format_step_line,
@@ -295,7 +297,7 @@ def _from_rank0(value):
 
 
 def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Optional[Preemption] = None) -> TrainResult:
-    validate_training_inputs(cfg, log=_log)  # data/tokenizer checks, before anything is written
+    validate_run_inputs(cfg, log=_log)  # data/tokenizer checks, before anything is written
     # one run per run_dir, for the run's life (training/run_lock.py)
     with hold_run_dir(cfg.run_dir, dist.get_rank() == 0, _from_rank0, log=_log):
         return _train_holding_run_dir(cfg, watchdog, preemption)
@@ -411,7 +413,8 @@ def _train_holding_run_dir(cfg: RunConfig, watchdog: Optional[Watchdog], preempt
             if watchdog is not None:
                 watchdog.progress(step, "save")
             last_saved = save_checkpoint(save_dir, step, model_chunks, optimizer, scheduler, consumed,
-                                         config_yaml, cfg.checkpoint.keep_last)
+                                         config_yaml, cfg.checkpoint.keep_last,
+                                         hooks=SaveFaults() if os.environ.get(FAULTS_ENV_VAR) else None)
             _log(f"[harpe] saved checkpoint {last_saved}")
         if preempt and step < stop_at:
             preempted = True

@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from harpe_megatron.config.model import ModelConfig  # noqa: E402
-from harpe_megatron.model.presets import get_preset  # noqa: E402
+from harpe_megatron.config.presets import get_preset  # noqa: E402
 from harpe_megatron.training.metrics import training_flops_per_token  # noqa: E402
 
 

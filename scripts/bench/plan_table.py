@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from harpe_megatron.cli import quiet_library_warnings  # noqa: E402
+from harpe_megatron.cli.common import quiet_library_warnings  # noqa: E402
 
 CAPACITIES = (80.0, 141.0)
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device_description, peak_bandwidth_gbs, pick_device, time_call  # noqa: E402
 
-from harpe_megatron.cli import quiet_library_warnings  # noqa: E402
+from harpe_megatron.cli.common import quiet_library_warnings  # noqa: E402
 from harpe_megatron.positional.rope_apply import apply_per_head_rope, default_impl  # noqa: E402
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding  # noqa: E402
 

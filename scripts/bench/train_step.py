@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device_description, pick_device, synchronize  # noqa: E402
 
-from harpe_megatron.cli import quiet_library_warnings  # noqa: E402
+from harpe_megatron.cli.common import quiet_library_warnings  # noqa: E402
 from harpe_megatron.config.loader import config_from_dict  # noqa: E402
 from harpe_megatron.training import trainer  # noqa: E402
 from harpe_megatron.training.initialize import distributed_run  # noqa: E402

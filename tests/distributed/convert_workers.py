@@ -13,10 +13,10 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 
+from harpe_megatron.checkpoint.save_load import load_model_weights, save_checkpoint
 from harpe_megatron.config.loader import config_to_dict, load_config
+from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model.builder import build_model, transformer_config
-from harpe_megatron.testing.distributed import megatron_parallel
-from harpe_megatron.training.checkpointing import load_model_weights, save_checkpoint
 
 
 def _model(cfg, seq: int):

@@ -14,11 +14,11 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from harpe_megatron.checkpoint.llama_mapping import tp_gather, tp_shard
 from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig
+from harpe_megatron.distributed.bringup import megatron_parallel
+from harpe_megatron.hf.llama_names import tp_gather, tp_shard
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.parallel.zigzag import slice_for_cp_rank
-from harpe_megatron.testing.distributed import megatron_parallel
 from harpe_megatron.training.step import forward_step
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from harpe_megatron.testing.distributed import free_port
+from harpe_megatron.distributed.bringup import free_port
 
 __all__ = ["LAUNCH_MARKER", "Ranks", "leftover_processes", "read_metrics"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harpe_megatron.testing.distributed import free_port
+from harpe_megatron.distributed.bringup import free_port
 from tests.distributed.reliability_launch import REPO, read_metrics
 from tests.helpers import TINY_CPU_CONFIG, tiny_run_overrides
 

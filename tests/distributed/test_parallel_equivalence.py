@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from harpe_megatron.config.model import ParallelConfig, PositionalConfig
+from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.positional.bases import UniformBases
-from harpe_megatron.testing.distributed import megatron_parallel, run_distributed
 from tests.distributed.parallel_workers import layouts_and_cp_attention, loss_and_grads
 from tests.helpers import tiny_model_config
+from tests.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

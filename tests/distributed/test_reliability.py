@@ -20,8 +20,8 @@ from typing import Optional
 
 import pytest
 
+from harpe_megatron.distributed.bringup import free_port
 from harpe_megatron.training.exit_codes import NONFINITE_EXIT_CODE, PEER_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE
-from harpe_megatron.testing.distributed import free_port
 from tests.distributed.reliability_launch import LAUNCH_MARKER, REPO, Ranks, leftover_processes, read_metrics
 from tests.helpers import TINY_CPU_CONFIG as CONFIG
 from tests.helpers import tiny_run_overrides

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harpe_megatron.testing.distributed import run_distributed
-from tests.helpers import TINY_CPU_CONFIG, checkpoint_tensors, tiny_run_overrides
 from tests.distributed.training_workers import stages_by_hand, stages_with, train_methods, train_with
+from tests.helpers import TINY_CPU_CONFIG, checkpoint_tensors, tiny_run_overrides
+from tests.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -139,7 +139,7 @@ def test_every_method_trains_and_exports_to_hf(setup, tmp_path, single_rank):
     """Each baseline trains the tiny model from its config and exports a loadable HF folder."""
     from transformers import AutoModelForCausalLM
 
-    from harpe_megatron.checkpoint.convert import convert_megatron_to_hf
+    from harpe_megatron.hf.convert import convert_megatron_to_hf
 
     config, base, _, _ = setup
     common = [o for o in base if not o.startswith("training.train_iters")] + [

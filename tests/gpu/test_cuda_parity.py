@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from harpe_megatron.config.model import ParallelConfig, PositionalConfig
+from harpe_megatron.distributed.bringup import free_port, init_process_group, megatron_parallel
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.positional.bases import UniformBases
-from harpe_megatron.testing.distributed import free_port, init_gloo, megatron_parallel
 from tests.helpers import tiny_model_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -31,7 +31,7 @@ def _run(model, tokens):
 
 
 def test_bf16_cuda_matches_fp32_cpu_at_8k():
-    init_gloo(0, 1, free_port())
+    init_process_group("cpu", rank=0, world_size=1, port=free_port())
     m = dataclasses.replace(tiny_model_config(num_query_groups=2, vocab_size=256), init_method_std=0.05)
     positional = PositionalConfig(bases=UniformBases(b_min=1e4, b_max=5e5))
     tokens = torch.randint(0, m.vocab_size, (1, SEQ + 1), generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from harpe_megatron.cli import quiet_library_warnings
+from harpe_megatron.cli.common import quiet_library_warnings
 from harpe_megatron.config.loader import load_config
 from harpe_megatron.training.plan import fake_world, megatron_layout, plan_layout
 from harpe_megatron.training.plan_run import _BUILDERS

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harpe_megatron import compat
-from harpe_megatron.checkpoint.harpe_llama import modeling_harpe_llama as harpe_llama
+from harpe_megatron.hf.harpe_llama import modeling_harpe_llama as harpe_llama
 
 
 def test_installed_megatron_passes_and_is_in_range():
@@ -29,7 +29,7 @@ def test_megatron_inside_range_is_accepted(version):
 
 def test_every_listed_internal_resolves_with_our_arguments():
     compat.check_internals()  # the installed version: every entry present, every argument accepted
-    assert {i.where for i in compat.INTERNALS} >= {"model/gpt.py", "model/attention.py", "training/checkpointing.py"}
+    assert {i.where for i in compat.INTERNALS} >= {"model/gpt.py", "model/attention.py", "checkpoint/save_load.py"}
 
 
 def test_missing_or_changed_internal_is_named():

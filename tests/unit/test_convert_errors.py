@@ -9,16 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harpe_megatron.checkpoint import convert as convert_module
-from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from harpe_megatron.checkpoint.hf_io import (
+from harpe_megatron.config.loader import ConfigError
+from harpe_megatron.hf import convert as convert_module
+from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.hf.safetensors_io import (
     HFCheckpointError,
     HFCheckpointReader,
     SafetensorsShardWriter,
     atomic_output_dir,
     parse_size,
 )
-from harpe_megatron.config.loader import ConfigError
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
 
@@ -236,7 +236,7 @@ def test_atomic_output_dir_protects_inputs(tmp_path):
 
 
 def test_conversion_refuses_inside_megatron_parallel_state(single_rank, source, tmp_path):
-    from harpe_megatron.testing.distributed import megatron_parallel
+    from harpe_megatron.distributed.bringup import megatron_parallel
 
     with megatron_parallel(), pytest.raises(RuntimeError, match="outside an initialised megatron"):
         with convert_module.megatron_cpu_session():

@@ -7,8 +7,8 @@ converted checkpoint the way training does (``load_model_weights``).
 
 from __future__ import annotations
 
-import importlib.util
 import argparse
+import importlib.util
 import io
 import json
 import textwrap
@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.checkpoint.save_load import find_latest, load_model_weights
 from harpe_megatron.config.loader import load_config
+from harpe_megatron.distributed.bringup import megatron_parallel
+from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from harpe_megatron.model.builder import build_model, transformer_config
-from harpe_megatron.testing.distributed import megatron_parallel
-from harpe_megatron.training.checkpointing import find_latest, load_model_weights
 from tests.helpers import hf_state, tiny_hf_llama, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,10 +227,7 @@ def test_tokenizer_export_and_cli(single_rank, tmp_path, capsys):
     tiny_hf_llama(tiny_model_config(num_query_groups=4, vocab_size=TOKENIZER_VOCAB)).save_pretrained(tmp_path / "src")
 
     def tool(name):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return importlib.import_module(f"harpe_megatron.cli.{name}")
 
     rc = tool("convert_from_hf").main([str(tmp_path / "src"), str(tmp_path / "mg"), "--tp", "2", "--no-progress",
                                        "--positional.bases.strategy", "uniform",

@@ -18,7 +18,7 @@ from harpe_megatron.data.dataset import (
 )
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from harpe_megatron.parallel.zigzag import gathered_to_natural_order, zigzag_positions
-from harpe_megatron.testing.distributed import run_distributed
+from tests.spawn import run_distributed
 from tests.unit.test_data_tokenizer import corpus_texts
 
 SEQ = 16

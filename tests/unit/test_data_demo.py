@@ -84,7 +84,7 @@ def test_train_tokenizer_cli(demo, tmp_path, capsys):
 def test_launcher_step_says_what_to_do_when_the_demo_data_differs(demo, capsys):
     """prepare_run (run by the launcher, which has no --overwrite to pass) names the differing
     setting and says to delete the directory, with exit 2."""
-    from harpe_megatron.data.prepare_run import main as prepare_run
+    from harpe_megatron.cli.prepare_run import main as prepare_run
 
     out, _ = demo
     config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")

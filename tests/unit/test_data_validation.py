@@ -26,7 +26,7 @@ from harpe_megatron.config.loader import config_from_dict
 from harpe_megatron.data import validation
 from harpe_megatron.data.tokenizer import train_sentencepiece
 from harpe_megatron.data.validation import DataValidationError, validate_training_inputs
-from harpe_megatron.testing.distributed import run_distributed
+from tests.spawn import run_distributed
 from tests.unit.test_data_tokenizer import corpus_texts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -360,12 +360,9 @@ def test_train_cli_exits_with_the_message_and_writes_nothing(tmp_path, tokenizer
 
 
 def _check_data_main():
-    import importlib.util
+    from harpe_megatron.cli.check_data import main
 
-    spec = importlib.util.spec_from_file_location("check_data", REPO / "tools" / "check_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return main
 
 
 def test_check_data_tool(tmp_path, tokenizer_path, capsys):

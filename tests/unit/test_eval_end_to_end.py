@@ -6,7 +6,6 @@ HF export with per-head bases and the demo tokenizer), so the test runs anywhere
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def exported_model(tmp_path_factory, demo_data, single_rank):
-    from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
 
     root = tmp_path_factory.mktemp("eval_model")
     m = tiny_model_config(num_query_groups=2, vocab_size=512)
@@ -34,9 +33,8 @@ def exported_model(tmp_path_factory, demo_data, single_rank):
 
 
 def test_tiny_model_writes_json_and_png(tmp_path, exported_model):
-    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "tools" / "eval_long_context.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from harpe_megatron.cli import eval_long_context as cli
+
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "README.md").read_text()[:3000])
     out = tmp_path / "tiny.json"
@@ -77,11 +75,9 @@ def test_model_argument_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
 def test_self_extend_option(tmp_path, exported_model):
     """--self-extend GROUP,WINDOW: recorded in the result and its name; a window covering every
     length gives the plain model's perplexity; retrieval tasks run with it (generate with cache)."""
+    from harpe_megatron.cli import eval_long_context as cli
     from harpe_megatron.eval.runner import evaluate
 
-    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "tools" / "eval_long_context.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "README.md").read_text()[:3000])
     out = tmp_path / "se.json"

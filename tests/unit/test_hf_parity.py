@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harpe_megatron.checkpoint.llama_mapping import hf_to_megatron, megatron_to_hf
 from harpe_megatron.config.model import ParallelConfig, PositionalConfig, padded_vocab_size
+from harpe_megatron.distributed.bringup import megatron_parallel
+from harpe_megatron.hf.llama_names import hf_to_megatron, megatron_to_hf
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.positional.bases import ConstantBase, UniformBases
-from harpe_megatron.testing.distributed import megatron_parallel
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
 SEQ = 48

@@ -9,10 +9,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from harpe_megatron.config.model import ParallelConfig
+from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model.attention import SDPAttention
 from harpe_megatron.model.builder import transformer_config
 from harpe_megatron.model.norm import RMSNorm
-from harpe_megatron.testing.distributed import megatron_parallel
 from tests.helpers import tiny_model_config
 
 

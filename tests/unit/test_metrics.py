@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harpe_megatron.model.presets import get_preset
+from harpe_megatron.config.presets import get_preset
 from harpe_megatron.training.metrics import MetricSinks, format_step_line, training_flops_per_token
 
 

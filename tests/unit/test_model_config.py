@@ -12,10 +12,10 @@ from harpe_megatron.config.model import (
     padded_vocab_size,
     validate_model_setup,
 )
+from harpe_megatron.config.presets import get_preset
+from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model.builder import build_model, model_head_bases, transformer_config
-from harpe_megatron.model.presets import get_preset
 from harpe_megatron.positional.bases import PAPER_LLAMA2_7B_BASES, UniformBases
-from harpe_megatron.testing.distributed import megatron_parallel
 
 
 def test_llama2_7b_preset_has_the_published_shapes():

@@ -143,7 +143,7 @@ def test_fix_is_searched_and_checked(tmp_path):
 
 def test_preflight_prints_one_line_and_fail_stops(single_rank):
     """The trainer's start-up plan on the run's own process group (here one gloo rank)."""
-    from harpe_megatron.testing.distributed import megatron_parallel
+    from harpe_megatron.distributed.bringup import megatron_parallel
     from harpe_megatron.training.plan import Builders, PreflightError, preflight
     from harpe_megatron.training.trainer import build_optimizer, build_training_model
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harpe_megatron.training import checkpointing
+from harpe_megatron.checkpoint import save_load as checkpointing
 from harpe_megatron.checkpoint.layout import (
     CheckpointDamaged,
     checkpoint_files,
@@ -22,9 +22,10 @@ from harpe_megatron.checkpoint.layout import (
     verify_checksums,
     write_manifest,
 )
-from harpe_megatron.training.checkpointing import MANIFEST_FILE, CheckpointError, resolve_checkpoint, save_checkpoint
+from harpe_megatron.checkpoint.save_load import MANIFEST_FILE, CheckpointError, resolve_checkpoint, save_checkpoint
+from harpe_megatron.distributed.signals import helpers_ignore_preemption
 from harpe_megatron.training.faults import fault_at, parse_faults
-from harpe_megatron.training.preemption import Preemption, helpers_ignore_preemption
+from harpe_megatron.training.preemption import Preemption
 from harpe_megatron.training.run_lock import LOCK_FILE, acquire_run_dir
 from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error
 

@@ -14,14 +14,13 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from harpe_megatron.config.model import ParallelConfig, PositionalConfig
+from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.positional.bases import UniformBases
 from harpe_megatron.positional.rope_apply import apply_per_head_rope, rope_torch
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
 from harpe_megatron.positional.scaling import YarnScaling
-from harpe_megatron.testing.distributed import megatron_parallel
-from tests.conftest import FakeGroup
-from tests.helpers import tiny_model_config
+from tests.helpers import FakeGroup, tiny_model_config
 
 HEAD_DIM = 16
 BASES = [1e4, 3e5, 1e6, 4.5e6]

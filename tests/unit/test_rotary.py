@@ -11,9 +11,9 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
 
+from harpe_megatron.distributed.cpu import cpu_megatron
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding, inverse_frequencies
-from harpe_megatron.testing.cpu import cpu_megatron
-from tests.conftest import FakeGroup
+from tests.helpers import FakeGroup
 
 HEAD_DIM = 16
 PAPER_LIKE = [1e6, 1.15e6, 2.17e6, 4.54e6]

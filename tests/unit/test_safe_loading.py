@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harpe_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from harpe_megatron.checkpoint.harpe_llama import SHIPPED_FILES
-from harpe_megatron.checkpoint.hf_io import HFCheckpointError, HFCheckpointReader
 from harpe_megatron.checkpoint.safety import UnsafeCheckpointError, check_megatron_checkpoint
 from harpe_megatron.config.loader import ConfigError, load_config
+from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.hf.harpe_llama import SHIPPED_FILES
+from harpe_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
 
@@ -92,9 +92,9 @@ def test_safetensors_are_preferred_over_a_pickled_bin(single_rank, tmp_path, hf_
 @pytest.fixture(scope="module")
 def megatron_ckpt(tmp_path_factory, hf_model):
     """A clean megatron checkpoint (converted from a tiny HF model with per-head bases)."""
-    from harpe_megatron.testing.distributed import free_port, init_gloo
+    from harpe_megatron.distributed.bringup import free_port, init_process_group
 
-    init_gloo(0, 1, free_port())  # the session's single_rank, usable from a module fixture
+    init_process_group("cpu", rank=0, world_size=1, port=free_port())  # the session's single_rank, usable from a module fixture
     root = tmp_path_factory.mktemp("mg")
     hf = _hf_folder(root / "hf", hf_model, "safetensors")
     convert_hf_to_megatron(hf, root / "mg", progress=False,
@@ -153,7 +153,7 @@ def test_pickled_byte_entry_is_refused_and_would_have_run(single_rank, tmp_path,
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from harpe_megatron.testing.distributed import megatron_parallel
+    from harpe_megatron.distributed.bringup import megatron_parallel
 
     ckpt = tmp_path / "obj"
     ckpt.mkdir()
@@ -170,19 +170,19 @@ def test_pickled_byte_entry_is_refused_and_would_have_run(single_rank, tmp_path,
 
 
 def test_training_refuses_an_unsafe_pretrained_checkpoint(megatron_ckpt, tmp_path, marker):
-    from harpe_megatron.data.validation import DataValidationError, _check_pretrained
     from harpe_megatron.config.loader import config_from_dict
+    from harpe_megatron.training.input_checks import check_pretrained
 
     mg = _copy(megatron_ckpt, tmp_path / "mg")
     _plant(mg / "iter_0000000" / ".metadata", pickle.dumps(Payload(marker)))
     base = {"training": {"train_iters": 1}, "positional": {"bases": {"strategy": "constant", "base": 10000.0}}}
     cfg = config_from_dict({"checkpoint": {"pretrained": str(mg)}, **base})
-    with pytest.raises(DataValidationError, match=r"checkpoint\.pretrained: unsafe checkpoint: .*\.metadata: refusing"):
-        _check_pretrained(cfg)
+    with pytest.raises(ValueError, match=r"checkpoint\.pretrained: unsafe checkpoint: .*\.metadata: refusing"):
+        check_pretrained(cfg)
     cfg = config_from_dict({"checkpoint": {"pretrained": str(tmp_path / "nowhere")}, **base})
-    with pytest.raises(DataValidationError, match=r"checkpoint\.pretrained: unusable checkpoint: checkpoint directory "
+    with pytest.raises(ValueError, match=r"checkpoint\.pretrained: unusable checkpoint: checkpoint directory "
                                                   r".*nowhere does not exist"):
-        _check_pretrained(cfg)
+        check_pretrained(cfg)
     assert not marker.exists()
 
 
@@ -256,7 +256,7 @@ def test_evaluation_runs_no_code_from_the_folder(megatron_ckpt, tokenizer_model,
                                         f"from __future__ import annotations\nopen({str(marker)!r}, 'w')\n", 1)
     tampered.write_text(code)  # valid Python: trust_remote_code=True would create the marker
     model, tokenizer, _ = load_hf(str(out))
-    assert type(model).__module__ == "harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama"
+    assert type(model).__module__ == "harpe_megatron.hf.harpe_llama.modeling_harpe_llama"
     assert tokenizer("hello")["input_ids"]
     assert not marker.exists()
 
@@ -264,11 +264,11 @@ def test_evaluation_runs_no_code_from_the_folder(megatron_ckpt, tokenizer_model,
 def test_resume_and_initial_weights_refuse_pickled_code(megatron_ckpt, tmp_path, marker):
     """The trainer's own loads (resume: load_checkpoint; checkpoint.pretrained: load_model_weights)
     run the same check before megatron unpickles anything, data checks on or off."""
+    from harpe_megatron.checkpoint.save_load import load_checkpoint, load_model_weights
     from harpe_megatron.config.model import ParallelConfig, PositionalConfig
+    from harpe_megatron.distributed.bringup import megatron_parallel
     from harpe_megatron.model.builder import build_model, transformer_config
     from harpe_megatron.positional.bases import UniformBases
-    from harpe_megatron.testing.distributed import megatron_parallel
-    from harpe_megatron.training.checkpointing import load_checkpoint, load_model_weights
     from tests.helpers import tiny_model_config
 
     ckpt = _copy(megatron_ckpt, tmp_path / "mg") / "iter_0000000"

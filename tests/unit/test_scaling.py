@@ -7,13 +7,13 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from harpe_megatron.checkpoint.llama_mapping import hf_to_megatron
-from harpe_megatron.config.model import ParallelConfig, PositionalConfig, padded_vocab_size
 from harpe_megatron.config.loader import ConfigError, config_from_dict, config_to_dict
+from harpe_megatron.config.model import ParallelConfig, PositionalConfig, padded_vocab_size
+from harpe_megatron.distributed.bringup import megatron_parallel
+from harpe_megatron.hf.llama_names import hf_to_megatron
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.positional.bases import ConstantBase
 from harpe_megatron.positional.scaling import LinearScaling, NTKScaling, YarnScaling
-from harpe_megatron.testing.distributed import megatron_parallel
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
 HEAD_DIM = 128

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from harpe_megatron.checkpoint.harpe_llama.configuration_harpe_llama import HarpeLlamaConfig
-from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import (
+from harpe_megatron.hf.harpe_llama.configuration_harpe_llama import HarpeLlamaConfig
+from harpe_megatron.hf.harpe_llama.modeling_harpe_llama import (
     HarpeLlamaForCausalLM,
     SelfExtendAttention,
     apply_self_extend,
@@ -190,8 +190,9 @@ def test_generate_with_cache_equals_without_and_the_formula(kind):
 
 
 def test_config_key_builds_self_extend_and_survives_save(tmp_path):
-    from harpe_megatron.checkpoint.harpe_llama import register
     from transformers import AutoModelForCausalLM
+
+    from harpe_megatron.hf.harpe_llama import register
 
     register()
     plain = tiny_harpe()

@@ -8,11 +8,11 @@ import torch
 
 from harpe_megatron.config.loader import load_config
 from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig
-from harpe_megatron.positional.bases import UniformBases
+from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model import builder
 from harpe_megatron.model.attention import SDPAttention
 from harpe_megatron.model.builder import TE_UNVERIFIED, build_model, transformer_config
-from harpe_megatron.testing.distributed import megatron_parallel
+from harpe_megatron.positional.bases import UniformBases
 
 
 def test_default_is_local_and_builds_sdpa_attention(single_rank):

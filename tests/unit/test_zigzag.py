@@ -9,7 +9,7 @@ import torch
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from harpe_megatron.parallel.zigzag import gathered_to_natural_order, slice_for_cp_rank, zigzag_positions
-from tests.conftest import FakeGroup
+from tests.helpers import FakeGroup
 
 
 def megatron_cp_split(batch: dict, group, monkeypatch) -> dict:

@@ -1,6 +1,6 @@
 """Launcher step: build a run's demo data when its config asks for it.
 
-``python -m harpe_megatron.data.prepare_run --config CONFIG [overrides]`` -- if
+``python -m harpe_megatron.cli.prepare_run --config CONFIG [overrides]`` -- if
 ``data.build_demo_corpus`` is true and the config's data files are missing, build the demo
 corpus, tokenizer and indexed dataset where ``data.paths[0]`` / ``data.tokenizer_model`` point
 (a tokenizer of ``model.vocab_size`` pieces). Otherwise it checks nothing and does nothing, so it
@@ -15,17 +15,17 @@ import fcntl
 import sys
 from pathlib import Path
 
-from harpe_megatron.cli import parse_run_config, quiet_library_warnings
+from harpe_megatron.cli.common import parse_run_config, quiet_library_warnings
+from harpe_megatron.data.demo import demo_outputs, prepare_demo_data
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
-    cfg = parse_run_config("python -m harpe_megatron.data.prepare_run", __doc__, argv)
+    cfg = parse_run_config("python -m harpe_megatron.cli.prepare_run", __doc__, argv)
     if isinstance(cfg, int):
         return cfg
     if not cfg.data.build_demo_corpus:
         return 0
-    from harpe_megatron.data.demo import demo_outputs, prepare_demo_data
 
     if len(cfg.data.paths) != 1:
         raise SystemExit("data.build_demo_corpus needs exactly one entry in data.paths")

@@ -40,37 +40,47 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import yaml
+from megatron.core import parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
 
-from harpe_megatron.checkpoint import hf_config as hfc
-from harpe_megatron.checkpoint.hf_io import (
+from harpe_megatron.checkpoint.layout import (
+    LATEST_FILE,
+    checkpoint_files,
+    checkpoint_name,
+    file_crc32,
+    resolve_checkpoint_dir,
+    verify_checksums,
+    write_manifest,
+)
+from harpe_megatron.checkpoint.safety import check_megatron_checkpoint, load_dcp_metadata
+from harpe_megatron.checkpoint.save_load import describe_checkpoint_error
+from harpe_megatron.config.loader import ConfigError, apply_overrides, config_from_dict, config_to_dict
+from harpe_megatron.config.model import (
+    ModelConfig,
+    ParallelConfig,
+    PositionalConfig,
+    padded_vocab_size,
+    validate_model_setup,
+)
+from harpe_megatron.distributed.bringup import free_port, init_process_group, megatron_parallel
+from harpe_megatron.hf import config as hfc
+from harpe_megatron.hf.harpe_llama import SHIPPED_FILES
+from harpe_megatron.hf.llama_names import hf_layer_to_megatron, megatron_to_hf
+from harpe_megatron.hf.safetensors_io import (
     HFCheckpointError,
     HFCheckpointReader,
     SafetensorsShardWriter,
     atomic_output_dir,
     parse_size,
 )
-from harpe_megatron.checkpoint.layout import (
-    LATEST_FILE,
-    checkpoint_files,
-    checkpoint_name,
-    file_crc32,
-    incomplete_reason,
-    list_checkpoints,
-    resolve_checkpoint,
-    verify_checksums,
-    write_manifest,
-)
-from harpe_megatron.checkpoint.llama_mapping import hf_layer_to_megatron, megatron_to_hf
-from harpe_megatron.config.loader import ConfigError, apply_overrides, config_from_dict, config_to_dict
-from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig, padded_vocab_size, validate_model_setup
+from harpe_megatron.model.builder import build_model, model_head_bases, transformer_config
 
 __all__ = [
     "ConversionSummary",
     "convert_hf_to_megatron",
     "convert_megatron_to_hf",
-    "resolve_checkpoint_dir",
     "megatron_cpu_session",
     "build_full_model",
     "DEFAULT_MAX_SHARD_SIZE",
@@ -143,29 +153,15 @@ def megatron_cpu_session() -> Iterator[None]:
     Reuses a 1-rank process group if one exists (else creates a gloo one and destroys it after).
     Must not be entered while a megatron parallel state is already initialised.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from harpe_megatron.testing.cpu import cpu_megatron
-    from harpe_megatron.testing.distributed import free_port, init_gloo
-
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("checkpoint conversion must run outside an initialised megatron parallel state")
-    created = False
-    if not dist.is_initialized():
-        init_gloo(0, 1, free_port())
-        created = True
-    elif dist.get_world_size() != 1:
+    if dist.is_initialized() and dist.get_world_size() != 1:
         raise RuntimeError(f"checkpoint conversion runs in one process; this process group has "
                            f"{dist.get_world_size()} ranks")
+    created = init_process_group("cpu", rank=0, world_size=1, port=None if dist.is_initialized() else free_port())
     try:
-        with cpu_megatron():
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                                     context_parallel_size=1)
-            try:
-                yield
-            finally:
-                parallel_state.destroy_model_parallel()
+        with megatron_parallel(device="cpu"):
+            yield
     finally:
         if created:
             dist.destroy_process_group()
@@ -173,7 +169,6 @@ def megatron_cpu_session() -> Iterator[None]:
 
 def build_full_model(m: ModelConfig, positional: PositionalConfig, dtype: torch.dtype, vocab_rows: int):
     """A TP=1 HarpeGPTModel on CPU with ``vocab_rows`` embedding rows; parameters left uninitialised."""
-    from harpe_megatron.model.builder import build_model, transformer_config
 
     if vocab_rows < m.vocab_size:
         raise ValueError(f"padded vocabulary {vocab_rows} is smaller than model.vocab_size {m.vocab_size}")
@@ -375,52 +370,6 @@ def convert_hf_to_megatron(
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """The ``iter_*`` directory for a save dir (its ``latest``), a run dir or an ``iter_*`` dir.
-
-    Refuses (``ValueError``, naming the reason) an incomplete checkpoint, including a ``latest``
-    that names one: exporting an older iteration in its place would pass silently for the newest.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {p} does not exist")
-    for root in (p, p / "checkpoints"):
-        if (root / LATEST_FILE).is_file():
-            try:
-                chosen, messages = resolve_checkpoint(root)
-            except RuntimeError as exc:
-                raise ValueError(str(exc)) from None
-            named = (root / LATEST_FILE).read_text().strip()
-            if chosen is None or chosen.name != named:
-                reason = incomplete_reason(root / named) if named else "is empty"
-                alternative = f"; pass {chosen} to export that older checkpoint" if chosen is not None else ""
-                raise ValueError(f"{root / LATEST_FILE} names {named!r}, which {reason}: refusing to export "
-                                 f"another iteration in its place{alternative}")
-            return chosen
-    if (p / "metadata.json").is_file() or p.name.startswith("iter_"):
-        reason = incomplete_reason(p)
-        if reason is not None:
-            raise ValueError(f"checkpoint {p} {reason}")
-        return p
-    found = list_checkpoints(p)
-    if found:
-        raise ValueError(f"{p} has no '{LATEST_FILE}' marker; pass one of its checkpoint directories "
-                         f"({', '.join(d.name for _, d in found[-3:])})")
-    raise ValueError(f"{p} is neither a training save directory (with '{LATEST_FILE}') nor a megatron "
-                     "distributed checkpoint (with metadata.json)")
-
-
-def _load_error(exc: BaseException) -> str:
-    """One line for a failed load: the innermost cause (for CheckpointException, of its first failure)."""
-    if isinstance(exc, CheckpointException) and exc.failures:
-        failure = sorted(exc.failures.items())[0][1]
-        exc = failure[0] if isinstance(failure, tuple) else failure
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
 def _check_finite(state: dict[str, torch.Tensor], ckpt: Path) -> None:
     """Refuse to export weights holding NaN/inf (a diverged or damaged checkpoint), naming them."""
     bad = []
@@ -553,10 +502,6 @@ def convert_megatron_to_hf(
     """
     from megatron.core import dist_checkpointing
 
-    from harpe_megatron.checkpoint.harpe_llama import SHIPPED_FILES
-    from harpe_megatron.checkpoint.safety import check_megatron_checkpoint, load_dcp_metadata
-    from harpe_megatron.model.builder import model_head_bases
-
     start = time.monotonic()
     ckpt = resolve_checkpoint_dir(ckpt_dir)
     verify_checksums(ckpt)  # CheckpointDamaged names a file whose bytes differ from the manifest's CRC-32
@@ -607,7 +552,7 @@ def convert_megatron_to_hf(
             try:
                 loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
             except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
-                raise ValueError(f"{ckpt}: cannot read the checkpoint ({_load_error(exc)})") from None
+                raise ValueError(f"{ckpt}: cannot read the checkpoint ({describe_checkpoint_error(exc)})") from None
             model.load_state_dict(loaded["model"])
             del loaded
             state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}

@@ -22,12 +22,10 @@ and fails with :class:`CheckpointError` naming the damaged file.
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import random
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -57,10 +55,9 @@ from harpe_megatron.checkpoint.layout import (
     write_atomic,
     write_manifest,
 )
-from harpe_megatron.compat import check_megatron
 from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
-from harpe_megatron.training.faults import fault_at
-from harpe_megatron.training.preemption import helpers_ignore_preemption
+from harpe_megatron.compat import check_megatron
+from harpe_megatron.distributed.signals import helpers_ignore_preemption
 
 check_megatron()  # supported megatron-core, internals we subclass present (compat.py)
 
@@ -75,6 +72,8 @@ __all__ = [
     "list_checkpoints",
     "resolve_checkpoint",
     "scan_checkpoints",
+    "SaveHooks",
+    "describe_checkpoint_error",
     "save_checkpoint",
     "load_checkpoint",
     "load_model_weights",
@@ -85,8 +84,13 @@ __all__ = [
 # "fully_reshardable": canonical per-parameter optimizer state, so a checkpoint resumes at another
 # TP/PP/DP layout (gathered on DP rank 0 when saving; fine for the sizes we save).
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-# How long the ``slow_save`` fault pauses a save (tests signal the launcher meanwhile).
-_SLOW_SAVE_S = 3.0
+
+
+class SaveHooks:
+    """Called by :func:`save_checkpoint` between its phases; every hook does nothing here."""
+
+    def after_shards_written(self, tmp: Path, step: int, rank: int) -> None:
+        """This rank's shards of ``step`` are in ``tmp``; the manifest and the rename are still to come."""
 
 
 class CheckpointError(RuntimeError):
@@ -240,8 +244,8 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _describe(exc: BaseException) -> str:
-    """One line for a save error (the first line of the innermost cause)."""
+def describe_checkpoint_error(exc: BaseException) -> str:
+    """One line for a save or load error (the first line of the innermost cause)."""
     cause = _root_cause(exc)
     if isinstance(cause, CheckpointException):  # a non-coordinator rank: torch names no cause there
         return "CheckpointException: the write failed on another rank"
@@ -254,7 +258,7 @@ def _attempt(action: Callable[[], Any]) -> Optional[str]:
     try:
         action()
     except (Exception, CheckpointException) as exc:
-        return _describe(exc)
+        return describe_checkpoint_error(exc)
     return None
 
 
@@ -270,33 +274,14 @@ def _first_failure(failure: Optional[str]) -> Optional[str]:
     return f"rank {r}: {f}"
 
 
-def _disk_full(tmp: Path, rank: int) -> None:
-    """The ``disk_full`` fault: a partial file, then the exception torch raises when a write fails."""
-    partial = tmp / f"__{rank}_full.distcp"
-    partial.write_bytes(b"\0" * 4096)
-    err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
-    try:
-        raise RuntimeError(f"Worker failure: {err}") from err
-    except RuntimeError as wrapped:
-        raise CheckpointException("write", {rank: (wrapped, None)}) from None
-
-
 def _write_shards(tmp: Path, step: int, model_chunks: list, optimizer, scheduler, consumed_samples: int,
-                  config_yaml: str) -> None:
+                  config_yaml: str, hooks: "SaveHooks") -> None:
     rank = dist.get_rank()
     state = _sharded_state(model_chunks, optimizer, is_loading=False)
     state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
                  scheduler=scheduler.state_dict() if scheduler is not None else None)
     dist_checkpointing.save(state, str(tmp))
-    if fault_at("crash_in_save", step, rank):
-        print(f"[harpe] fault injection: rank {rank} dies in the middle of saving {tmp}", flush=True)
-        os._exit(137)
-    if fault_at("slow_save", step, rank):
-        print(f"[harpe] fault injection: rank {rank} pauses while saving {tmp}", flush=True)
-        time.sleep(_SLOW_SAVE_S)
-    if fault_at("disk_full", step, rank):
-        print(f"[harpe] fault injection: rank {rank}'s disk is full while saving {tmp}", flush=True)
-        _disk_full(tmp, rank)
+    hooks.after_shards_written(tmp, step, rank)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
 
@@ -308,8 +293,12 @@ def _checksum_share(directory: Path) -> dict[str, str]:
 
 
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, optimizer, scheduler,
-                    consumed_samples: int, config_yaml: str, keep_last: int) -> Path:
+                    consumed_samples: int, config_yaml: str, keep_last: int, hooks: Optional["SaveHooks"] = None
+                    ) -> Path:
     """Save a complete checkpoint for ``step`` (collective: every rank calls it).
+
+    ``hooks`` (default: none) is called between phases; the reliability tests' fault injection
+    (training/faults.py) is the one user.
 
     Any error on any rank raises :class:`CheckpointError` on every rank (one line: checkpoint,
     failing rank and cause, what ``latest`` still names); ``iter_N.tmp`` is removed, ``latest``
@@ -319,6 +308,7 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + ".tmp")
     rank = dist.get_rank()
+    hooks = hooks if hooks is not None else SaveHooks()
     _writer_results_in_process()
 
     def prepare() -> None:
@@ -335,7 +325,7 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
         try:
             share: Any = _checksum_share(tmp)
         except OSError as exc:
-            share = _describe(exc)
+            share = describe_checkpoint_error(exc)
         shares: list = [None] * dist.get_world_size()
         dist.all_gather_object(shares, share)
         failed = [(r, f) for r, f in enumerate(shares) if isinstance(f, str)]
@@ -358,7 +348,8 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
         failure = _first_failure(_attempt(prepare))
         if failure is None:
             failure = _first_failure(_attempt(
-                lambda: _write_shards(tmp, step, model_chunks, optimizer, scheduler, consumed_samples, config_yaml)))
+                lambda: _write_shards(tmp, step, model_chunks, optimizer, scheduler, consumed_samples, config_yaml,
+                                      hooks)))
         if failure is None:
             failure = checksum()  # all ranks' files are written: agreed just above
         if failure is None:
@@ -407,7 +398,7 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, sche
         check_megatron_checkpoint(path)
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as exc:
-        raise CheckpointError(f"loading checkpoint {path} failed ({_describe(exc)}). Its files may be "
+        raise CheckpointError(f"loading checkpoint {path} failed ({describe_checkpoint_error(exc)}). Its files may be "
                               f"damaged: move {path.name} out of {path.parent} to resume from the newest complete "
                               "checkpoint before it") from exc
     unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])

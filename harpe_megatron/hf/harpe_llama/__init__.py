@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from harpe_megatron.hf.harpe_llama.configuration_harpe_llama import HarpeLlamaConfig
+from harpe_megatron.hf.harpe_llama.modeling_harpe_llama import HarpeLlamaForCausalLM, HarpeLlamaModel
+
 __all__ = ["SHIPPED_FILES", "register"]
 
 SHIPPED_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_harpe_llama.py", "modeling_harpe_llama.py"))
@@ -17,11 +22,6 @@ SHIPPED_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_harpe
 
 def register() -> None:
     """Register ``harpe_llama`` with AutoConfig / AutoModel / AutoModelForCausalLM (idempotent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from harpe_megatron.checkpoint.harpe_llama.configuration_harpe_llama import HarpeLlamaConfig
-    from harpe_megatron.checkpoint.harpe_llama.modeling_harpe_llama import HarpeLlamaForCausalLM, HarpeLlamaModel
-
     AutoConfig.register(HarpeLlamaConfig.model_type, HarpeLlamaConfig, exist_ok=True)
     AutoModel.register(HarpeLlamaConfig, HarpeLlamaModel, exist_ok=True)
     AutoModelForCausalLM.register(HarpeLlamaConfig, HarpeLlamaForCausalLM, exist_ok=True)

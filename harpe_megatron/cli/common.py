@@ -7,6 +7,8 @@ import sys
 import warnings
 from typing import Optional
 
+from harpe_megatron.config.loader import ConfigError, load_config
+
 __all__ = ["quiet_library_warnings", "parse_run_config"]
 
 
@@ -22,7 +24,6 @@ def quiet_library_warnings() -> None:
 
 def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = None):
     """``--config CONFIG [key.path=value ...]`` -> RunConfig, or an exit code 2 after printing the error."""
-    from harpe_megatron.config.loader import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

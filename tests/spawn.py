@@ -1,86 +1,34 @@
-"""Multi-process gloo runner: run one function on N CPU ranks with megatron's parallel state.
+"""Test helper: run one function on N spawned gloo ranks with megatron's parallel state.
 
 ``run_distributed(fn, world_size, tp=2, cp=1, ...)`` spawns ``world_size`` fresh processes (spawn
-start method: no inherited state), initialises a gloo process group over loopback, megatron's
-``parallel_state`` for the requested layout and the CPU harness, calls ``fn(*args)`` on every
-rank and returns the per-rank results (which must be picklable). A rank that raises makes the
-whole call raise with that rank's traceback; a run that exceeds ``timeout`` is killed.
-
-``megatron_parallel(tp, pp, cp)`` is the in-process part, usable on its own in one process
-(world size 1) or to switch layouts inside a worker.
+start method: no inherited state), brings up a gloo process group over loopback and megatron's
+parallel state through the package's one bring-up
+(:func:`harpe_megatron.distributed.bringup.megatron_parallel`), calls ``fn(*args)`` on every rank
+and returns the per-rank results (which must be picklable). A rank that raises makes the whole
+call raise with that rank's traceback; a run that exceeds ``timeout`` is killed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue as queue_lib
-import socket
 import time
 import traceback
-from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harpe_megatron.testing.cpu import cpu_megatron
+from harpe_megatron.distributed.bringup import free_port, init_process_group, megatron_parallel
 
-__all__ = ["free_port", "init_gloo", "megatron_parallel", "run_distributed"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 120.0) -> None:
-    """Initialise the default gloo process group on loopback (no-op if already initialised)."""
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-
-
-@contextlib.contextmanager
-def megatron_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> Iterator[None]:
-    """megatron ``parallel_state`` for (tp, pp, cp) on the current process group, torn down after.
-
-    On a machine without CUDA the CPU harness is active inside; with CUDA, megatron's own CUDA
-    RNG tracker is seeded instead and nothing is redirected.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    on_gpu = torch.cuda.is_available()
-    with contextlib.nullcontext() if on_gpu else cpu_megatron(seed=seed):
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            context_parallel_size=cp,
-        )
-        if on_gpu:
-            torch.manual_seed(seed)
-            model_parallel_cuda_manual_seed(seed)
-        try:
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
+__all__ = ["run_distributed"]
 
 
 def _worker(rank: int, world_size: int, port: int, layout: dict, fn: Callable, args: tuple, out: Any) -> None:
     try:
         torch.set_num_threads(1)
-        init_gloo(rank, world_size, port)
-        with megatron_parallel(**layout):
+        init_process_group("cpu", rank=rank, world_size=world_size, port=port, timeout_s=120.0)
+        with megatron_parallel(**layout, device="cpu"):
             result = fn(*args)
         out.put((rank, True, result))
     except BaseException:  # report everything, including assertion errors, to the parent

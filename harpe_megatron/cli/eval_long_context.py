@@ -1,0 +1,110 @@
+"""Long-context evaluation of an exported Hugging Face folder, and reports comparing runs.
+
+    python tools/eval_long_context.py run HF_DIR --out results/harpe.json
+        [--tasks passkey,needle,niah_single,...|all] [--lengths 1024,2048,4096] [--depths 0,0.25,0.5,0.75,1]
+        [--samples N] [--seed S] [--name LABEL] [--device cpu|cuda] [--dtype bf16|fp16|fp32]
+        [--heatmap-dir DIR] [--ppl-file TEXT --ppl-lengths 1024,4096 --ppl-stride N | --ppl-stride-fraction 0.5
+         --ppl-max-tokens N] [--self-extend GROUP,WINDOW] [--no-progress]
+    python tools/eval_long_context.py report results/harpe.json results/abf.json --out report.md [--heatmap report.png]
+
+Lengths beyond the model's max_position_embeddings are run and flagged ('*' in reports).
+--self-extend GROUP,WINDOW evaluates with Self-Extend (Jin et al. 2024; training-free): keys within
+WINDOW tokens of the query keep their positions, farther ones use positions floor-divided by GROUP
+(the paper's Llama-2-7B setting at 128k: --self-extend 32,1024). Plain Llama and harpe_llama folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harpe_megatron.cli.common import quiet_library_warnings
+from harpe_megatron.eval.report import make_report
+from harpe_megatron.eval.runner import evaluate, model_source
+from harpe_megatron.eval.synthetic import ALL_TASKS
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def _self_extend(s: str) -> tuple[int, int]:
+    try:
+        group, window = (int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GROUP,WINDOW (two integers, e.g. 32,1024), got {s!r}") from None
+    if group < 1 or window < 1:
+        raise argparse.ArgumentTypeError(f"GROUP and WINDOW must be >= 1, got {s!r}")
+    return group, window
+
+
+def _floats(s: str) -> list[float]:
+    vals = [float(x) for x in s.split(",") if x]
+    return [v / 100 if v > 1 else v for v in vals]   # accept 0,50,100 as percentages
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Long-context evaluation (passkey, needle grid, RULER-style, perplexity).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="evaluate an HF folder, write a JSON result file")
+    r.add_argument("model_dir")
+    r.add_argument("--out", required=True, help="JSON result file")
+    r.add_argument("--tasks", default="passkey,needle", help=f"comma list or 'all' ({','.join(ALL_TASKS)}) or '' for none")
+    r.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096])
+    r.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="fractions or percents")
+    r.add_argument("--samples", type=int, default=1, help="samples per cell")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--name", default=None, help="label in reports (default: folder name)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    r.add_argument("--heatmap-dir", default=None, help="write <name>_<task>.png heatmaps here")
+    r.add_argument("--ppl-file", default=None, help="text file for sliding-window perplexity")
+    r.add_argument("--ppl-lengths", type=_ints, default=None, help="default: --lengths")
+    r.add_argument("--ppl-stride", type=int, default=None)
+    r.add_argument("--ppl-stride-fraction", type=float, default=None)
+    r.add_argument("--ppl-max-tokens", type=int, default=None)
+    r.add_argument("--self-extend", type=_self_extend, default=None, metavar="GROUP,WINDOW",
+                   help="Self-Extend: group size and neighbour window (e.g. 32,1024)")
+    r.add_argument("--no-progress", action="store_true")
+    rep = sub.add_parser("report", help="Markdown table comparing result files per length")
+    rep.add_argument("results", nargs="+")
+    rep.add_argument("--out", default=None, help="Markdown file (default: stdout)")
+    rep.add_argument("--heatmap", default=None, help="PNG prefix for side-by-side heatmaps")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        args.tasks = ALL_TASKS if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+        unknown = [t for t in args.tasks if t not in ALL_TASKS]
+        if unknown:
+            p.error(f"unknown tasks {unknown}; known: {','.join(ALL_TASKS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cmd == "report":
+        text = make_report(args.results, args.out, args.heatmap)
+        if not args.out:
+            print(text)
+        return 0
+    quiet_library_warnings()
+    try:
+        model_source(args.model_dir)  # a folder with config.json or a Hub id; one-line error otherwise
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    res = evaluate(args.model_dir, args.out, args.tasks, args.lengths, args.depths, args.samples, args.seed,
+                   args.name, args.device, args.dtype, args.ppl_file, args.ppl_lengths, args.ppl_stride,
+                   args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress,
+                   args.self_extend)
+    for task, d in res["per_length"].items():
+        print(f"{task:20s} " + "  ".join(f"{L}:{v:.1f}" for L, v in d.items()))
+    for row in res.get("perplexity", []):
+        print(f"ppl @ {row['length']}{'*' if row['beyond_trained_window'] else ''}: {row['ppl']:.3f}")
+    if res.get("beyond_trained_window"):
+        print(f"* lengths beyond the trained window ({res['trained_window']}): {res['beyond_trained_window']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The one bring-up of torch.distributed and megatron's parallel state.
+
+Training (``training/initialize.py``), checkpoint conversion (``hf/convert.py``), the tests and the
+benchmarks all enter :func:`megatron_parallel`; it differs between them only by its arguments.
+
+* Device: ``device="auto"`` is ``cuda`` when CUDA is available, else ``cpu``; ``cpu`` enters the
+  CUDA->CPU redirection (:mod:`harpe_megatron.distributed.cpu`) for the whole body and is the
+  only way it is entered. ``cuda`` without a GPU is an error, not a silent fallback.
+* Process group: :func:`init_process_group` reads the torchrun environment (RANK, WORLD_SIZE,
+  LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain ``python`` process is a world of one on a free
+  loopback port. NCCL on ``cuda``, gloo on ``cpu``. An existing process group is reused.
+* Seeding: the same seed on every rank for Python's, numpy's and torch's generators, plus
+  megatron's CUDA RNG tracker on ``cuda`` (weights are initialised on CPU from the full tensor or
+  loaded, so model-parallel ranks need no seed offsets for correctness).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import socket
+from datetime import timedelta
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from harpe_megatron.distributed.cpu import cpu_megatron
+from harpe_megatron.log import get_logger
+
+__all__ = ["DEVICES", "describe_device", "free_port", "init_process_group", "megatron_parallel", "resolve_device", "seed_all"]
+
+DEVICES = ("auto", "cuda", "cpu")
+_log = get_logger(__name__)
+
+
+def resolve_device(setting: str = "auto") -> str:
+    """``auto`` / ``cuda`` / ``cpu`` -> ``cuda`` or ``cpu``; ``cuda`` without a GPU raises ValueError."""
+    if setting not in DEVICES:
+        raise ValueError(f"device: expected one of {list(DEVICES)}, got {setting!r}")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but torch sees no CUDA device (set device: cpu or auto)")
+    return setting
+
+
+def describe_device(device: str) -> str:
+    """The one line announcing the backend of a run."""
+    if device == "cpu":
+        return "device: cpu (gloo; megatron's CUDA calls redirected to CPU, docs/cpu_harness.md)"
+    return f"device: cuda ({torch.cuda.get_device_name()}, nccl)"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device: str = "auto", *, rank: Optional[int] = None, world_size: Optional[int] = None,
+                       port: Optional[int] = None, timeout_s: float = 600.0) -> bool:
+    """Initialise the default process group unless one exists; returns whether it was created here.
+
+    ``rank`` / ``world_size`` / ``port`` default to the torchrun environment; a given ``port``
+    means a loopback rendezvous on 127.0.0.1 (the tests' spawned ranks).
+    """
+    if dist.is_initialized():
+        return False
+    device = resolve_device(device)
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if port is not None:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+    elif world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def seed_all(seed: int, device: str) -> None:
+    """The same seed for Python, numpy and torch on every rank (and megatron's CUDA tracker on cuda)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def megatron_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: Optional[int] = 1234, device: str = "auto",
+                      timeout_s: Optional[float] = None, gloo_groups: bool = True, announce: bool = False
+                      ) -> Iterator[str]:
+    """megatron ``parallel_state`` for (tp, pp, cp) on the current process group, torn down after.
+
+    Yields the resolved device. ``seed=None`` leaves every generator as it is (the memory
+    planner). ``timeout_s`` sets megatron's sub-group timeout (whole minutes, at least one).
+    ``gloo_groups=False`` skips megatron's gloo twins of its groups (they serve only
+    checkpointing; torch's fake backend cannot host them). ``announce`` logs the device line.
+    """
+    from megatron.core import parallel_state
+
+    device = resolve_device(device)
+    if announce:
+        _log.info(describe_device(device))
+    kwargs = {} if timeout_s is None else {"distributed_timeout_minutes": max(1, math.ceil(timeout_s / 60))}
+    if not gloo_groups:
+        kwargs["create_gloo_process_groups"] = False
+    with cpu_megatron() if device == "cpu" else contextlib.nullcontext():
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **kwargs)
+        if seed is not None:
+            seed_all(seed, device)
+        try:
+            yield device
+        finally:
+            parallel_state.destroy_model_parallel()
