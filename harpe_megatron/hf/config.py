@@ -37,7 +37,6 @@ __all__ = [
     "HARPE_AUTO_MAP",
     "read_hf_config",
     "megatron_trees_from_hf",
-    "expected_hf_shapes",
     "export_bases",
     "hf_config_dict",
     "generation_config_dict",
@@ -194,30 +193,6 @@ def megatron_trees_from_hf(cfg: dict[str, Any], source: str = "config.json") -> 
         bases_spec = {"strategy": "constant", "base": theta}
     return {"model": model, "positional": {"bases": bases_spec, "scaling": scaling, "position_ids": "sequential",
                                           "rotary_interleaved": False}}
-
-
-def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of an HF Llama checkpoint with architecture ``m``."""
-    h, d = m.hidden_size, m.head_dim
-    q, kv, f = m.num_attention_heads * d, m.num_query_groups * d, m.ffn_hidden_size
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (m.vocab_size, h)}
-    for i in range(m.num_layers):
-        p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        })
-    out["model.norm.weight"] = (h,)
-    if m.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = (m.vocab_size, h)
-    return out
 
 
 def hf_config_dict(

@@ -67,7 +67,7 @@ from harpe_megatron.config.model import (
 from harpe_megatron.distributed.bringup import free_port, init_process_group, megatron_parallel
 from harpe_megatron.hf import config as hfc
 from harpe_megatron.hf.harpe_llama import SHIPPED_FILES
-from harpe_megatron.hf.llama_names import hf_layer_to_megatron, megatron_to_hf
+from harpe_megatron.hf.llama_names import expected_hf_shapes, iter_hf_to_megatron, megatron_to_hf
 from harpe_megatron.hf.safetensors_io import (
     HFCheckpointError,
     HFCheckpointReader,
@@ -266,7 +266,7 @@ def convert_hf_to_megatron(
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {tp}, {pp}")
     hf_cfg, m, positional, written = _resolve_hf_config(hf_dir, tp, pp, overrides)
-    expected = hfc.expected_hf_shapes(m)
+    expected = expected_hf_shapes(m)
     ignore = list(_IGNORED_HF_TENSORS)
     if not m.untie_embeddings_and_output_weights:
         ignore.append(r"^lm_head\.weight$")  # tied: HF ignores a stored copy too
@@ -302,27 +302,15 @@ def convert_hf_to_megatron(
                     raise HFCheckpointError(f"megatron model has no parameter {name!r} (from {where})")
                 if name in filled:
                     raise HFCheckpointError(f"megatron parameter {name!r} filled twice (from {where})")
-                if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                    if tensor.size(0) > param.size(0) or tensor.shape[1:] != param.shape[1:]:
-                        raise HFCheckpointError(f"{where}: shape {list(tensor.shape)} does not fit {name!r} "
-                                                f"{list(param.shape)}")
-                    param[: tensor.size(0)].copy_(tensor)
-                    param[tensor.size(0):].zero_()
-                else:
-                    if tensor.shape != param.shape:
-                        raise HFCheckpointError(f"{where}: shape {list(tensor.shape)} does not fit {name!r} "
-                                                f"{list(param.shape)}")
-                    param.copy_(tensor)
+                if tensor.shape != param.shape:
+                    raise HFCheckpointError(f"{where}: shape {list(tensor.shape)} does not fit {name!r} "
+                                            f"{list(param.shape)}")
+                param.copy_(tensor)
                 filled.add(name)
 
             with torch.no_grad():
-                put("embedding.word_embeddings.weight", get("model.embed_tokens.weight"))
-                for i in range(m.num_layers):
-                    for name, tensor in hf_layer_to_megatron(i, get, m):
-                        put(name, tensor)
-                put("decoder.final_layernorm.weight", get("model.norm.weight"))
-                if m.untie_embeddings_and_output_weights:
-                    put("output_layer.weight", get("lm_head.weight"))
+                for name, tensor in iter_hf_to_megatron(get, m, rows):  # vocabulary rows padded to ``rows``
+                    put(name, tensor)
             bar.close()
             reader.close()  # unmap the last shard before megatron's save allocates
             unfilled = sorted(set(params) - filled)

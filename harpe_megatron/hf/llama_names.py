@@ -1,23 +1,30 @@
-"""HF Llama <-> megatron-core weight layout, both directions, plus tensor-parallel (un)sharding.
+"""The HF Llama <-> megatron-core weight map: one table, from which import, export, the expected
+HF shapes and tensor-parallel (un)sharding all derive.
 
 Megatron names are those of ``HarpeGPTModel.state_dict()`` with the local spec at TP=1 (the
-"full" layout). Layout facts:
+"full" layout). Each :class:`Entry` of :data:`LLAMA_MAP` names one megatron tensor, the HF
+tensors it is made of (with their shapes in named dimensions) and how they combine:
 
-* ``linear_qkv.weight`` rows are grouped per KV group: for group g, ``[q heads of g; k_g; v_g]``
-  (each head ``head_dim`` rows). No q/k row permutation: HF and megatron both use rotate-half.
-* ``linear_fc1.weight = cat(gate_proj, up_proj)``; under TP each rank holds
+* ``copy``: the same tensor under another name.
+* ``vocab``: word embeddings / output layer. Megatron pads the vocabulary (rows appended, zero)
+  to a multiple of ``make_vocab_size_divisible_by * TP`` (``config.model.padded_vocab_size``);
+  import pads with :func:`pad_vocab_rows`, export drops the padding rows.
+* ``qkv``: ``linear_qkv.weight`` rows are grouped per KV group: for group g,
+  ``[q heads of g; k_g; v_g]`` (each head ``head_dim`` rows). No q/k row permutation: HF and
+  megatron both use rotate-half.
+* ``glu``: ``linear_fc1.weight = cat(gate_proj, up_proj)``; under TP each rank holds
   ``[gate_shard; up_shard]``, so fc1 is sharded per half.
-* The vocabulary is padded (rows appended) to a multiple of ``make_vocab_size_divisible_by * TP``;
-  padding rows are dropped on export.
-* Column-parallel (split along dim 0): word embeddings, output layer, qkv, fc1.
-  Row-parallel (dim 1): attention output projection ``linear_proj``, ``linear_fc2``.
-  Norm weights are replicated.
+
+Tensor parallelism (``Entry.tp``): column-parallel (split along dim 0): word embeddings, output
+layer, qkv, fc1 (per half); row-parallel (dim 1): ``linear_proj``, ``linear_fc2``; norm weights
+(and any name not in the table) are replicated.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -25,17 +32,102 @@ from torch import Tensor
 from harpe_megatron.config.model import ModelConfig
 
 __all__ = [
-    "hf_layer_to_megatron",
+    "Entry",
+    "LLAMA_MAP",
+    "expected_hf_shapes",
     "hf_to_megatron",
+    "iter_hf_to_megatron",
     "megatron_to_hf",
+    "pad_vocab_rows",
     "tp_shard",
     "tp_gather",
 ]
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_COLUMN_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight",
-                    "self_attention.linear_qkv.weight")
-_ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+@dataclass(frozen=True)
+class Entry:
+    """One megatron tensor and the HF tensors it is made of.
+
+    Names in a per-layer entry are relative to ``decoder.layers.{i}.`` (megatron) and
+    ``model.layers.{i}.`` (HF). ``hf`` pairs each HF name with its shape in named dimensions
+    (:func:`_dims`). ``combine``: ``copy`` | ``vocab`` | ``qkv`` | ``glu``; ``tp``: ``column`` |
+    ``row`` | ``glu`` | ``replicated``. ``untied_only``: present only with untied embeddings.
+    """
+
+    megatron: str
+    hf: tuple[tuple[str, tuple[str, ...]], ...]
+    combine: str = "copy"
+    tp: str = "replicated"
+    per_layer: bool = False
+    untied_only: bool = False
+
+
+def _layer(megatron: str, hf: tuple[tuple[str, tuple[str, ...]], ...], combine: str = "copy",
+           tp: str = "replicated") -> Entry:
+    return Entry(megatron, hf, combine, tp, per_layer=True)
+
+
+# In checkpoint order: embeddings, the layers, the final norm, the output layer.
+LLAMA_MAP: tuple[Entry, ...] = (
+    Entry("embedding.word_embeddings.weight", (("model.embed_tokens.weight", ("vocab", "hidden")),),
+          "vocab", "column"),
+    _layer("input_layernorm.weight", (("input_layernorm.weight", ("hidden",)),)),
+    _layer("self_attention.linear_qkv.weight", (("self_attn.q_proj.weight", ("q", "hidden")),
+                                                ("self_attn.k_proj.weight", ("kv", "hidden")),
+                                                ("self_attn.v_proj.weight", ("kv", "hidden"))), "qkv", "column"),
+    _layer("self_attention.linear_proj.weight", (("self_attn.o_proj.weight", ("hidden", "q")),), tp="row"),
+    _layer("pre_mlp_layernorm.weight", (("post_attention_layernorm.weight", ("hidden",)),)),
+    _layer("mlp.linear_fc1.weight", (("mlp.gate_proj.weight", ("ffn", "hidden")),
+                                     ("mlp.up_proj.weight", ("ffn", "hidden"))), "glu", "glu"),
+    _layer("mlp.linear_fc2.weight", (("mlp.down_proj.weight", ("hidden", "ffn")),), tp="row"),
+    Entry("decoder.final_layernorm.weight", (("model.norm.weight", ("hidden",)),)),
+    Entry("output_layer.weight", (("lm_head.weight", ("vocab", "hidden")),), "vocab", "column", untied_only=True),
+)
+
+_MEGATRON_LAYER = "decoder.layers.{i}."
+_HF_LAYER = "model.layers.{i}."
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_GLOBAL = {e.megatron: e for e in LLAMA_MAP if not e.per_layer}
+_PER_LAYER = {e.megatron: e for e in LLAMA_MAP if e.per_layer}
+
+
+def _dims(m: ModelConfig) -> dict[str, int]:
+    return {"vocab": m.vocab_size, "hidden": m.hidden_size, "q": m.num_attention_heads * m.head_dim,
+            "kv": m.num_query_groups * m.head_dim, "ffn": m.ffn_hidden_size}
+
+
+def _instances(m: ModelConfig) -> Iterator[tuple[Entry, str, tuple[str, ...]]]:
+    """``(entry, megatron name, HF names)`` of every tensor of architecture ``m``, in checkpoint order."""
+    layer_done = False
+    for e in LLAMA_MAP:
+        if e.per_layer:
+            if not layer_done:  # layer by layer, each layer's tensors in table order
+                for i in range(m.num_layers):
+                    mp, hp = _MEGATRON_LAYER.format(i=i), _HF_LAYER.format(i=i)
+                    for le in _PER_LAYER.values():
+                        yield le, mp + le.megatron, tuple(hp + name for name, _ in le.hf)
+            layer_done = True
+        elif m.untie_embeddings_and_output_weights or not e.untied_only:
+            yield e, e.megatron, tuple(name for name, _ in e.hf)
+
+
+def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of an HF Llama checkpoint with architecture ``m``."""
+    dims = _dims(m)
+    out: dict[str, tuple[int, ...]] = {}
+    for e, _, hf_names in _instances(m):
+        for name, (_, shape) in zip(hf_names, e.hf):
+            out[name] = tuple(dims[d] for d in shape)
+    return out
+
+
+def pad_vocab_rows(t: Tensor, rows: int, where: str) -> Tensor:
+    """``t`` with zero rows appended up to the padded vocabulary ``rows`` (the one place that pads)."""
+    if t.size(0) > rows:
+        raise ValueError(f"{where}: {t.size(0)} vocabulary rows exceed the padded vocabulary {rows}")
+    if t.size(0) == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])], dim=0)
 
 
 def _qkv_merge(q: Tensor, k: Tensor, v: Tensor, m: ModelConfig) -> Tensor:
@@ -56,27 +148,31 @@ def _qkv_split(qkv: Tensor, m: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
     return q.reshape(-1, cols), k.reshape(-1, cols), v.reshape(-1, cols)
 
 
-def _pad_rows(t: Tensor, rows: int, where: str) -> Tensor:
-    if t.size(0) > rows:
-        raise ValueError(f"{where}: {t.size(0)} vocabulary rows exceed the padded vocabulary {rows}")
-    if t.size(0) == rows:
-        return t
-    return torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])], dim=0)
+def _combine(e: Entry, parts: list[Tensor], m: ModelConfig, padded_vocab: int, where: str) -> Tensor:
+    if e.combine == "qkv":
+        return _qkv_merge(*parts, m)
+    if e.combine == "glu":
+        return torch.cat(parts)
+    if e.combine == "vocab":
+        return pad_vocab_rows(parts[0], padded_vocab, where)
+    return parts[0]
 
 
-def hf_layer_to_megatron(i: int, get: callable, m: ModelConfig) -> Iterator[tuple[str, Tensor]]:
-    """Megatron tensors of decoder layer ``i``; ``get(hf_name)`` returns one HF tensor."""
-    p = f"model.layers.{i}."
-    o = f"decoder.layers.{i}."
-    yield o + "input_layernorm.weight", get(p + "input_layernorm.weight")
-    yield o + "self_attention.linear_qkv.weight", _qkv_merge(
-        get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-        get(p + "self_attn.v_proj.weight"), m,
-    )
-    yield o + "self_attention.linear_proj.weight", get(p + "self_attn.o_proj.weight")
-    yield o + "pre_mlp_layernorm.weight", get(p + "post_attention_layernorm.weight")
-    yield o + "mlp.linear_fc1.weight", torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-    yield o + "mlp.linear_fc2.weight", get(p + "mlp.down_proj.weight")
+def _separate(e: Entry, t: Tensor, m: ModelConfig) -> tuple[Tensor, ...]:
+    if e.combine == "qkv":
+        return _qkv_split(t, m)
+    if e.combine == "glu":
+        return tuple(torch.chunk(t, 2, dim=0))
+    if e.combine == "vocab":
+        return (t[: m.vocab_size],)
+    return (t,)
+
+
+def iter_hf_to_megatron(get: Callable[[str], Tensor], m: ModelConfig,
+                        padded_vocab: int) -> Iterator[tuple[str, Tensor]]:
+    """Megatron tensors in checkpoint order; ``get(hf_name)`` returns one HF tensor (read lazily)."""
+    for e, name, hf_names in _instances(m):
+        yield name, _combine(e, [get(n) for n in hf_names], m, padded_vocab, hf_names[0])
 
 
 def hf_to_megatron(hf: Mapping[str, Tensor], m: ModelConfig, padded_vocab: int) -> dict[str, Tensor]:
@@ -86,14 +182,16 @@ def hf_to_megatron(hf: Mapping[str, Tensor], m: ModelConfig, padded_vocab: int) 
             raise KeyError(f"HF checkpoint is missing tensor {name!r}")
         return hf[name]
 
-    out = {"embedding.word_embeddings.weight": _pad_rows(get("model.embed_tokens.weight"), padded_vocab,
-                                                         "model.embed_tokens.weight")}
-    for i in range(m.num_layers):
-        out.update(hf_layer_to_megatron(i, get, m))
-    out["decoder.final_layernorm.weight"] = get("model.norm.weight")
-    if m.untie_embeddings_and_output_weights:
-        out["output_layer.weight"] = _pad_rows(get("lm_head.weight"), padded_vocab, "lm_head.weight")
-    return out
+    return dict(iter_hf_to_megatron(get, m, padded_vocab))
+
+
+def _entry_of(name: str) -> tuple[Entry, str]:
+    """The table entry of a megatron name and the HF name prefix of its tensors."""
+    if name in _GLOBAL:
+        return _GLOBAL[name], ""
+    if (match := _LAYER_NAME.match(name)) and match.group(2) in _PER_LAYER:
+        return _PER_LAYER[match.group(2)], _HF_LAYER.format(i=match.group(1))
+    raise KeyError(f"megatron tensor {name!r} has no HF Llama counterpart")
 
 
 def megatron_to_hf(state: Mapping[str, Tensor], m: ModelConfig) -> dict[str, Tensor]:
@@ -102,44 +200,16 @@ def megatron_to_hf(state: Mapping[str, Tensor], m: ModelConfig) -> dict[str, Ten
     for name, t in state.items():
         if name.endswith("._extra_state"):
             continue
-        if name == "embedding.word_embeddings.weight":
-            out["model.embed_tokens.weight"] = t[: m.vocab_size]
-        elif name == "output_layer.weight":
-            out["lm_head.weight"] = t[: m.vocab_size]
-        elif name == "decoder.final_layernorm.weight":
-            out["model.norm.weight"] = t
-        elif match := _LAYER.match(name):
-            i, rest = match.groups()
-            p = f"model.layers.{i}."
-            if rest == "input_layernorm.weight":
-                out[p + "input_layernorm.weight"] = t
-            elif rest == "pre_mlp_layernorm.weight":
-                out[p + "post_attention_layernorm.weight"] = t
-            elif rest == "self_attention.linear_qkv.weight":
-                q, k, v = _qkv_split(t, m)
-                out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
-                out[p + "self_attn.v_proj.weight"] = v
-            elif rest == "self_attention.linear_proj.weight":
-                out[p + "self_attn.o_proj.weight"] = t
-            elif rest == "mlp.linear_fc1.weight":
-                gate, up = torch.chunk(t, 2, dim=0)
-                out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-            elif rest == "mlp.linear_fc2.weight":
-                out[p + "mlp.down_proj.weight"] = t
-            else:
-                raise KeyError(f"megatron tensor {name!r} has no HF Llama counterpart")
-        else:
-            raise KeyError(f"megatron tensor {name!r} has no HF Llama counterpart")
+        e, prefix = _entry_of(name)
+        for (hf_name, _), part in zip(e.hf, _separate(e, t, m)):
+            out[prefix + hf_name] = part
     return out
 
 
 def _split_kind(name: str) -> str:
-    if name.endswith("mlp.linear_fc1.weight"):
-        return "glu"
-    if name.endswith(_COLUMN_PARALLEL):
-        return "column"
-    if name.endswith(_ROW_PARALLEL):
-        return "row"
+    for e in LLAMA_MAP:
+        if name.endswith(e.megatron):
+            return e.tp
     return "replicated"
 
 
