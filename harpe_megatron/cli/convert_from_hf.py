@@ -19,7 +19,7 @@ import sys
 
 from harpe_megatron.cli.common import quiet_library_warnings
 from harpe_megatron.config.loader import ConfigError
-from harpe_megatron.hf.convert import convert_hf_to_megatron
+from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from harpe_megatron.hf.safetensors_io import HFCheckpointError
 
 

@@ -25,7 +25,7 @@ import sys
 from harpe_megatron.checkpoint.layout import CheckpointDamaged
 from harpe_megatron.cli.common import quiet_library_warnings
 from harpe_megatron.config.loader import ConfigError
-from harpe_megatron.hf.convert import convert_megatron_to_hf
+from harpe_megatron.hf.export_hf import convert_megatron_to_hf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

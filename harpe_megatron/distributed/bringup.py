@@ -1,6 +1,6 @@
 """The one bring-up of torch.distributed and megatron's parallel state.
 
-Training (``training/initialize.py``), checkpoint conversion (``hf/convert.py``), the tests and the
+Training (``training/initialize.py``), checkpoint conversion (``hf/session.py``), the tests and the
 benchmarks all enter :func:`megatron_parallel`; it differs between them only by its arguments.
 
 * Device: ``device="auto"`` is ``cuda`` when CUDA is available, else ``cpu``; ``cpu`` enters the

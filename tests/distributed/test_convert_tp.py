@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.hf.export_hf import convert_megatron_to_hf
+from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from tests.distributed.convert_workers import tp2_logits_and_saves
 from tests.helpers import hf_state, tiny_hf_llama, tiny_model_config
 from tests.spawn import run_distributed

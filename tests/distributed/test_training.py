@@ -139,7 +139,7 @@ def test_every_method_trains_and_exports_to_hf(setup, tmp_path, single_rank):
     """Each baseline trains the tiny model from its config and exports a loadable HF folder."""
     from transformers import AutoModelForCausalLM
 
-    from harpe_megatron.hf.convert import convert_megatron_to_hf
+    from harpe_megatron.hf.export_hf import convert_megatron_to_hf
 
     config, base, _, _ = setup
     common = [o for o in base if not o.startswith("training.train_iters")] + [

@@ -10,15 +10,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harpe_megatron.config.loader import ConfigError
-from harpe_megatron.hf import convert as convert_module
-from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.hf.export_hf import convert_megatron_to_hf
+from harpe_megatron.hf.import_hf import convert_hf_to_megatron
+from harpe_megatron.hf.output_dir import atomic_output_dir
 from harpe_megatron.hf.safetensors_io import (
     HFCheckpointError,
     HFCheckpointReader,
     SafetensorsShardWriter,
-    atomic_output_dir,
     parse_size,
 )
+from harpe_megatron.hf.session import megatron_cpu_session
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
 
@@ -239,7 +240,7 @@ def test_conversion_refuses_inside_megatron_parallel_state(single_rank, source, 
     from harpe_megatron.distributed.bringup import megatron_parallel
 
     with megatron_parallel(), pytest.raises(RuntimeError, match="outside an initialised megatron"):
-        with convert_module.megatron_cpu_session():
+        with megatron_cpu_session():
             pass
 
 

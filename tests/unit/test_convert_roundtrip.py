@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from harpe_megatron.checkpoint.save_load import find_latest, load_model_weights
 from harpe_megatron.config.loader import load_config
 from harpe_megatron.distributed.bringup import megatron_parallel
-from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.hf.export_hf import convert_megatron_to_hf
+from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from harpe_megatron.model.builder import build_model, transformer_config
 from tests.helpers import hf_state, tiny_hf_llama, tiny_model_config
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def exported_model(tmp_path_factory, demo_data, single_rank):
-    from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from harpe_megatron.hf.export_hf import convert_megatron_to_hf
+    from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 
     root = tmp_path_factory.mktemp("eval_model")
     m = tiny_model_config(num_query_groups=2, vocab_size=512)

@@ -20,7 +20,8 @@ import torch
 
 from harpe_megatron.checkpoint.safety import UnsafeCheckpointError, check_megatron_checkpoint
 from harpe_megatron.config.loader import ConfigError, load_config
-from harpe_megatron.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from harpe_megatron.hf.export_hf import convert_megatron_to_hf
+from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from harpe_megatron.hf.harpe_llama import SHIPPED_FILES
 from harpe_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader
 from tests.helpers import tiny_hf_llama, tiny_model_config
