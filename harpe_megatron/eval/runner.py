@@ -22,7 +22,7 @@ from harpe_megatron.eval import scoring, synthetic
 from harpe_megatron.eval.heatmap import plot_grid
 from harpe_megatron.eval.perplexity import perplexity_by_length
 from harpe_megatron.hf.harpe_llama import register
-from harpe_megatron.hf.harpe_llama.modeling_harpe_llama import apply_self_extend, self_extend_of, self_extend_settings
+from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import apply_self_extend, self_extend_of, self_extend_settings
 
 Generate = Callable[[str, int], str]
 
@@ -77,7 +77,7 @@ def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
     Runs no code from the folder (``trust_remote_code=False``): ``harpe_llama`` models use this
     package's own copy of the modeling code, registered with the Auto classes.
     ``self_extend=(group_size, window)`` gives every attention layer Self-Extend (plain Llama or
-    harpe_llama; :func:`~harpe_megatron.hf.harpe_llama.modeling_harpe_llama.apply_self_extend`);
+    harpe_llama; :func:`~harpe_megatron.hf.harpe_llama.self_extend_harpe_llama.apply_self_extend`);
     without it, a ``self_extend`` key in the folder's config is honoured for plain Llama folders
     too (harpe_llama builds it itself; transformers' own Llama class would ignore the key).
     """

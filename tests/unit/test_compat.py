@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harpe_megatron import compat
-from harpe_megatron.hf.harpe_llama import modeling_harpe_llama as harpe_llama
+from harpe_megatron.hf.harpe_llama import compat_harpe_llama as harpe_llama
 
 
 def test_installed_megatron_passes_and_is_in_range():

@@ -247,7 +247,8 @@ def test_tokenizer_export_and_cli(single_rank, tmp_path, capsys):
     assert "harpe_llama" in out and "tokenizer.model + tokenizer.json" in out
     hf = tmp_path / "hf"
     for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-              "generation_config.json", "configuration_harpe_llama.py", "modeling_harpe_llama.py"):
+              "generation_config.json", "configuration_harpe_llama.py", "modeling_harpe_llama.py",
+              "compat_harpe_llama.py", "self_extend_harpe_llama.py"):
         assert (hf / f).is_file(), f
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
     tok = AutoTokenizer.from_pretrained(str(hf))

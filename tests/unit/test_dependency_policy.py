@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from harpe_megatron import compat
-from harpe_megatron.hf.harpe_llama import modeling_harpe_llama as harpe_llama
+from harpe_megatron.hf.harpe_llama import compat_harpe_llama as harpe_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "requirements" / "lock.txt"

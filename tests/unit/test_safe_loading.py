@@ -205,7 +205,7 @@ def tokenizer_model(tmp_path_factory) -> str:
 
 
 def test_export_contains_exactly_our_files(megatron_ckpt, tokenizer_model, tmp_path):
-    """The per-head export ships exactly two .py files, byte-identical to harpe_llama's."""
+    """The per-head export ships exactly harpe_llama's .py files (SHIPPED_FILES), byte-identical."""
     out = tmp_path / "hf"
     convert_megatron_to_hf(megatron_ckpt, out, tokenizer_model=tokenizer_model, progress=False)
     files = sorted(p.name for p in out.iterdir())
@@ -213,7 +213,7 @@ def test_export_contains_exactly_our_files(megatron_ckpt, tokenizer_model, tmp_p
     assert weights and all(f.startswith("model-") for f in weights)
     expected = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
                 "tokenizer_config.json", "special_tokens_map.json", "configuration_harpe_llama.py",
-                "modeling_harpe_llama.py"}
+                "modeling_harpe_llama.py", "compat_harpe_llama.py", "self_extend_harpe_llama.py"}
     rest = set(files) - set(weights)
     assert rest - {"tokenizer.json"} == expected, rest  # tokenizer.json: when a fast tokenizer reproduces sp
     assert all((out / f).is_file() for f in files)  # no folders, no links
@@ -222,7 +222,7 @@ def test_export_contains_exactly_our_files(megatron_ckpt, tokenizer_model, tmp_p
     for f in SHIPPED_FILES:
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
     config = json.loads((out / "config.json").read_text())
-    # auto_map names classes of those two files only
+    # auto_map names classes of the configuration and modeling files only
     assert {v.split(".")[0] for v in config["auto_map"].values()} == {"configuration_harpe_llama", "modeling_harpe_llama"}
 
 
@@ -240,9 +240,15 @@ def test_remote_code_imports_only_torch_and_transformers():
     """What trust_remote_code runs (docs/conversion.md): these imports and nothing else."""
     by_file = {f.name: _imports(f) for f in SHIPPED_FILES}
     assert by_file["configuration_harpe_llama.py"] == {"transformers"}
+    assert by_file["compat_harpe_llama.py"] == {"__future__", "os", "re", "warnings", "transformers"}
+    assert by_file["self_extend_harpe_llama.py"] == {
+        "__future__", "typing", "torch", "transformers.models.llama.modeling_llama", ".compat_harpe_llama"}
     assert by_file["modeling_harpe_llama.py"] == {
-        "__future__", "math", "os", "re", "typing", "warnings", "torch", "transformers",
-        "transformers.models.llama.modeling_llama", "transformers.modeling_utils", ".configuration_harpe_llama"}
+        "__future__", "math", "typing", "torch", "transformers.models.llama.modeling_llama",
+        "transformers.modeling_utils", ".configuration_harpe_llama", ".compat_harpe_llama", ".self_extend_harpe_llama"}
+    # transformers copies a local folder's modeling file with its DIRECT relative imports only:
+    # modeling_harpe_llama.py must name every other shipped file itself.
+    assert {"." + f.stem for f in SHIPPED_FILES} - {".modeling_harpe_llama"} <= by_file["modeling_harpe_llama.py"]
 
 
 def test_evaluation_runs_no_code_from_the_folder(megatron_ckpt, tokenizer_model, tmp_path, marker):

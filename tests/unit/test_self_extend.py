@@ -1,4 +1,4 @@
-"""Self-Extend (Jin et al. 2024) in the exported models' code (modeling_harpe_llama.apply_self_extend).
+"""Self-Extend (Jin et al. 2024) in the exported models' code (self_extend_harpe_llama.apply_self_extend).
 
 The oracle is written here from the paper's formula, independently of the implementation: a
 whole Llama forward from the weights, with RoPE as complex rotations and, for every (query i,
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from harpe_megatron.hf.harpe_llama.configuration_harpe_llama import HarpeLlamaConfig
-from harpe_megatron.hf.harpe_llama.modeling_harpe_llama import (
-    HarpeLlamaForCausalLM,
+from harpe_megatron.hf.harpe_llama.modeling_harpe_llama import HarpeLlamaForCausalLM
+from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import (
     SelfExtendAttention,
     apply_self_extend,
     self_extend_attention,

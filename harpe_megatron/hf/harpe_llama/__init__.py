@@ -1,6 +1,7 @@
 """The HF modeling code for per-head-RoPE (HARPE) Llama models.
 
-``configuration_harpe_llama.py`` and ``modeling_harpe_llama.py`` are self-contained: the export
+``configuration_harpe_llama.py``, ``modeling_harpe_llama.py`` and its siblings
+``compat_harpe_llama.py`` and ``self_extend_harpe_llama.py`` are self-contained: the export
 (tools/convert_to_hf.py) copies them into the HF folder, where
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` imports them.
 :func:`register` makes the Auto classes know ``harpe_llama`` inside this process without remote code.
@@ -17,7 +18,10 @@ from harpe_megatron.hf.harpe_llama.modeling_harpe_llama import HarpeLlamaForCaus
 
 __all__ = ["SHIPPED_FILES", "register"]
 
-SHIPPED_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_harpe_llama.py", "modeling_harpe_llama.py"))
+# Every file an export copies; modeling_harpe_llama.py imports each of the others relatively, which
+# is how transformers' dynamic-module loader finds (and copies) them.
+SHIPPED_FILES = tuple(Path(__file__).with_name(n) for n in (
+    "configuration_harpe_llama.py", "modeling_harpe_llama.py", "compat_harpe_llama.py", "self_extend_harpe_llama.py"))
 
 
 def register() -> None:
