@@ -14,8 +14,9 @@ Export (:func:`hf_config_dict`): one base for every head -> a plain ``LlamaForCa
 ``harpe_rope_bases`` (one float per query head, HF = megatron head order) and an ``auto_map``
 pointing at the modeling code shipped in the folder. ``positional.scaling``: ``linear`` and
 ``yarn`` become transformers' ``rope_parameters`` of that type (plus ``rope_scaling`` for 4.x),
-static ``ntk`` becomes the larger bases ``b * s^(d/(d-2))`` it stands for. Both ``rope_theta``
-and ``rope_parameters`` are written, and ``torch_dtype`` as well as ``dtype``.
+static ``ntk`` becomes the larger bases ``b * s^(d/(d-2))`` it stands for (each scaling class
+maps itself: ``to_hf``, ``hf_bases``, ``from_hf`` in :mod:`harpe_megatron.positional.scaling`).
+Both ``rope_theta`` and ``rope_parameters`` are written, and ``torch_dtype`` as well as ``dtype``.
 """
 
 from __future__ import annotations
