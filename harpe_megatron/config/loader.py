@@ -8,6 +8,8 @@
 * ``model.preset`` selects an architecture from :mod:`harpe_megatron.config.presets`; the other
   ``model.*`` keys override its fields.
 * ``config_to_dict`` gives the resolved tree (what is written to the run dir and checkpoints).
+* Renamed keys are read for one release with a :class:`ConfigDeprecationWarning` naming the new
+  key: ``positional.apply_rope_fusion: true|false`` is now ``positional.per_head_rope: fused|table``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -31,7 +34,8 @@ from harpe_megatron.positional.scaling import ROPE_SCALINGS, RopeScaling
 _POLYMORPHIC = {BaseStrategy: (BASE_STRATEGIES, "strategy"), RopeScaling: (ROPE_SCALINGS, "type"),
                 PositionScheme: (POSITION_SCHEMES, "type")}
 
-__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config"]
+__all__ = ["ConfigError", "ConfigDeprecationWarning", "load_config", "config_from_dict", "config_to_dict",
+           "apply_overrides", "save_config"]
 
 
 class ConfigError(ValueError):
@@ -171,10 +175,44 @@ def _build_section(cls: type, data: Any, path: str) -> Any:
     return _build(cls, data, path)
 
 
+class ConfigDeprecationWarning(UserWarning):
+    """A config key that was renamed: still read for one release, refused after that.
+
+    A ``UserWarning`` (shown by default, and not silenced by the command-line tools, which hide
+    libraries' ``FutureWarning``s)."""
+
+
+def _upgrade_renamed_keys(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    """``positional.apply_rope_fusion: true|false`` (it shared its name with megatron-core's
+    unrelated ``TransformerConfig.apply_rope_fusion``) -> ``positional.per_head_rope: fused|table``,
+    with a :class:`ConfigDeprecationWarning`. Saved run configs and checkpoints of older versions
+    carry the old key, which is why it is still read."""
+    positional = tree.get("positional") if isinstance(tree, dict) else None
+    if not isinstance(positional, dict) or "apply_rope_fusion" not in positional:
+        return tree
+    positional = dict(positional)
+    old = positional.pop("apply_rope_fusion")
+    if not isinstance(old, bool):
+        raise ConfigError(f"{source}: positional.apply_rope_fusion: expected true/false, got {old!r} (the key is "
+                          "deprecated: use positional.per_head_rope: fused|table)")
+    value = "fused" if old else "table"
+    if positional.get("per_head_rope", value) != value:
+        raise ConfigError(f"{source}: positional.apply_rope_fusion={str(old).lower()} contradicts "
+                          f"positional.per_head_rope={positional['per_head_rope']}; drop apply_rope_fusion (its old name)")
+    positional["per_head_rope"] = value
+    warnings.warn(f"{source}: positional.apply_rope_fusion is deprecated and will be refused in the next release; "
+                  f"read as positional.per_head_rope: {value} (fused: RoPE applied inside attention from positions, "
+                  "table: megatron's unfused path on an angle table; unrelated to megatron-core's apply_rope_fusion)",
+                  ConfigDeprecationWarning, stacklevel=2)
+    return {**tree, "positional": positional}
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Build and validate a RunConfig; errors are prefixed with ``source``."""
+    """Build and validate a RunConfig; errors are prefixed with ``source``. Renamed keys are read
+    with a warning (:func:`_upgrade_renamed_keys`)."""
+    tree = _upgrade_renamed_keys(tree or {}, source)
     try:
-        return _build_section(RunConfig, tree or {}, "")
+        return _build_section(RunConfig, tree, "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
 

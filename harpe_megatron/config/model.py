@@ -13,7 +13,10 @@ from typing import Any, Optional
 from harpe_megatron.positional.bases import BaseStrategy, PaperBases, base_strategy_from_dict
 from harpe_megatron.positional.scaling import ROPE_SCALINGS, NoScaling, RopeScaling
 
-__all__ = ["ModelConfig", "PositionalConfig", "ParallelConfig", "validate_model_setup", "padded_vocab_size"]
+__all__ = ["ModelConfig", "PositionalConfig", "PER_HEAD_ROPE", "ParallelConfig", "validate_model_setup",
+           "padded_vocab_size"]
+
+PER_HEAD_ROPE = ("fused", "table")  # values of positional.per_head_rope
 
 
 @dataclass
@@ -75,21 +78,30 @@ class PositionalConfig:
     :mod:`harpe_megatron.positional.scaling`.
 
     ``position_ids``: ``sequential`` (0..S-1 of the packed sequence, zigzag-sharded under CP) or
-    ``from_batch`` (per-sample ids from the data pipeline, e.g. CREAM/PoSE; required then).
+    ``from_batch`` (per-sample ids from the data pipeline, e.g. CREAM/PoSE). Unset (``null``):
+    ``sequential`` here; a run config with ``data.position_scheme`` makes it ``from_batch``
+    (:class:`~harpe_megatron.config.run.RunConfig`), and refuses an explicit ``sequential`` then.
 
-    ``apply_rope_fusion`` (default true): RoPE is applied inside attention from positions and
-    per-head inverse frequencies (our Triton kernel on CUDA, the same expression in torch
-    elsewhere; no angle table). ``false``: megatron's unfused path on a precomputed per-head angle
-    table (the reference; more memory).
+    ``per_head_rope``: how the per-head rotation is applied. ``fused`` (default): inside attention
+    from positions and per-head inverse frequencies (our Triton kernel on CUDA, the same
+    expression in torch elsewhere; no angle table). ``table``: megatron's unfused path on a
+    precomputed per-head angle table (the reference; more memory). Formerly
+    ``apply_rope_fusion: true|false`` (still read, with a warning, by the config loader); unrelated
+    to megatron-core's ``TransformerConfig.apply_rope_fusion``, which stays off.
     """
 
     bases: BaseStrategy = field(default_factory=PaperBases)
     scaling: RopeScaling = field(default_factory=NoScaling)
-    position_ids: str = "sequential"
+    position_ids: Optional[str] = None  # None: unset, see above
     rotary_interleaved: bool = False
-    apply_rope_fusion: bool = True
+    per_head_rope: str = "fused"
+    # whether position_ids was given (False: defaulted; RunConfig may then set from_batch)
+    position_ids_explicit: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.position_ids_explicit = self.position_ids is not None
+        if self.position_ids is None:
+            self.position_ids = "sequential"
         if isinstance(self.bases, dict):
             self.bases = base_strategy_from_dict(self.bases)
         if isinstance(self.scaling, dict):
@@ -102,11 +114,13 @@ class PositionalConfig:
             raise ValueError(
                 f"positional.position_ids: expected 'sequential' or 'from_batch', got {self.position_ids!r}"
             )
+        if self.per_head_rope not in PER_HEAD_ROPE:
+            raise ValueError(f"positional.per_head_rope: expected 'fused' or 'table', got {self.per_head_rope!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"bases": self.bases.to_dict(), "scaling": self.scaling.to_dict(),
                 "position_ids": self.position_ids, "rotary_interleaved": self.rotary_interleaved,
-                "apply_rope_fusion": self.apply_rope_fusion}
+                "per_head_rope": self.per_head_rope}
 
 
 @dataclass

@@ -17,6 +17,7 @@ parallel size, batch divisibility) in :meth:`RunConfig.validate_for_world`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,7 +41,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # megatron's index cache (default: next to the data)
     build_demo_corpus: bool = False  # launcher builds corpus + tokenizer + index if missing
     # CREAM / PoSE: samples packed at the scheme's target length, shown through a seq_length
-    # window with sampled positions (needs positional.position_ids: from_batch)
+    # window with sampled positions (implies positional.position_ids: from_batch)
     position_scheme: Optional[PositionScheme] = None
     # checks before training (data/validation.py): full = every token id read, quick = headers,
     # index, splits and a sample of token ids, off = none
@@ -226,6 +227,10 @@ class RunConfig:
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
+        # One decision, one key: a position scheme means positions come from the batch, unless
+        # positional.position_ids was set explicitly (a contradiction is refused in validate).
+        if self.data.position_scheme is not None and not self.positional.position_ids_explicit:
+            self.positional = dataclasses.replace(self.positional, position_ids="from_batch")
         self.validate()
 
     def validate(self) -> None:
@@ -235,7 +240,11 @@ class RunConfig:
         if self.data.position_scheme is not None:
             self.data.position_scheme.validate(self.data.seq_length)
             if self.positional.position_ids != "from_batch":
-                raise ValueError("data.position_scheme needs positional.position_ids: from_batch")
+                raise ValueError(
+                    f"data.position_scheme ({self.data.position_scheme.name}) gives every sample its own positions, "
+                    f"but positional.position_ids is {self.positional.position_ids!r}; drop positional.position_ids "
+                    "(a position scheme implies from_batch) or set it to from_batch"
+                )
         if not self.stages and self.training.train_iters is None and self.training.train_tokens is None:
             raise ValueError("set exactly one of training.train_iters and training.train_tokens")
         if self.stages is not None and len({s.name for s in self.stages}) != len(self.stages):

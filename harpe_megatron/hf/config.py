@@ -14,14 +14,14 @@ Export (:func:`hf_config_dict`): one base for every head -> a plain ``LlamaForCa
 ``harpe_rope_bases`` (one float per query head, HF = megatron head order) and an ``auto_map``
 pointing at the modeling code shipped in the folder. ``positional.scaling``: ``linear`` and
 ``yarn`` become transformers' ``rope_parameters`` of that type (plus ``rope_scaling`` for 4.x),
-static ``ntk`` becomes the larger bases ``b * s^(d/(d-2))`` it stands for. Both ``rope_theta``
-and ``rope_parameters`` are written, and ``torch_dtype`` as well as ``dtype``.
+static ``ntk`` becomes the larger bases ``b * s^(d/(d-2))`` it stands for (each scaling class
+maps itself: ``to_hf``, ``hf_bases``, ``from_hf`` in :mod:`harpe_megatron.positional.scaling`).
+Both ``rope_theta`` and ``rope_parameters`` are written, and ``torch_dtype`` as well as ``dtype``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from harpe_megatron.config.model import ModelConfig
-from harpe_megatron.positional.scaling import LinearScaling, NoScaling, NTKScaling, RopeScaling, YarnScaling
+from harpe_megatron.positional.scaling import HF_ROPE_TYPES, RopeScaling
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -80,7 +80,9 @@ def _rope_from_hf(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, An
     """``(rope_theta, positional.scaling)`` of a Llama config; refuses what has no equivalent.
 
     transformers gives ``rope_scaling`` (4.x spelling) precedence over ``rope_parameters`` (5.x),
-    and a ``rope_theta`` inside the dict over the top-level one; so do we.
+    and a ``rope_theta`` inside the dict over the top-level one; so do we. The ``rope_type``
+    picks the scaling class (:data:`~harpe_megatron.positional.scaling.HF_ROPE_TYPES`), which
+    reads its own fields (:meth:`~harpe_megatron.positional.scaling.RopeScaling.from_hf`).
     """
     spec = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
@@ -94,54 +96,17 @@ def _rope_from_hf(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, An
     if partial not in (None, 1, 1.0):
         raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (RoPE on every dimension only)")
     kind = spec.get("rope_type", spec.get("type", "default"))
-    if kind == "default":
-        return theta, {"type": "none"}
-    if kind == "linear":
-        return theta, {"type": "linear", "factor": float(spec["factor"])}
-    if kind == "yarn":
-        for extra in ("mscale", "mscale_all_dim"):
-            if spec.get(extra):
-                raise ValueError(f"{source}: {key}.{extra} (DeepSeek-style YaRN) is not supported")
-        original = (spec.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
-                    or cfg.get("max_position_embeddings"))
-        if not original:
-            raise ValueError(f"{source}: YaRN needs original_max_position_embeddings")
-        factor = spec.get("factor") or cfg["max_position_embeddings"] / original
-        factor = float(factor)
-        default_af = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-        given_af = spec.get("attention_factor")
-        if given_af is not None and abs(float(given_af) - default_af) > 1e-9:
-            raise ValueError(f"{source}: {key}.attention_factor={given_af} differs from YaRN's 0.1 ln(factor) + 1; "
-                             "not supported")
-        return theta, {"type": "yarn", "factor": factor, "original_max_position_embeddings": int(original),
-                       "beta_fast": float(spec.get("beta_fast") or 32.0), "beta_slow": float(spec.get("beta_slow") or 1.0),
-                       "truncate": bool(spec.get("truncate", True))}
-    raise ValueError(
-        f"{source}: {key}.rope_type={kind!r} is not supported; plain RoPE ('default'), 'linear' (PI) and "
-        "'yarn' convert (static NTK exports as a larger rope_theta)"
-    )
-
-
-def _hf_rope_parameters(scaling: RopeScaling, theta: float) -> dict[str, Any]:
-    """transformers' ``rope_parameters`` for one of our scalings (NTK is folded into the bases)."""
-    if isinstance(scaling, LinearScaling):
-        return {"rope_type": "linear", "factor": scaling.factor, "rope_theta": theta}
-    if isinstance(scaling, YarnScaling):
-        return {"rope_type": "yarn", "factor": scaling.factor,
-                "original_max_position_embeddings": scaling.original_max_position_embeddings,
-                "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow, "truncate": scaling.truncate,
-                "attention_factor": scaling.attention_factor, "rope_theta": theta}
-    if isinstance(scaling, (NoScaling, NTKScaling)) or type(scaling) is RopeScaling:
-        return {"rope_type": "default", "rope_theta": theta}
-    raise ValueError(f"positional.scaling {scaling.to_dict()} has no Hugging Face equivalent")
+    if kind not in HF_ROPE_TYPES:
+        raise ValueError(
+            f"{source}: {key}.rope_type={kind!r} is not supported; these convert: "
+            f"{', '.join(repr(k) for k in HF_ROPE_TYPES)} (static NTK exports as a larger rope_theta)"
+        )
+    return theta, HF_ROPE_TYPES[kind].from_hf(spec, cfg, source, key).to_dict()
 
 
 def export_bases(head_bases: Sequence[float], scaling: RopeScaling, head_dim: int) -> list[float]:
     """The bases an HF model needs: static NTK scaling is a larger base (``b * s^(d/(d-2))``)."""
-    if isinstance(scaling, NTKScaling):
-        grow = scaling.factor ** (head_dim / (head_dim - 2))
-        return [float(b) * grow for b in head_bases]
-    return [float(b) for b in head_bases]
+    return scaling.hf_bases(head_bases, head_dim)
 
 
 def megatron_trees_from_hf(cfg: dict[str, Any], source: str = "config.json") -> dict[str, dict[str, Any]]:
@@ -213,7 +178,7 @@ def hf_config_dict(
         raise ValueError(f"need one base per query head ({m.num_attention_heads}), got {len(bases)}")
     per_head = len(set(bases)) > 1
     theta = min(bases)
-    rope = _hf_rope_parameters(scaling, theta)
+    rope = scaling.to_hf(theta)
     cfg: dict[str, Any] = {
         "architectures": ["HarpeLlamaForCausalLM" if per_head else "LlamaForCausalLM"],
         "model_type": HARPE_MODEL_TYPE if per_head else "llama",

@@ -63,7 +63,7 @@ def transformer_config(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=False,  # megatron's single-table fused RoPE; ours is positional.per_head_rope
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
@@ -122,7 +122,7 @@ def build_model(
         position_ids_mode=positional.position_ids,
         rotary_interleaved=positional.rotary_interleaved,
         rope_scaling=positional.scaling,
-        apply_rope_fusion=positional.apply_rope_fusion,
+        per_head_rope=positional.per_head_rope,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,

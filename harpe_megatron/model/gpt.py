@@ -3,11 +3,11 @@
 The smallest injection that works: the model is built with ``position_embedding_type='none'`` (so
 megatron creates neither a learned position embedding nor its single-base ``RotaryEmbedding``),
 and ``_preprocess`` — the one place where megatron produces the rotary input handed to every layer
-— is extended to return ours instead: with ``apply_rope_fusion`` (default) the token positions
+— is extended to return ours instead: with ``per_head_rope="fused"`` (default) the token positions
 ``[s, b]`` fp32, which :class:`~harpe_megatron.model.attention.HarpeSelfAttention` turns into
-rotated q/k with the fused per-head kernel; without it, the per-head angle table (packed q/k for
-GQA) for megatron's unfused ``apply_rotary_pos_emb``. Everything else (embedding, decoder, output
-layer, vocab-parallel loss, sharded state dict) is megatron's.
+rotated q/k with the fused per-head kernel; with ``"table"``, the per-head angle table (packed q/k
+for GQA) for megatron's unfused ``apply_rotary_pos_emb``. Everything else (embedding, decoder,
+output layer, vocab-parallel loss, sharded state dict) is megatron's.
 
 Architectural choices (Llama-2): pre-norm RMSNorm (eps 1e-5), SwiGLU MLP, no linear biases,
 rotate-half RoPE applied to q and k with one base per query head (shared inside a KV group),
@@ -43,8 +43,9 @@ class HarpeGPTModel(GPTModel):
             ``"from_batch"`` (``position_ids`` ``[b, s_local]`` drive the rotation; required).
         rope_scaling: a :class:`~harpe_megatron.positional.scaling.RopeScaling` (PI/NTK/YaRN); its
             attention temperature must be in ``config.softmax_scale`` (see model/builder.py).
-        apply_rope_fusion: positions + in-attention per-head kernel (True) or angle tables
-            through megatron's unfused path (False). Same result up to rounding.
+        per_head_rope: ``"fused"`` (positions + in-attention per-head kernel) or ``"table"``
+            (angle tables through megatron's unfused path). Same result up to rounding. Not
+            megatron's ``config.apply_rope_fusion`` (one table for all heads), which stays off.
     """
 
     def __init__(
@@ -57,7 +58,7 @@ class HarpeGPTModel(GPTModel):
         position_ids_mode: str = "sequential",
         rotary_interleaved: bool = False,
         rope_scaling=None,
-        apply_rope_fusion: bool = True,
+        per_head_rope: str = "fused",
         pre_process: bool = True,
         post_process: bool = True,
         parallel_output: bool = True,
@@ -72,6 +73,8 @@ class HarpeGPTModel(GPTModel):
             )
         if position_ids_mode not in ("sequential", "from_batch"):
             raise ValueError(f"position_ids_mode must be 'sequential' or 'from_batch', got {position_ids_mode!r}")
+        if per_head_rope not in ("fused", "table"):
+            raise ValueError(f"per_head_rope must be 'fused' or 'table', got {per_head_rope!r}")
         super().__init__(
             config=config,
             transformer_layer_spec=transformer_layer_spec,
@@ -96,13 +99,13 @@ class HarpeGPTModel(GPTModel):
             rotary_interleaved=rotary_interleaved,
             scaling=rope_scaling,
         )
-        self.apply_rope_fusion = apply_rope_fusion
-        if apply_rope_fusion:
+        self.per_head_rope = per_head_rope
+        if per_head_rope == "fused":
             for layer in self.decoder.layers:
                 attention = getattr(layer, "self_attention", None)
                 if not isinstance(attention, HarpeSelfAttention):
                     raise TypeError(
-                        f"apply_rope_fusion needs HarpeSelfAttention layers (model/spec.py), got {type(attention)}"
+                        f"per_head_rope='fused' needs HarpeSelfAttention layers (model/spec.py), got {type(attention)}"
                     )
                 attention.bind_rotary(self.rotary_pos_emb)
 
@@ -144,7 +147,7 @@ class HarpeGPTModel(GPTModel):
                 raise ValueError("position_ids_mode='from_batch' needs position_ids [batch, seq] in forward()")
         else:
             position_ids = None
-        if self.apply_rope_fusion:
+        if self.per_head_rope == "fused":
             rotary = self.rotary_pos_emb.rope_positions(seq_len, position_ids=position_ids, device=hidden.device)
         else:
             rotary = self.rotary_pos_emb(seq_len, position_ids=position_ids, device=hidden.device)

@@ -8,8 +8,9 @@
   ModuleSpec submodules; nothing is monkey-patched.
 
 Both receive already-rotated q/k: per-head RoPE is applied by ``SelfAttention`` from the tables
-of :class:`~harpe_megatron.positional.rotary.PerHeadRotaryEmbedding` (``apply_rope_fusion`` off,
-since TE's fused RoPE only takes one table for all heads).
+of :class:`~harpe_megatron.positional.rotary.PerHeadRotaryEmbedding` (``positional.per_head_rope:
+table``) or inside attention from positions (``fused``); megatron's ``config.apply_rope_fusion``
+stays off, since TE's fused RoPE only takes one table for all heads.
 """
 
 from __future__ import annotations

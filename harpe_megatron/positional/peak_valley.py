@@ -1,96 +1,33 @@
 """Peak-valley complementary search for per-head RoPE bases (HARPE, Algorithm 1).
 
-HARPE (arXiv 2412.07171) gives every attention head its own RoPE base. The bases
-are chosen with the greedy "peak-valley complementary" search from Attention
-Buckets (Chen et al., ACL 2024):
+HARPE (arXiv 2412.07171) gives every attention head its own RoPE base, chosen with the greedy
+"peak-valley complementary" search of Attention Buckets (Chen et al., ACL 2024):
 
-1. Candidates ``B_c = {b_min + i * stride : i = 0, 1, ...,  b_min + i * stride <= b_max}``.
+1. Candidates ``B_c = {b_min + i * stride : i = 0, 1, ..., b_min + i * stride <= b_max}``.
 2. Start from the selected set ``S = {b_min}``.
-3. Repeat until ``|S| == num_heads``: add the unselected candidate ``c`` that minimises
-
-       cost(c, S) = sum |peaks(c) - valleys(S)| + sum |valleys(c) - peaks(S)|
-
+3. Until ``|S| == num_heads``, add the unselected candidate ``c`` minimising
+   ``cost(c, S) = sum |peaks(c) - valleys(S)| (+ sum |valleys(c) - peaks(S)| if symmetric)``.
 4. Return ``S`` sorted ascending.
 
-The *attention waveform* of a base ``b`` (Attention Buckets' definition) for a head
-dimension ``d`` is
+The attention waveform of base ``b`` at head dim ``d`` is
+``w_b(m) = sum_{j < d/2} 2 cos(m * b^(-2j/d)) / sqrt(d)`` (the RoPE logit of all-ones q and k at
+relative distance ``m``); peaks/valleys are its local maxima/minima, and ``|p - v|`` is a distance
+in tokens. Conventions (the papers leave them open; defaults in brackets):
 
-    w_b(m) = sum_{j < d/2} 2 cos(m * b^(-2j/d)) / sqrt(d),
+* m grid: every integer ``m = 0..max_distance`` [131072], float64, evaluated as one batched
+  matrix product (``m = a*B + r``, ``cos(mt) = cos(aBt) cos(rt) - sin(aBt) sin(rt)``).
+* extremum: order-``k`` [512]: a peak is an interior ``m`` with ``w(m) > max w[m-k:m]`` and
+  ``w(m) >= max w[m+1:m+k+1]`` (windows clipped; a plateau counts once, at its left end);
+  valleys mirrored; ``m = 0`` and ``m = max_distance`` excluded.
+* pairing [``nearest``]: each peak of the candidate with the nearest valley of a selected
+  waveform; ``index`` pairs the k-th peak with the k-th valley.
+* aggregation [``sum``] over the selected bases; ``union`` pools their extrema first.
+* symmetric [False]: only ``peaks(candidate) -> valleys(selected)``.
+* normalize [True]: each pairwise term is the mean gap, not the sum.
+* ties go to the smaller base.
 
-i.e. the RoPE attention logit between an all-ones query and key at relative
-distance ``m``. Peaks/valleys are local maxima/minima of ``w_b`` and ``|p - v|``
-is a distance between *positions* (relative distances in tokens).
-
-The papers do not say which range of ``m`` is used, what counts as an extremum, or
-how a peak of one waveform is paired with valleys of another. This module makes
-those choices explicit and tunable. The defaults come from comparing several
-interpretations against HARPE's Table 2 (see ``docs/peak_valley.md``).
-
-Choices (defaults in brackets)
-------------------------------
-* **m grid** [integer ``m = 0, 1, ..., max_distance``; the paper settings use
-  ``max_distance = 131072``, HARPE's target context]. Relative distances in a
-  model are integers, so the waveform is evaluated exactly there, at every one
-  of them, with no subsampling. Subsampling would alias the ``j = 0`` component,
-  whose period is 2*pi tokens. Evaluating all of them is cheap because the
-  whole grid comes from one batched matrix product. Write ``m = a*B + r``
-  with ``B ~ sqrt(max_distance)``; then
-  ``cos(m t) = cos(aBt) cos(rt) - sin(aBt) sin(rt)``, so the ``(A, B)`` grid of
-  ``w`` equals ``[cos(aBt), -sin(aBt)] @ [cos(rt), sin(rt)]^T``. Each base then
-  needs only ``O((A + B) d)`` trigonometric evaluations instead of
-  ``O(A B d)``. Everything is float64; the error against direct evaluation is
-  below 1e-9 even at ``m = 131072``. Why 131072 rather than the 4k
-  pre-training window or 32k: HARPE trains and evaluates at 131072, and the
-  most stable good agreement with Table 2 (best smoothed score, see below) was
-  found at this range.
-  With the paper settings (134 candidates x 131073 distances), the whole
-  search takes about 0.4 s on 2 CPU cores.
-* **extremum definition** [order-``k`` local extremum, ``extremum_order = 512``]. A
-  peak is an interior ``m`` (so ``0 < m < max_distance``) with
-  ``w(m) > max w[m-k : m]`` and ``w(m) >= max w[m+1 : m+k+1]``. Valleys use
-  the mirrored test with ``min``. Windows are clipped at the ends of the grid.
-  The strict/non-strict asymmetry counts a plateau once, at its left end.
-  ``m = 0`` is left out because it is the global maximum of every waveform and
-  so tells bases apart in no way. ``m = max_distance`` is left out because it
-  is a truncation artefact. Why order 512 and not 1: ``w`` contains a component
-  of period ``2*pi`` tokens (``j = 0``, frequency 1 for every base), so plain
-  neighbour-comparison extrema occur about every 8 tokens (~16.5k peaks per
-  base up to 131072). They follow the highest-frequency ripple, not the
-  large-scale "waves" that Attention Buckets draws, and in the comparison they
-  gave the worst agreement with Table 2 (below chance). Order 512 keeps ~116
-  peaks per base up to 131072.
-* **pairing** [``"nearest"``]. Each peak of the candidate is paired with the
-  *nearest* valley of a selected waveform, and the absolute position gaps are
-  added up. ``"index"`` pairs the k-th peak with the k-th valley (pairs up to
-  the shorter list) and is also available.
-* **aggregation over the selected set** [``"sum"``]. The cost is the sum of the
-  pairwise costs over each selected base, ``cost(c, S) = sum_{s in S} cost(c, s)``.
-  ``"union"`` pools the extrema of all selected bases into one set first
-  (``"nearest"`` pairing only).
-* **symmetry** [``symmetric=False``]. Only the first term,
-  ``peaks(candidate) -> valleys(selected)``, is used. With ``symmetric=True`` the
-  second term ``valleys(candidate) -> peaks(selected)`` is added as well, as the
-  formula in the paper is written.
-* **normalisation** [``normalize=True``]. Each pairwise term is the *mean* gap
-  over the paired extrema instead of the sum, so a candidate is not favoured
-  just because it has fewer extrema (fewer terms).
-* **ties** are broken toward the smaller base (first candidate index).
-
-How the defaults were chosen: 264 combinations of m range (4096 / 32768 /
-131072), extremum order (1 ... 4096), pairing, aggregation, symmetry and
-normalisation were run with the paper settings. Each result was scored
-against HARPE Table 2 (exact same-slot matches, set overlap, mean and max
-absolute difference of the sorted lists), and each metric was converted to a
-percentile against 20000 random draws of 31 grid bases plus ``b_min``. The
-combined score was averaged over neighbouring extremum orders so that an
-isolated lucky setting would not win. The defaults have the best smoothed
-score and the third best raw score. With the paper settings the defaults give
-2 of 32 sorted entries in exactly the same slot, 12 of 32 bases in common (as
-sets), and a mean / max absolute difference of 0.14e6 / 0.48e6. Random
-choices give on average 1.8 slots, 8.2 in common and 0.33e6 / 0.78e6. No
-interpretation reproduces the table. Given how many were tried, the
-agreement of the best ones is at best weak evidence. See
-``docs/peak_valley.md`` for the full table.
+Why these defaults, how they compare with HARPE's Table 2 (no interpretation reproduces it) and
+the full study: docs/peak_valley.md.
 """
 
 from __future__ import annotations

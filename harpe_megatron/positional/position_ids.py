@@ -2,7 +2,8 @@
 
 Both pick which tokens of a long document a short training sample shows, and which positions
 (in the long, target window) they carry. The model then runs with
-``positional.position_ids: from_batch`` and these ids drive the rotary tables.
+``positional.position_ids: from_batch`` (implied by setting ``data.position_scheme``) and these
+ids drive the rotary tables.
 
 A scheme's ``sample(rng, n)`` returns ``(token_index, position_ids)``, two int64 arrays of the
 training length ``n`` (the window, ``data.seq_length``): the sample is ``doc[token_index]`` with

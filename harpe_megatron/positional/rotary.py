@@ -24,7 +24,7 @@ Replaces megatron's ``RotaryEmbedding`` (one base, lru-cached, CUDA-bound). Conv
 Two ways to use it. The *table* path (:meth:`PerHeadRotaryEmbedding.forward`) builds the angle
 table that megatron's unfused ``apply_rotary_pos_emb`` consumes — ``s x heads x d`` fp32, 2 GiB at
 128k tokens and 32 heads, kept alive per layer by autograd as cos/sin. The *fused* path
-(``positional.apply_rope_fusion``, the default) hands the layers only the positions
+(``positional.per_head_rope: fused``, the default) hands the layers only the positions
 (:meth:`PerHeadRotaryEmbedding.rope_positions`, ``[s, b]``) and applies RoPE inside attention from
 them and :meth:`PerHeadRotaryEmbedding.inverse_frequencies` with
 :func:`~harpe_megatron.positional.rope_apply.apply_per_head_rope` (Triton on CUDA).

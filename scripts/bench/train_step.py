@@ -46,9 +46,9 @@ from harpe_megatron.training.initialize import distributed_run  # noqa: E402
 from harpe_megatron.training.metrics import peak_tflops, training_flops_per_token  # noqa: E402
 
 VARIANTS = {
-    "harpe": {"bases": {"strategy": "paper"}, "apply_rope_fusion": True},
-    "single-base": {"bases": {"strategy": "constant", "base": 500000.0}, "apply_rope_fusion": True},
-    "harpe-table": {"bases": {"strategy": "paper"}, "apply_rope_fusion": False},
+    "harpe": {"bases": {"strategy": "paper"}, "per_head_rope": "fused"},
+    "single-base": {"bases": {"strategy": "constant", "base": 500000.0}, "per_head_rope": "fused"},
+    "harpe-table": {"bases": {"strategy": "paper"}, "per_head_rope": "table"},
 }
 
 

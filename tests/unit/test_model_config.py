@@ -77,6 +77,9 @@ def test_cp_comm_type_reaches_megatron():
 def test_positional_errors():
     with pytest.raises(ValueError, match="positional.position_ids"):
         PositionalConfig(position_ids="random")
+    with pytest.raises(ValueError, match="positional.per_head_rope: expected 'fused' or 'table', got 'triton'"):
+        PositionalConfig(per_head_rope="triton")
+    assert PositionalConfig().position_ids == "sequential" and not PositionalConfig().position_ids_explicit
     assert PositionalConfig(bases={"strategy": "uniform"}).bases == UniformBases()
 
 

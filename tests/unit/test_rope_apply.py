@@ -137,8 +137,8 @@ def test_model_fused_path_equals_table_path(single_rank, groups, position_ids, s
     if scaling is not None:
         kwargs["scaling"] = scaling
     with megatron_parallel():
-        fused, m = _model(PositionalConfig(apply_rope_fusion=True, **kwargs), groups, seq)
-        table, _ = _model(PositionalConfig(apply_rope_fusion=False, **kwargs), groups, seq)
+        fused, m = _model(PositionalConfig(per_head_rope="fused", **kwargs), groups, seq)
+        table, _ = _model(PositionalConfig(per_head_rope="table", **kwargs), groups, seq)
         table.load_state_dict(fused.state_dict())
         tokens = torch.randint(0, m.vocab_size, (2, seq))
         ids = torch.stack([torch.arange(seq) * 3, torch.arange(seq) + 50]) if position_ids == "from_batch" else None

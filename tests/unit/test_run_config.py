@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from harpe_megatron.config import ConfigError, config_from_dict, config_to_dict, load_config
+from harpe_megatron.config.loader import ConfigDeprecationWarning
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.positional.bases import PAPER_LLAMA2_7B_BASES
 
@@ -97,3 +98,39 @@ def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(CONFIGS[0].parent / "tiny_cpu.yaml", ["training.lr"])
 
+
+
+def _tiny_tree(**positional) -> dict:
+    return {"model": {"preset": "llama2-7b"}, "training": {"train_iters": 1},
+            "data": {"seq_length": 4096, "position_scheme": {"type": "cream", "factor": 8}},
+            "positional": {"bases": {"strategy": "constant", "base": 1e4}, **positional}}
+
+
+def test_a_position_scheme_implies_positions_from_the_batch():
+    cfg = config_from_dict(_tiny_tree())
+    assert cfg.positional.position_ids == "from_batch"
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert config_from_dict(_tiny_tree(position_ids="from_batch")) == cfg
+    with pytest.raises(ConfigError, match=r"data\.position_scheme \(cream\) .* positional\.position_ids is "
+                                          r"'sequential'; drop positional\.position_ids"):
+        config_from_dict(_tiny_tree(position_ids="sequential"))
+    tree = _tiny_tree()
+    del tree["data"]["position_scheme"]
+    assert config_from_dict(tree).positional.position_ids == "sequential"
+    for name in ("llama2_7b_cream_32k.yaml", "llama2_7b_pose_32k.yaml"):
+        assert load_config(CONFIGS[0].parent / name).positional.position_ids == "from_batch"
+
+
+def test_apply_rope_fusion_is_read_as_per_head_rope_with_a_warning():
+    for old, new in ((True, "fused"), (False, "table")):
+        with pytest.warns(ConfigDeprecationWarning, match=r"x\.yaml: positional\.apply_rope_fusion is deprecated .* "
+                                                          rf"read as positional\.per_head_rope: {new}"):
+            cfg = config_from_dict(_tiny_tree(apply_rope_fusion=old), "x.yaml")
+        assert cfg.positional.per_head_rope == new
+        assert "apply_rope_fusion" not in config_to_dict(cfg)["positional"]
+        assert cfg == config_from_dict(_tiny_tree(per_head_rope=new))
+    with pytest.raises(ConfigError, match=r"x\.yaml: positional\.apply_rope_fusion=false contradicts "
+                                          r"positional\.per_head_rope=fused"):
+        config_from_dict(_tiny_tree(apply_rope_fusion=False, per_head_rope="fused"), "x.yaml")
+    with pytest.raises(ConfigError, match=r"positional\.per_head_rope: expected 'fused' or 'table'"):
+        config_from_dict(_tiny_tree(per_head_rope="triton"))
