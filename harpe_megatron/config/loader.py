@@ -8,10 +8,14 @@
 * ``model.preset`` selects an architecture from :mod:`harpe_megatron.config.presets`; the other
   ``model.*`` keys override its fields.
 * ``config_to_dict`` gives the resolved tree (what is written to the run dir and checkpoints).
+* ``stages:`` (multi-stage schedules) are dotted overrides too: :func:`stage_run_config` applies
+  one stage's overrides to the resolved run tree; every stage is built when the config loads, so
+  a bad key or value in a stage fails at load time naming the stage.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -23,7 +27,7 @@ import yaml
 
 from harpe_megatron.config.model import ModelConfig, PositionalConfig
 from harpe_megatron.config.presets import PRESETS
-from harpe_megatron.config.run import RunConfig
+from harpe_megatron.config.run import RunConfig, StageConfig
 from harpe_megatron.positional.bases import BASE_STRATEGIES, BaseStrategy
 from harpe_megatron.positional.position_ids import POSITION_SCHEMES, PositionScheme
 from harpe_megatron.positional.scaling import ROPE_SCALINGS, RopeScaling
@@ -31,7 +35,8 @@ from harpe_megatron.positional.scaling import ROPE_SCALINGS, RopeScaling
 _POLYMORPHIC = {BaseStrategy: (BASE_STRATEGIES, "strategy"), RopeScaling: (ROPE_SCALINGS, "type"),
                 PositionScheme: (POSITION_SCHEMES, "type")}
 
-__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config"]
+__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "save_config",
+           "stage_run_config"]
 
 
 class ConfigError(ValueError):
@@ -45,22 +50,27 @@ def _yaml_scalar(text: str) -> Any:
         return text
 
 
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, label: str) -> None:
+    """``tree[a][b][c] = value`` for ``key`` ``a.b.c`` (sections created as needed)."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{label}: empty key component")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Set ``a.b.c=value`` entries on a nested dict (creating sections as needed)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key component")
-        node = tree
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = _yaml_scalar(value)
+        _set_dotted(tree, key, _yaml_scalar(value), f"override {item!r}")
     return tree
 
 
@@ -171,10 +181,65 @@ def _build_section(cls: type, data: Any, path: str) -> Any:
     return _build(cls, data, path)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Build and validate a RunConfig; errors are prefixed with ``source``."""
+# The old stage form (before stages became dotted overrides) -> the override it means now.
+_OLD_STAGE_KEYS = {"seq_length": "data.seq_length", "train_iters": "training.train_iters",
+                   "train_tokens": "training.train_tokens", "lr": "training.lr", "min_lr": "training.min_lr",
+                   "global_batch_size": "training.global_batch_size"}
+
+
+def _reject_old_stage_form(tree: dict[str, Any]) -> None:
+    """A stage written in the old form (``{name, seq_length, rope_base, ...}``) fails with the new
+    form of the same stage, ready to paste."""
+    stages = tree.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        if not isinstance(stage, dict) or "overrides" in stage:
+            continue
+        old = [k for k in stage if k in _OLD_STAGE_KEYS or k == "rope_base"]
+        if not old:
+            continue
+        overrides = {_OLD_STAGE_KEYS[k]: v for k, v in stage.items() if k in _OLD_STAGE_KEYS}
+        if "rope_base" in stage:
+            overrides["positional.bases"] = {"strategy": "constant", "base": stage["rope_base"]}
+        new = {"name": stage.get("name", "stage"), "overrides": overrides}
+        raise ConfigError(
+            f"stages[{i}]: {sorted(old)} are the old stage keys; a stage is now a name and dotted overrides of "
+            f"the run config (any key can be staged), write: "
+            f"{yaml.safe_dump(new, default_flow_style=True, sort_keys=False, width=1 << 16).strip()}"
+        )
+
+
+def stage_run_config(cfg: RunConfig, stage: StageConfig, index: int) -> RunConfig:
+    """The run config of one stage: ``cfg``'s resolved tree with the stage's overrides applied.
+
+    ``stages`` itself is dropped. A stage that sets one of ``training.train_iters`` /
+    ``training.train_tokens`` clears the other (each stage says how long it trains). Errors are
+    :class:`ConfigError` naming the stage: ``stages[1] (s2): training: unknown key(s) ['lrr']``.
+    """
+    tree = config_to_dict(cfg)
+    tree["stages"] = None
+    keys = set(stage.overrides)
+    for own, other in (("training.train_iters", "training.train_tokens"),
+                       ("training.train_tokens", "training.train_iters")):
+        if own in keys and other not in keys:
+            tree["training"][other.split(".")[1]] = None
+    label = f"stages[{index}] ({stage.name})"
     try:
-        return _build_section(RunConfig, tree or {}, "")
+        for key, value in stage.overrides.items():
+            _set_dotted(tree, key, copy.deepcopy(value), f"override {key!r}")
+        return _build_section(RunConfig, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {str(exc).lstrip(': ')}") from None
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Build and validate a RunConfig (and every stage's); errors are prefixed with ``source``."""
+    try:
+        tree = tree or {}
+        _reject_old_stage_form(tree)
+        cfg = _build_section(RunConfig, tree, "")
+        for i, stage in enumerate(cfg.stages or []):
+            stage_run_config(cfg, stage, i)
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
 
@@ -195,7 +260,8 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     apply_overrides(tree, overrides)
-    return config_from_dict(tree, source + (f" (with overrides {list(overrides)})" if overrides else ""))
+    source += f" (with overrides {list(overrides)})" if overrides else ""
+    return config_from_dict(tree, source)
 
 
 def _plain(value: Any) -> Any:
