@@ -208,6 +208,16 @@ def _reject_old_stage_form(tree: dict[str, Any]) -> None:
         )
 
 
+def _drop_removed_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """Saved configs (run dirs, checkpoints) from before ``data.build_demo_corpus`` was removed carry
+    it; it only ever told the launcher to build demo data, so a saved one is dropped here.
+    :func:`load_config` rejects it in the configs users write."""
+    data = tree.get("data")
+    if isinstance(data, dict) and "build_demo_corpus" in data:
+        tree = {**tree, "data": {k: v for k, v in data.items() if k != "build_demo_corpus"}}
+    return tree
+
+
 def stage_run_config(cfg: RunConfig, stage: StageConfig, index: int) -> RunConfig:
     """The run config of one stage: ``cfg``'s resolved tree with the stage's overrides applied.
 
@@ -234,7 +244,7 @@ def stage_run_config(cfg: RunConfig, stage: StageConfig, index: int) -> RunConfi
 def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> RunConfig:
     """Build and validate a RunConfig (and every stage's); errors are prefixed with ``source``."""
     try:
-        tree = tree or {}
+        tree = _drop_removed_keys(tree or {})
         _reject_old_stage_form(tree)
         cfg = _build_section(RunConfig, tree, "")
         for i, stage in enumerate(cfg.stages or []):
@@ -261,6 +271,13 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     apply_overrides(tree, overrides)
     source += f" (with overrides {list(overrides)})" if overrides else ""
+    if isinstance(tree.get("data"), dict) and "build_demo_corpus" in tree["data"]:
+        raise ConfigError(
+            f"{source}: data.build_demo_corpus was removed: training launches no longer build data. "
+            "Delete the key; the demo data is built by scripts/demo.sh, or by "
+            "'python -m harpe_megatron.cli.prepare_run --config CONFIG [overrides]' for a config whose "
+            "data.paths / data.tokenizer_model point at a demo build (configs/tiny_cpu.yaml: data/demo)"
+        )
     return config_from_dict(tree, source)
 
 

@@ -38,7 +38,6 @@ class DataConfig:
     tokenizer_model: Optional[str] = None  # sentencepiece model (Llama-2 tokenizer.model)
     seq_length: int = 4096
     cache_dir: Optional[str] = None  # megatron's index cache (default: next to the data)
-    build_demo_corpus: bool = False  # launcher builds corpus + tokenizer + index if missing
     # CREAM / PoSE: samples packed at the scheme's target length, shown through a seq_length
     # window with sampled positions (needs positional.position_ids: from_batch)
     position_scheme: Optional[PositionScheme] = None
