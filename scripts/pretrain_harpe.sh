@@ -24,6 +24,10 @@
 #   PYTHON         interpreter with harpe_megatron     [python3 if it imports harpe_megatron,
 #                                                       else .venv/bin/python, set up on first use]
 # Extra arguments are config overrides, e.g. training.lr=3e-5 parallel.context_parallel_size=8.
+#
+# The launcher builds no data: the config's data.paths and data.tokenizer_model must exist (the
+# ranks check them before training). The default config's demo data (data/demo) is built by
+# scripts/demo.sh, or once by `python -m harpe_megatron.cli.prepare_run --config configs/tiny_cpu.yaml`.
 """:"
 set -euo pipefail
 
@@ -48,7 +52,6 @@ export PYTHONUNBUFFERED=1
 
 if [ -n "${LOCAL_RANK:-}" ] && [ -n "${RANK:-}" ]; then
   # One rank of a torchrun job (torchrun --no-python scripts/pretrain_harpe.sh ...).
-  "$PYTHON" -m harpe_megatron.cli.prepare_run --config "$CONFIG" "$@"
   exec "$PYTHON" -m harpe_megatron.train --config "$CONFIG" "$@"
 fi
 
@@ -59,9 +62,6 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-
-# Build the demo corpus/tokenizer/index first when the config asks for it (data.build_demo_corpus).
-"$PYTHON" -m harpe_megatron.cli.prepare_run --config "$CONFIG" "$@"
 
 echo "[pretrain_harpe] config $CONFIG | nodes $NNODES (this: $NODE_RANK) x $GPUS_PER_NODE ranks | master $MASTER_ADDR:$MASTER_PORT"
 # Preemption (docs/reliability.md): the ranks save and exit with 75 on SIGTERM/SIGUSR1. torchrun
@@ -100,11 +100,10 @@ def main() -> int:
             os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
         sys.exit(f"pretrain_harpe.sh: {sys.executable} cannot import harpe_megatron; "
                  f"run 'bash scripts/setup_venv.sh' first, or use the torchrun of that venv")
-    from harpe_megatron.cli import prepare_run, train
+    from harpe_megatron.cli import train
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    code = prepare_run.main(["--config", config, *sys.argv[1:]])
-    return code or train.main(["--config", config, *sys.argv[1:]])
+    return train.main(["--config", config, *sys.argv[1:]])
 
 
 # The guard matters: multiprocessing children (megatron's checkpoint writer) re-import this file.

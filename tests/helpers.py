@@ -25,7 +25,7 @@ def tiny_run_overrides(demo_data: dict, steps: int) -> list[str]:
     64-token sequences, 8 per step (micro-batches of 2), ``steps`` steps, no eval, no TensorBoard."""
     return [
         f"data.paths=[{demo_data['prefix']}]", f"data.tokenizer_model={demo_data['tokenizer']}",
-        "data.seq_length=64", "data.build_demo_corpus=false", "model.vocab_size=512",
+        "data.seq_length=64", "model.vocab_size=512",
         "training.micro_batch_size=2", "training.global_batch_size=8", f"training.train_iters={steps}",
         "training.lr_warmup_iters=2", "training.eval_interval=0", "logging.tensorboard=false",
     ]

@@ -10,10 +10,14 @@
 * ``config_to_dict`` gives the resolved tree (what is written to the run dir and checkpoints).
 * Renamed keys are read for one release with a :class:`ConfigDeprecationWarning` naming the new
   key: ``positional.apply_rope_fusion: true|false`` is now ``positional.per_head_rope: fused|table``.
+* ``stages:`` (multi-stage schedules) are dotted overrides too: :func:`stage_run_config` applies
+  one stage's overrides to the resolved run tree; every stage is built when the config loads, so
+  a bad key or value in a stage fails at load time naming the stage.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -26,7 +30,7 @@ import yaml
 
 from harpe_megatron.config.model import ModelConfig, PositionalConfig
 from harpe_megatron.config.presets import PRESETS
-from harpe_megatron.config.run import RunConfig
+from harpe_megatron.config.run import RunConfig, StageConfig
 from harpe_megatron.positional.bases import BASE_STRATEGIES, BaseStrategy
 from harpe_megatron.positional.position_ids import POSITION_SCHEMES, PositionScheme
 from harpe_megatron.positional.scaling import ROPE_SCALINGS, RopeScaling
@@ -35,7 +39,7 @@ _POLYMORPHIC = {BaseStrategy: (BASE_STRATEGIES, "strategy"), RopeScaling: (ROPE_
                 PositionScheme: (POSITION_SCHEMES, "type")}
 
 __all__ = ["ConfigError", "ConfigDeprecationWarning", "load_config", "config_from_dict", "config_to_dict",
-           "apply_overrides", "save_config"]
+           "apply_overrides", "save_config", "stage_run_config"]
 
 
 class ConfigError(ValueError):
@@ -49,22 +53,27 @@ def _yaml_scalar(text: str) -> Any:
         return text
 
 
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, label: str) -> None:
+    """``tree[a][b][c] = value`` for ``key`` ``a.b.c`` (sections created as needed)."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{label}: empty key component")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Set ``a.b.c=value`` entries on a nested dict (creating sections as needed)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key component")
-        node = tree
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = _yaml_scalar(value)
+        _set_dotted(tree, key, _yaml_scalar(value), f"override {item!r}")
     return tree
 
 
@@ -207,12 +216,77 @@ def _upgrade_renamed_keys(tree: dict[str, Any], source: str) -> dict[str, Any]:
     return {**tree, "positional": positional}
 
 
+# The old stage form (before stages became dotted overrides) -> the override it means now.
+_OLD_STAGE_KEYS = {"seq_length": "data.seq_length", "train_iters": "training.train_iters",
+                   "train_tokens": "training.train_tokens", "lr": "training.lr", "min_lr": "training.min_lr",
+                   "global_batch_size": "training.global_batch_size"}
+
+
+def _reject_old_stage_form(tree: dict[str, Any]) -> None:
+    """A stage written in the old form (``{name, seq_length, rope_base, ...}``) fails with the new
+    form of the same stage, ready to paste."""
+    stages = tree.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        if not isinstance(stage, dict) or "overrides" in stage:
+            continue
+        old = [k for k in stage if k in _OLD_STAGE_KEYS or k == "rope_base"]
+        if not old:
+            continue
+        overrides = {_OLD_STAGE_KEYS[k]: v for k, v in stage.items() if k in _OLD_STAGE_KEYS}
+        if "rope_base" in stage:
+            overrides["positional.bases"] = {"strategy": "constant", "base": stage["rope_base"]}
+        new = {"name": stage.get("name", "stage"), "overrides": overrides}
+        raise ConfigError(
+            f"stages[{i}]: {sorted(old)} are the old stage keys; a stage is now a name and dotted overrides of "
+            f"the run config (any key can be staged), write: "
+            f"{yaml.safe_dump(new, default_flow_style=True, sort_keys=False, width=1 << 16).strip()}"
+        )
+
+
+def _drop_removed_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """Saved configs (run dirs, checkpoints) from before ``data.build_demo_corpus`` was removed carry
+    it; it only ever told the launcher to build demo data, so a saved one is dropped here.
+    :func:`load_config` rejects it in the configs users write."""
+    data = tree.get("data")
+    if isinstance(data, dict) and "build_demo_corpus" in data:
+        tree = {**tree, "data": {k: v for k, v in data.items() if k != "build_demo_corpus"}}
+    return tree
+
+
+def stage_run_config(cfg: RunConfig, stage: StageConfig, index: int) -> RunConfig:
+    """The run config of one stage: ``cfg``'s resolved tree with the stage's overrides applied.
+
+    ``stages`` itself is dropped. A stage that sets one of ``training.train_iters`` /
+    ``training.train_tokens`` clears the other (each stage says how long it trains). Errors are
+    :class:`ConfigError` naming the stage: ``stages[1] (s2): training: unknown key(s) ['lrr']``.
+    """
+    tree = config_to_dict(cfg)
+    tree["stages"] = None
+    keys = set(stage.overrides)
+    for own, other in (("training.train_iters", "training.train_tokens"),
+                       ("training.train_tokens", "training.train_iters")):
+        if own in keys and other not in keys:
+            tree["training"][other.split(".")[1]] = None
+    label = f"stages[{index}] ({stage.name})"
+    try:
+        for key, value in stage.overrides.items():
+            _set_dotted(tree, key, copy.deepcopy(value), f"override {key!r}")
+        return _build_section(RunConfig, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {str(exc).lstrip(': ')}") from None
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Build and validate a RunConfig; errors are prefixed with ``source``. Renamed keys are read
-    with a warning (:func:`_upgrade_renamed_keys`)."""
+    """Build and validate a RunConfig (and every stage's); errors are prefixed with ``source``.
+    Renamed keys are read with a warning (:func:`_upgrade_renamed_keys`)."""
     tree = _upgrade_renamed_keys(tree or {}, source)
     try:
-        return _build_section(RunConfig, tree, "")
+        tree = _drop_removed_keys(tree)
+        _reject_old_stage_form(tree)
+        cfg = _build_section(RunConfig, tree, "")
+        for i, stage in enumerate(cfg.stages or []):
+            stage_run_config(cfg, stage, i)
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
 
@@ -233,7 +307,15 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     apply_overrides(tree, overrides)
-    return config_from_dict(tree, source + (f" (with overrides {list(overrides)})" if overrides else ""))
+    source += f" (with overrides {list(overrides)})" if overrides else ""
+    if isinstance(tree.get("data"), dict) and "build_demo_corpus" in tree["data"]:
+        raise ConfigError(
+            f"{source}: data.build_demo_corpus was removed: training launches no longer build data. "
+            "Delete the key; the demo data is built by scripts/demo.sh, or by "
+            "'python -m harpe_megatron.cli.prepare_run --config CONFIG [overrides]' for a config whose "
+            "data.paths / data.tokenizer_model point at a demo build (configs/tiny_cpu.yaml: data/demo)"
+        )
+    return config_from_dict(tree, source)
 
 
 def _plain(value: Any) -> Any:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig, validate_model_setup
 from harpe_megatron.positional.bases import per_query_head_bases
@@ -39,7 +39,6 @@ class DataConfig:
     tokenizer_model: Optional[str] = None  # sentencepiece model (Llama-2 tokenizer.model)
     seq_length: int = 4096
     cache_dir: Optional[str] = None  # megatron's index cache (default: next to the data)
-    build_demo_corpus: bool = False  # launcher builds corpus + tokenizer + index if missing
     # CREAM / PoSE: samples packed at the scheme's target length, shown through a seq_length
     # window with sampled positions (implies positional.position_ids: from_batch)
     position_scheme: Optional[PositionScheme] = None
@@ -186,32 +185,51 @@ class LoggingConfig:
             raise ValueError(f"logging.log_interval must be positive, got {self.log_interval}")
 
 
+# Keys a stage may not set: the schedule sets them per stage (training/stages.py), or (model.preset)
+# they would be silently overridden by the run's resolved model fields.
+_STAGE_FIXED_KEYS = ("stages", "run_dir", "checkpoint.save", "checkpoint.load", "checkpoint.pretrained",
+                     "model.preset")
+
+
 @dataclass
 class StageConfig:
-    """One stage of a multi-stage schedule (e.g. ABF 1e6@32k -> 2e6@64k -> 5e6@128k).
+    """One stage of a multi-stage schedule: a name and dotted overrides of the run config.
 
-    A stage is the run config with these fields replaced; fields left null keep the run's value.
-    ``rope_base`` sets one base for all heads (ABF); ``train_iters`` / ``train_tokens`` say how
-    long this stage trains (one of them).
+    ```yaml
+    stages:
+      - {name: abf_1e6_32k, overrides: {data.seq_length: 32768, positional.bases.base: 1.0e6,
+                                        training.train_tokens: 2.0e9}}
+      - {name: pi_x4, overrides: {positional.scaling: {type: linear, factor: 4.0}, training.train_iters: 100}}
+    ```
+
+    Keys are the command line's ``key.path`` (any key of the run config; a key naming a section
+    replaces the whole section, e.g. ``positional.bases: {strategy: paper}``), values are YAML.
+    A stage that sets one of ``training.train_iters`` / ``training.train_tokens`` clears the other.
+    Every stage's config is built when the config loads (``config/loader.py``,
+    :func:`~harpe_megatron.config.loader.stage_run_config`), so unknown keys and bad values fail
+    then, naming the stage. ``run_dir`` and ``checkpoint.save/load/pretrained`` are set per stage
+    by the schedule (``training/stages.py``) and cannot be staged.
     """
 
     name: str = "stage"
-    seq_length: Optional[int] = None
-    rope_base: Optional[float] = None
-    train_iters: Optional[int] = None
-    train_tokens: Optional[float] = None
-    lr: Optional[float] = None
-    min_lr: Optional[float] = None
-    global_batch_size: Optional[int] = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.train_iters is None) == (self.train_tokens is None):
-            raise ValueError(f"stages[{self.name}]: set exactly one of train_iters and train_tokens")
-        for key in ("train_iters", "train_tokens", "seq_length", "global_batch_size"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise ValueError(f"stages[{self.name}].{key} must be positive, got {getattr(self, key)}")
-        if not self.name or "/" in self.name:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"stages: stage name {self.name!r} must be non-empty and contain no '/'")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"stage {self.name!r}: overrides must be a mapping of key.path: value, "
+                             f"got {type(self.overrides).__name__}")
+        for key in self.overrides:
+            if not isinstance(key, str) or not all(key.split(".")):
+                raise ValueError(f"stage {self.name!r}: override key {key!r} must be a dotted key path")
+            fixed = [f for f in _STAGE_FIXED_KEYS if key == f or f.startswith(key + ".") or key.startswith(f + ".")]
+            if fixed:
+                raise ValueError(
+                    f"stage {self.name!r}: {key!r} cannot be staged: run_dir and checkpoint.save/load/pretrained "
+                    "are set per stage by the schedule (<run_dir>/<i>_<name>/, initial weights from the previous "
+                    "stage) and the model's architecture is the run's (override model.* fields, not model.preset)"
+                )
 
 
 @dataclass
@@ -223,7 +241,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(train_iters=10))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    stages: Optional[list[StageConfig]] = None  # multi-stage schedule (training/stages.py)
+    stages: Optional[list[StageConfig]] = None  # multi-stage schedule: dotted overrides per stage (training/stages.py)
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -235,8 +253,7 @@ class RunConfig:
 
     def validate(self) -> None:
         validate_model_setup(self.model, self.parallel, self.data.seq_length)
-        for stage in self.stages or []:
-            validate_model_setup(self.model, self.parallel, stage.seq_length or self.data.seq_length)
+        # Each stage's own config is built and validated by the loader (config/loader.py).
         if self.data.position_scheme is not None:
             self.data.position_scheme.validate(self.data.seq_length)
             if self.positional.position_ids != "from_batch":

@@ -2,15 +2,27 @@
 
 * TE spec (NGC images): megatron's ``get_gpt_layer_with_transformer_engine_spec`` (fused
   norm+linear, ``TEDotProductAttention`` with context parallelism), final norm ``TENorm``.
-* Both use :class:`HarpeSelfAttention` (megatron's SelfAttention that unpacks our rotary table).
 * Local spec (CPU, CI, GPUs without TE): megatron's local spec with our :class:`RMSNorm` (sequence
   parallel capable) and :class:`SDPAttention` (context parallel capable) swapped in via
   ModuleSpec submodules; nothing is monkey-patched.
+* Both use :class:`HarpeSelfAttention` (megatron's SelfAttention taking our per-head rotary input).
 
-Both receive already-rotated q/k: per-head RoPE is applied by ``SelfAttention`` from the tables
-of :class:`~harpe_megatron.positional.rotary.PerHeadRotaryEmbedding` (``positional.per_head_rope:
-table``) or inside attention from positions (``fused``); megatron's ``config.apply_rope_fusion``
-stays off, since TE's fused RoPE only takes one table for all heads.
+Both core attentions receive already-rotated q/k. ``HarpeSelfAttention`` applies per-head RoPE in
+one of two ways, chosen by ``positional.per_head_rope`` (model/gpt.py hands the layers the
+matching rotary input):
+
+* fused (the default): the layers get only the token positions ``[s, b]``; right after the QKV
+  projection q and k are rotated by
+  :func:`~harpe_megatron.positional.rope_apply.apply_per_head_rope` (our Triton kernel on CUDA,
+  the same expression in torch elsewhere) from the positions and each head's inverse
+  frequencies (:meth:`~harpe_megatron.positional.rotary.PerHeadRotaryEmbedding.rotate_qk`); no
+  angle table is built;
+* table (``per_head_rope: table``, the reference): the per-head angle table of
+  :class:`~harpe_megatron.positional.rotary.PerHeadRotaryEmbedding` (packed q/k for GQA), split
+  into query and key tables for megatron's unfused ``apply_rotary_pos_emb``.
+
+megatron's own ``TransformerConfig.apply_rope_fusion`` stays off on both paths (model/builder.py):
+its fused RoPE (TE's) takes one table for all heads.
 """
 
 from __future__ import annotations

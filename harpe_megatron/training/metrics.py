@@ -104,12 +104,15 @@ def jsonl_record(step: int, scalars: dict[str, float]) -> str:
 
 
 class MetricSinks:
-    """TensorBoard, W&B and a JSONL file of metrics, on the last rank only (others get a no-op).
+    """TensorBoard, W&B and a JSONL file of metrics, on the rank built with ``enabled=True``
+    (the trainer enables global rank 0; the other ranks' sinks are a no-op).
 
     ``metrics.jsonl`` is strict JSON, one object per line (see :func:`jsonl_record`).
 
-    The last rank is used because it holds the loss (last pipeline stage) and, under DP x CP,
-    the loss logged there is already the global token-weighted mean.
+    Rank 0 can log for the whole run because the losses it is given are global: the trainer sums
+    the loss over micro-batches and DP x CP on the last pipeline stage and broadcasts it from the
+    last rank to every rank (``trainer._global_loss``; evaluation likewise), so under any layout the
+    logged loss is the global token-weighted mean. ``memory_gib`` is rank 0's own peak.
     """
 
     def __init__(self, enabled: bool, run_dir: str, tensorboard: bool, wandb_project: Optional[str],

@@ -1,11 +1,21 @@
 """Multi-stage schedules (e.g. multi-stage ABF) as one launch.
 
-Stage ``i`` is the run config with the stage's fields replaced (sequence length, one RoPE base,
-length, learning rate, batch size), its own run directory ``<run_dir>/<i>_<name>/`` and, as
-initial weights, the final checkpoint of stage ``i-1`` (stage 0: the run's
-``checkpoint.pretrained``). Each stage resumes on its own like any run, so a schedule that is
-stopped mid-stage continues there when launched again; stages that already reached their last
-step are skipped.
+A stage is a name and dotted overrides of the run config (:class:`~harpe_megatron.config.run.StageConfig`),
+so any setting can change between stages: sequence length and RoPE base (multi-stage ABF), a
+scaling factor, the position-id scheme, learning rate, batch size, ...:
+
+```yaml
+stages:
+  - {name: abf_1e6_32k, overrides: {data.seq_length: 32768, positional.bases.base: 1.0e6, training.train_tokens: 2.0e9}}
+  - {name: abf_2e6_64k, overrides: {data.seq_length: 65536, positional.bases.base: 2.0e6, training.train_tokens: 2.0e9}}
+```
+
+Stage ``i`` is the run config with the stage's overrides applied
+(:func:`~harpe_megatron.config.loader.stage_run_config`, which also validates every stage when the
+config loads), its own run directory ``<run_dir>/<i>_<name>/`` and, as initial weights, the final
+checkpoint of stage ``i-1`` (stage 0: the run's ``checkpoint.pretrained``). Each stage resumes on
+its own like any run, so a schedule that is stopped mid-stage continues there when launched again;
+stages that already reached their last step are skipped.
 """
 
 from __future__ import annotations
@@ -14,30 +24,21 @@ import dataclasses
 from pathlib import Path
 
 from harpe_megatron.checkpoint.save_load import find_latest
+from harpe_megatron.config.loader import stage_run_config
 from harpe_megatron.config.run import RunConfig, StageConfig
-from harpe_megatron.positional.bases import ConstantBase
 from harpe_megatron.training.trainer import TrainResult, train
 
 __all__ = ["stage_config", "run_stages"]
 
 
 def stage_config(cfg: RunConfig, index: int, stage: StageConfig, pretrained: str | None) -> RunConfig:
-    """The plain run config of one stage."""
-    data = dataclasses.replace(cfg.data, seq_length=stage.seq_length or cfg.data.seq_length)
-    positional = cfg.positional
-    if stage.rope_base is not None:
-        positional = dataclasses.replace(positional, bases=ConstantBase(base=stage.rope_base))
-    training = dataclasses.replace(
-        cfg.training, train_iters=stage.train_iters, train_tokens=stage.train_tokens,
-        lr=stage.lr if stage.lr is not None else cfg.training.lr,
-        min_lr=stage.min_lr if stage.min_lr is not None else min(cfg.training.min_lr, stage.lr or cfg.training.lr),
-        global_batch_size=stage.global_batch_size or cfg.training.global_batch_size,
-    )
+    """The plain run config of stage ``index``: its overrides applied, its own run dir and
+    checkpoint dir, ``pretrained`` as initial weights."""
+    scfg = stage_run_config(cfg, stage, index)
     run_dir = Path(cfg.run_dir) / f"{index}_{stage.name}"
-    checkpoint = dataclasses.replace(cfg.checkpoint, save=str(run_dir / "checkpoints"), load=None,
+    checkpoint = dataclasses.replace(scfg.checkpoint, save=str(run_dir / "checkpoints"), load=None,
                                      pretrained=pretrained)
-    return dataclasses.replace(cfg, data=data, positional=positional, training=training,
-                               checkpoint=checkpoint, run_dir=str(run_dir), stages=None)
+    return dataclasses.replace(scfg, checkpoint=checkpoint, run_dir=str(run_dir), stages=None)
 
 
 def run_stages(cfg: RunConfig) -> list[TrainResult | None]:

@@ -97,19 +97,28 @@ def test_bf16_run_keeps_pretrained_weights(setup):
     assert max(result.losses.values()) < reference.losses[1] - 0.3
 
 
+STAGES = [  # (name, overrides): two ABF stages (growing length and base), then a non-ABF change (PI x2)
+    ("s1", {"data.seq_length": 32, "positional.bases": "{strategy: constant, base: 1000.0}",
+            "training.train_iters": 3, "training.lr": "1.0e-3"}),
+    ("s2", {"data.seq_length": 64, "positional.bases": "{strategy: constant, base: 5000.0}",
+            "training.train_iters": 3, "training.lr": "5.0e-4"}),
+    ("s3", {"data.seq_length": 128, "positional.bases": "{strategy: constant, base: 5000.0}",
+            "positional.scaling": "{type: linear, factor: 2.0}", "training.train_iters": 2, "training.lr": "2.0e-4"}),
+]
+
+
 def test_multistage_schedule_equals_stages_by_hand(setup, tmp_path, single_rank):
-    """Three tiny ABF-style stages (growing length and base) in one launch == run one by one."""
+    """Three tiny stages (ABF-style, then PI) in one launch == the same overrides run one by one."""
     config, base, root, _ = setup
-    stages = ("stages=[{name: s1, seq_length: 32, rope_base: 1000.0, train_iters: 3, lr: 1.0e-3},"
-              " {name: s2, seq_length: 64, rope_base: 5000.0, train_iters: 3, lr: 5.0e-4},"
-              " {name: s3, seq_length: 128, rope_base: 20000.0, train_iters: 2, lr: 2.0e-4}]")
+    stages = "stages=[" + ", ".join(
+        f"{{name: {name}, overrides: {{{', '.join(f'{k}: {v}' for k, v in o.items())}}}}}" for name, o in STAGES) + "]"
     common = [o for o in base if not o.startswith("training.train_iters")] + [
-        stages, "parallel.tensor_model_parallel_size=1", "training.lr_decay_style=constant",
+        "parallel.tensor_model_parallel_size=1", "training.lr_decay_style=constant",
         "training.lr_warmup_iters=0", "training.min_lr=0"]
     scheduled = run_distributed(stages_with, 1, config,
-                                common + [f"run_dir={tmp_path / 'schedule'}"])[0]
-    by_hand = run_distributed(stages_by_hand, 1, config, common + [f"run_dir={tmp_path / 'hand'}"],
-                              str(tmp_path / "hand"))[0]
+                                common + [stages, f"run_dir={tmp_path / 'schedule'}"])[0]
+    by_hand = run_distributed(stages_by_hand, 1, config, common,
+                              [[f"{k}={v}" for k, v in o.items()] for _, o in STAGES], str(tmp_path / "hand"))[0]
     assert [sorted(r.losses) for r in scheduled] == [[1, 2, 3], [1, 2, 3], [1, 2]]
     for a, b in zip(scheduled, by_hand):
         assert a.losses == b.losses
@@ -118,7 +127,7 @@ def test_multistage_schedule_equals_stages_by_hand(setup, tmp_path, single_rank)
     weights = [k for k in final_a if not k.startswith("optimizer")]
     assert weights and all(torch.equal(final_a[k], final_b[k]) for k in weights)
     # A second launch finds every stage finished and trains nothing.
-    again = run_distributed(stages_with, 1, config, common + [f"run_dir={tmp_path / 'schedule'}"])[0]
+    again = run_distributed(stages_with, 1, config, common + [stages, f"run_dir={tmp_path / 'schedule'}"])[0]
     assert again == [None, None, None]
 
 

@@ -17,24 +17,15 @@ def stages_with(config_path: str, overrides: list[str]) -> list:
     return run_stages(load_config(config_path, overrides))
 
 
-def stages_by_hand(config_path: str, overrides: list[str], run_dir: str) -> list:
-    """Each stage as a separate plain run, initialised from the previous stage's checkpoint."""
-    import dataclasses
-
-    cfg = load_config(config_path, overrides)
-    results, pretrained = [], cfg.checkpoint.pretrained
-    for i, stage in enumerate(cfg.stages):
-        data = dataclasses.replace(cfg.data, seq_length=stage.seq_length)
-        from harpe_megatron.positional.bases import ConstantBase
-
-        positional = dataclasses.replace(cfg.positional, bases=ConstantBase(base=stage.rope_base))
-        training = dataclasses.replace(cfg.training, train_iters=stage.train_iters, lr=stage.lr)
-        save = f"{run_dir}/by_hand_{i}"
-        checkpoint = dataclasses.replace(cfg.checkpoint, save=save, pretrained=pretrained)
-        plain = dataclasses.replace(cfg, data=data, positional=positional, training=training,
-                                    checkpoint=checkpoint, run_dir=save, stages=None)
-        results.append(train(plain))
-        pretrained = save
+def stages_by_hand(config_path: str, common: list[str], per_stage: list[list[str]], root: str) -> list:
+    """Each stage as a separate plain run (the run's overrides plus the stage's), initialised from
+    the previous stage's checkpoint."""
+    results, pretrained = [], None
+    for i, overrides in enumerate(per_stage):
+        run_dir = f"{root}/by_hand_{i}"
+        extra = [f"run_dir={run_dir}"] + ([f"checkpoint.pretrained={pretrained}"] if pretrained else [])
+        results.append(train(load_config(config_path, common + overrides + extra)))
+        pretrained = f"{run_dir}/checkpoints"
     return results
 
 

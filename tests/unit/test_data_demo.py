@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from harpe_megatron.cli.prepare_run import main as prepare_run
+from harpe_megatron.config.loader import ConfigError, config_from_dict, config_to_dict, load_config
 from harpe_megatron.data.dataset import MicroBatchSampler, build_gpt_datasets, check_indexed_dataset, to_batch
 from harpe_megatron.data.demo import prepare_demo_data
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
+from tests.helpers import TINY_CPU_CONFIG
 from tests.unit.test_data_indexed import load_tool
 
 MAX_DOCS = 30
@@ -81,16 +84,44 @@ def test_train_tokenizer_cli(demo, tmp_path, capsys):
     assert tool.main(["--input", out.corpus, "--output-prefix", prefix]) == 1  # exists
 
 
-def test_launcher_step_says_what_to_do_when_the_demo_data_differs(demo, capsys):
-    """prepare_run (run by the launcher, which has no --overwrite to pass) names the differing
+def test_demo_data_step_says_what_to_do_when_the_demo_data_differs(demo, capsys):
+    """prepare_run (scripts/demo.sh's data step, which has no --overwrite) names the differing
     setting and says to delete the directory, with exit 2."""
-    from harpe_megatron.cli.prepare_run import main as prepare_run
-
     out, _ = demo
-    config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
-    code = prepare_run(["--config", config, f"data.paths=[{out.prefix}]", f"data.tokenizer_model={out.tokenizer}",
+    code = prepare_run(["--config", TINY_CPU_CONFIG, f"data.paths=[{out.prefix}]", f"data.tokenizer_model={out.tokenizer}",
                         "model.vocab_size=600"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "built with other settings" in err and f"delete {out.out_dir} to have the launcher rebuild it" in err
+    assert "built with other settings" in err and f"delete {out.out_dir} to have the demo data step rebuild it" in err
     assert "--overwrite" not in err and "overwrite=True" not in err
+
+
+def test_demo_data_step_needs_the_demo_layout(demo, tmp_path, capsys):
+    """The step writes <dir>/demo_text_document and <dir>/tokenizer.model: other paths fail before
+    anything is written."""
+    out, _ = demo
+    fresh = tmp_path / "fresh"
+    bad = prepare_run(["--config", TINY_CPU_CONFIG, f"data.paths=[{fresh / 'x'}]",
+                       f"data.tokenizer_model={fresh / 'tokenizer.model'}"])
+    assert bad == 2 and "the demo data step writes" in capsys.readouterr().err
+    assert not fresh.exists()
+    two = prepare_run(["--config", TINY_CPU_CONFIG, f"data.paths=[{out.prefix}, {out.prefix}]"])
+    assert two == 2 and "data.paths has 2 entries" in capsys.readouterr().err
+
+
+def test_launcher_builds_no_data():
+    """scripts/pretrain_harpe.sh (production) has no data step; scripts/demo.sh builds the demo data."""
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    assert "prepare_run" not in "".join(
+        line for line in (scripts / "pretrain_harpe.sh").read_text().splitlines(keepends=True)
+        if not line.startswith("#"))
+    assert "harpe_megatron.cli.prepare_run --config" in (scripts / "demo.sh").read_text()
+
+
+def test_build_demo_corpus_key_is_rejected_with_what_to_do():
+    with pytest.raises(ConfigError, match=r"data\.build_demo_corpus was removed.*scripts/demo\.sh"):
+        load_config(TINY_CPU_CONFIG, ["data.build_demo_corpus=true"])
+    # saved configs of earlier runs (run dirs, checkpoints) carry it: they still load
+    tree = config_to_dict(load_config(TINY_CPU_CONFIG))
+    tree["data"]["build_demo_corpus"] = True
+    assert config_from_dict(tree) == load_config(TINY_CPU_CONFIG)

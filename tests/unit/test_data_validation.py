@@ -377,7 +377,8 @@ def test_check_data_tool(tmp_path, tokenizer_path, capsys):
     err = capsys.readouterr().err
     assert "data check failed (run, data.seq_length 4096): data.paths[0]: the train split" in err
     # a multi-stage config is checked at every stage's length
-    stages = ["stages=[{name: a, seq_length: 16, train_iters: 1}, {name: b, seq_length: 1024, train_iters: 1}]"]
+    stages = ["stages=[{name: a, overrides: {data.seq_length: 16, training.train_iters: 1}},"
+              " {name: b, overrides: {data.seq_length: 1024, training.train_iters: 1}}]"]
     assert main(["--config", config] + stages) == 1
     assert "data check failed (stage 1 (b), data.seq_length 1024): data.paths[0]: the valid split" in capsys.readouterr().err
     assert main(["--config", config, "data.validate=sometimes"]) == 2
