@@ -104,12 +104,12 @@ def jsonl_record(step: int, scalars: dict[str, float]) -> str:
 
 
 class MetricSinks:
-    """TensorBoard, W&B and a JSONL file of metrics, on the last rank only (others get a no-op).
+    """TensorBoard, W&B and a JSONL file of metrics, on one rank (``enabled``; the trainer's rank 0),
+    a no-op elsewhere.
 
-    ``metrics.jsonl`` is strict JSON, one object per line (see :func:`jsonl_record`).
-
-    The last rank is used because it holds the loss (last pipeline stage) and, under DP x CP,
-    the loss logged there is already the global token-weighted mean.
+    ``metrics.jsonl`` is strict JSON, one object per line (see :func:`jsonl_record`). The loss the
+    trainer logs is the global token-weighted mean over DP x CP, broadcast from the last pipeline
+    stage to every rank, so rank 0 logs the same value as any other.
     """
 
     def __init__(self, enabled: bool, run_dir: str, tensorboard: bool, wandb_project: Optional[str],

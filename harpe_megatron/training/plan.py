@@ -481,7 +481,7 @@ def preflight(cfg: RunConfig, world_size: int, build: Builders, log: Callable[[s
     if mode == "off":
         return None
     if cfg.parallel.pipeline_model_parallel_size != 1:
-        log("[harpe] preflight: skipped (the memory planner covers pipeline_model_parallel_size 1 only)")
+        log("preflight: skipped (the memory planner covers pipeline_model_parallel_size 1 only)")
         return None
     plan = plan_layout(cfg, world_size, build)
     if device_memory_gib is None and torch.cuda.is_available():
@@ -491,7 +491,7 @@ def preflight(cfg: RunConfig, world_size: int, build: Builders, log: Callable[[s
         plan.gpu_memory_gib = device_memory_gib
         plan.margin_gib = cfg.training.preflight_margin_gib
     top = sorted(plan.breakdown_bytes.items(), key=lambda kv: -kv[1])[:3]
-    log(f"[harpe] preflight: {plan.summary()} ({', '.join(f'{k} {v / GIB:.2f}' for k, v in top)} GiB; "
+    log(f"preflight: {plan.summary()} ({', '.join(f'{k} {v / GIB:.2f}' for k, v in top)} GiB; "
         f"planned in {plan.planning_s:.1f} s)")
     if plan.fits is False and mode == "fail":
         raise PreflightError(
