@@ -31,7 +31,8 @@ import torch.distributed as dist
 from harpe_megatron.distributed.cpu import cpu_megatron
 from harpe_megatron.log import get_logger
 
-__all__ = ["DEVICES", "current_device", "describe_device", "free_port", "init_process_group", "megatron_parallel", "resolve_device", "seed_all"]
+__all__ = ["DEVICES", "current_device", "describe_device", "free_port", "init_process_group", "megatron_parallel",
+           "resolve_device", "seed_all"]
 
 DEVICES = ("auto", "cuda", "cpu")
 _log = get_logger(__name__)
