@@ -19,6 +19,7 @@ import torch.distributed as dist
 from harpe_megatron.checkpoint.save_load import CheckpointError
 from harpe_megatron.cli.common import parse_run_config, quiet_library_warnings
 from harpe_megatron.config.loader import ConfigError
+from harpe_megatron.log import setup_logging
 from harpe_megatron.training.exit_codes import (
     NONFINITE_EXIT_CODE,
     PEER_FAILURE_EXIT_CODE,
@@ -38,6 +39,7 @@ def _close_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
+    setup_logging()  # [harpe] on rank 0 (INFO and up), [harpe rank N] elsewhere (warnings and errors)
     cfg = parse_run_config("python -m harpe_megatron.train", __doc__, argv)
     if isinstance(cfg, int):
         return cfg

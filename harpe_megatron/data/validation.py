@@ -53,6 +53,7 @@ from megatron.core.datasets.indexed_dataset import DType
 
 from harpe_megatron.data.dataset import _IDX_HEADER_BYTES, check_indexed_dataset
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
+from harpe_megatron.log import get_logger
 
 __all__ = [
     "VALIDATE_MODES",
@@ -63,6 +64,8 @@ __all__ = [
     "scan_token_ids",
     "split_document_ranges",
 ]
+
+_log = get_logger(__name__)
 
 VALIDATE_MODES = ("full", "quick", "off")
 SCAN_CHUNK_TOKENS = 1 << 24  # 16M tokens (32 MB of uint16) per vectorised min/max
@@ -362,14 +365,14 @@ def _validate_local(cfg, mode: str, rank: int, world: int, checks: Sequence[Call
     return report
 
 
-def validate_training_inputs(cfg, mode: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
+def validate_training_inputs(cfg, mode: Optional[str] = None, announce: bool = False,
                              checks: Sequence[Callable] = ()) -> ValidationReport:
     """Check the data and tokenizer of ``cfg`` (a RunConfig) before anything is written.
 
     ``mode`` defaults to ``cfg.data.validate``. With torch.distributed initialised this is a
     collective: call it on every rank; each reads its share and every rank raises the same
-    :class:`DataValidationError` if any rank found a problem. ``log`` (rank 0 only) receives
-    the one-line summary. ``checks`` are further ``check(cfg)`` calls made with the data checks
+    :class:`DataValidationError` if any rank found a problem. ``announce``: rank 0 logs the
+    one-line summary (``harpe_megatron.log``). ``checks`` are further ``check(cfg)`` calls made with the data checks
     (unless ``mode`` is off) whose ``ValueError`` is reported the same way (the trainer's: the
     initial weights, :mod:`harpe_megatron.training.input_checks`).
     """
@@ -400,6 +403,6 @@ def validate_training_inputs(cfg, mode: Optional[str] = None, log: Optional[Call
             r, e = first
             _fail(e if e == error else f"(found by rank {r}) {e}")
         assert report is not None
-    if log is not None and rank == 0:
-        log(f"[harpe] {report.summary()}")
+    if announce and rank == 0:
+        _log.info(report.summary())
     return report

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from harpe_megatron.distributed.cpu import cpu_megatron
 from harpe_megatron.log import get_logger
 
-__all__ = ["DEVICES", "describe_device", "free_port", "init_process_group", "megatron_parallel", "resolve_device", "seed_all"]
+__all__ = ["DEVICES", "current_device", "describe_device", "free_port", "init_process_group", "megatron_parallel",
+           "resolve_device", "seed_all"]
 
 DEVICES = ("auto", "cuda", "cpu")
 _log = get_logger(__name__)
@@ -46,6 +47,11 @@ def resolve_device(setting: str = "auto") -> str:
     if setting == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was asked for but torch sees no CUDA device (set device: cpu or auto)")
     return setting
+
+
+def current_device() -> int | str:
+    """Where this process puts new tensors: the current CUDA device when CUDA is available, else ``"cpu"``."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
 def describe_device(device: str) -> str:

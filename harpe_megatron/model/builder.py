@@ -18,11 +18,14 @@ from harpe_megatron.config.model import (
 )
 from harpe_megatron.model.gpt import HarpeGPTModel
 from harpe_megatron.model.spec import block_spec, transformer_engine_available
+from harpe_megatron.log import get_logger
 from harpe_megatron.positional.bases import per_query_head_bases
 
 __all__ = ["transformer_config", "build_model", "model_head_bases", "TE_UNVERIFIED"]
 
-TE_UNVERIFIED = ("[harpe] model.transformer_impl=te: the Transformer Engine layer spec is UNVERIFIED (it has never "
+_log = get_logger(__name__)
+
+TE_UNVERIFIED = ("model.transformer_impl=te: the Transformer Engine layer spec is UNVERIFIED (it has never "
                  "run in this project; no test covers it); model.transformer_impl=local is the tested path")
 
 
@@ -101,7 +104,7 @@ def build_model(
     """The model chunk for this rank (parallel state must be initialised).
 
     ``use_transformer_engine=None`` follows ``model.transformer_impl`` (default ``local``: our
-    tested spec). ``te`` needs Transformer Engine installed and prints one line saying that
+    tested spec). ``te`` needs Transformer Engine installed and logs one warning saying that
     path is unverified (it has never run: TE cannot be installed on CPU and no reachable GPU has it).
     """
     if use_transformer_engine is None:
@@ -111,7 +114,7 @@ def build_model(
             raise RuntimeError("model.transformer_impl: te needs transformer_engine, which is not installed; "
                                "use model.transformer_impl: local (the tested default)")
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(TE_UNVERIFIED, flush=True)
+            _log.warning(TE_UNVERIFIED)
     tp = config.tensor_model_parallel_size
     return HarpeGPTModel(
         config=config,

@@ -19,6 +19,7 @@ from harpe_megatron.config.run import RunConfig
 from harpe_megatron.data.dataset import MicroBatchSampler, build_gpt_datasets, slice_batch_for_cp, to_batch
 from harpe_megatron.data.position_sampling import apply_position_scheme
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
+from harpe_megatron.distributed.bringup import current_device
 
 __all__ = ["TrainingData"]
 
@@ -59,7 +60,7 @@ class TrainingData:
             dataset, micro_batch_size=self.cfg.training.micro_batch_size,
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, consumed_samples=consumed,
         )
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = current_device()
         while (indices := sampler.next_indices()) is not None:
             batch = to_batch(next(sampler))
             if self.scheme is not None:

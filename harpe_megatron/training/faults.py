@@ -10,8 +10,11 @@ The variable holds ``;``-separated faults ``kind@steps[:rank]``; ``steps`` is on
     HARPE_FAULT_INJECT="disk_full@8:1"            # rank 1's write of step 8's checkpoint fails (ENOSPC)
     HARPE_FAULT_INJECT="slow_save@8"              # the save of step 8 pauses 3 s half-way (tests signal it)
 
-Steps count from 1 like the console line (the step being run or saved). Nothing reads the
-variable except :func:`fault_at`; an unknown kind fails at start with the list of known kinds.
+Steps count from 1 like the console line (the step being run or saved). The trainer asks
+:func:`faults_from_env` once: :class:`NoFaults` (the plain step function, no hooks) when the
+variable is unset, else :class:`Faults`, parsed then (an unknown kind fails at start with the list
+of known kinds), which supplies the step function (``nan_loss``), the step-start hook (``exit``,
+``hang``) and the save hooks (:class:`SaveFaults`). Nothing else reads the variable.
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from harpe_megatron.checkpoint.save_load import SaveHooks
+from harpe_megatron.log import get_logger
+from harpe_megatron.training.step import forward_step
 
-__all__ = ["ENV_VAR", "KINDS", "SaveFaults", "parse_faults", "fault_at", "maybe_die"]
+__all__ = ["ENV_VAR", "KINDS", "Faults", "NoFaults", "SaveFaults", "faults_from_env", "parse_faults", "fault_at"]
+
+_log = get_logger(__name__)
 
 ENV_VAR = "HARPE_FAULT_INJECT"
 KINDS = ("nan_loss", "crash_in_save", "exit", "hang", "disk_full", "slow_save")
@@ -50,23 +58,69 @@ def parse_faults(spec: str) -> list[tuple[str, set[int], Optional[int]]]:
     return faults
 
 
+def _matches(faults, kind: str, step: int, rank: int) -> bool:
+    return any(k == kind and step in steps and (r is None or r == rank) for k, steps, r in faults)
+
+
 def fault_at(kind: str, step: int, rank: int) -> bool:
     """Whether ``HARPE_FAULT_INJECT`` asks for fault ``kind`` at ``step`` on ``rank``."""
     spec = os.environ.get(ENV_VAR)
-    if not spec:
-        return False
-    return any(k == kind and step in steps and (r is None or r == rank) for k, steps, r in parse_faults(spec))
+    return bool(spec) and _matches(parse_faults(spec), kind, step, rank)
 
 
-def maybe_die(step: int, rank: int) -> None:
-    """The ``exit`` and ``hang`` faults, called as a step starts."""
-    if fault_at("exit", step, rank):
-        print(f"[harpe] fault injection: rank {rank} exits at step {step}", flush=True)
-        time.sleep(0.5)  # a crash during the step's work (the step's start is published by then)
-        os._exit(1)
-    if fault_at("hang", step, rank):
-        print(f"[harpe] fault injection: rank {rank} freezes at step {step} (SIGSTOP)", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, heartbeat thread included
+def _nan_forward_step(data_iterator, model):
+    """``forward_step`` whose loss is NaN (fault ``nan_loss``): NaN loss and gradients."""
+    output, loss_func = forward_step(data_iterator, model)
+
+    def poisoned(output_tensor):
+        loss_sum, num_tokens, report = loss_func(output_tensor)
+        nan = torch.tensor(float("nan"), device=loss_sum.device)
+        return loss_sum * nan, num_tokens, {"lm loss": report["lm loss"] * torch.stack([nan, nan.new_ones(())])}
+
+    return output, poisoned
+
+
+class NoFaults:
+    """No fault injection: the plain forward step, nothing at a step's start, no save hooks."""
+
+    save_hooks: Optional[SaveHooks] = None
+
+    def step_func(self, step: int, rank: int) -> Callable:
+        """The ``forward_step_func`` of ``step`` for megatron's schedule."""
+        return forward_step
+
+    def at_step_start(self, step: int, rank: int) -> None:
+        """Called as ``step`` starts (after the watchdog has been told)."""
+
+
+class Faults(NoFaults):
+    """The faults of a ``HARPE_FAULT_INJECT`` spec, parsed once (a bad spec fails here, at start)."""
+
+    def __init__(self, spec: str):
+        self.faults = parse_faults(spec)
+        self.save_hooks = SaveFaults()
+
+    def at(self, kind: str, step: int, rank: int) -> bool:
+        return _matches(self.faults, kind, step, rank)
+
+    def step_func(self, step: int, rank: int) -> Callable:
+        return _nan_forward_step if self.at("nan_loss", step, rank) else forward_step
+
+    def at_step_start(self, step: int, rank: int) -> None:
+        """The ``exit`` and ``hang`` faults."""
+        if self.at("exit", step, rank):
+            _log.warning(f"fault injection: rank {rank} exits at step {step}")
+            time.sleep(0.5)  # a crash during the step's work (the step's start is published by then)
+            os._exit(1)
+        if self.at("hang", step, rank):
+            _log.warning(f"fault injection: rank {rank} freezes at step {step} (SIGSTOP)")
+            os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, heartbeat thread included
+
+
+def faults_from_env() -> NoFaults:
+    """:class:`Faults` of ``HARPE_FAULT_INJECT`` when it is set, else :class:`NoFaults`."""
+    spec = os.environ.get(ENV_VAR)
+    return Faults(spec) if spec else NoFaults()
 
 
 def _disk_full(tmp: Path, rank: int) -> None:
@@ -85,11 +139,11 @@ class SaveFaults(SaveHooks):
 
     def after_shards_written(self, tmp: Path, step: int, rank: int) -> None:
         if fault_at("crash_in_save", step, rank):
-            print(f"[harpe] fault injection: rank {rank} dies in the middle of saving {tmp}", flush=True)
+            _log.warning(f"fault injection: rank {rank} dies in the middle of saving {tmp}")
             os._exit(137)
         if fault_at("slow_save", step, rank):
-            print(f"[harpe] fault injection: rank {rank} pauses while saving {tmp}", flush=True)
+            _log.warning(f"fault injection: rank {rank} pauses while saving {tmp}")
             time.sleep(SLOW_SAVE_S)
         if fault_at("disk_full", step, rank):
-            print(f"[harpe] fault injection: rank {rank}'s disk is full while saving {tmp}", flush=True)
+            _log.warning(f"fault injection: rank {rank}'s disk is full while saving {tmp}")
             _disk_full(tmp, rank)

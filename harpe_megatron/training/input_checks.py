@@ -7,7 +7,7 @@ megatron loads it), which needs the checkpoint package the data package may not 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 from harpe_megatron.checkpoint.layout import resolve_checkpoint_dir
 from harpe_megatron.checkpoint.safety import UnsafeCheckpointError, check_megatron_checkpoint
@@ -28,7 +28,6 @@ def check_pretrained(cfg: RunConfig) -> None:
         raise ValueError(f"checkpoint.pretrained: {kind} checkpoint: {exc}") from None
 
 
-def validate_run_inputs(cfg: RunConfig, mode: Optional[str] = None,
-                        log: Optional[Callable[[str], None]] = None) -> ValidationReport:
+def validate_run_inputs(cfg: RunConfig, mode: Optional[str] = None, announce: bool = False) -> ValidationReport:
     """:func:`~harpe_megatron.data.validation.validate_training_inputs` with the initial-weights check."""
-    return validate_training_inputs(cfg, mode=mode, log=log, checks=(check_pretrained,))
+    return validate_training_inputs(cfg, mode=mode, announce=announce, checks=(check_pretrained,))

@@ -4,7 +4,7 @@
 trainer's ``build_training_model`` / ``build_optimizer`` and runs one training micro-step through
 megatron's forward/backward schedule (the configured recomputation, CP attention, loss) under
 ``FakeTensorMode``: every tensor has its real shape, dtype and lifetime but no storage. A
-``TorchDispatchMode`` (:class:`AllocationTracker`) sees every op, keeps the bytes of every live
+``TorchDispatchMode`` (:class:`~harpe_megatron.training.plan_tracker.AllocationTracker`) sees every op, keeps the bytes of every live
 storage (freed when the storage dies) by category, the peak and what was live at the peak, and
 counts FLOPs with torch's ``flop_counter`` formulas (causal attention counted as computed).
 Process groups: a fake backend of the full world size (:mod:`training.plan_run`,
@@ -36,22 +36,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
-from torch.utils.weak import WeakIdKeyDictionary
 
 from harpe_megatron.config.model import padded_vocab_size
 from harpe_megatron.config.run import RunConfig
-from harpe_megatron.distributed.cpu import cpu_megatron
+from harpe_megatron.distributed.bringup import current_device, megatron_parallel
 from harpe_megatron.training.metrics import training_flops_per_token
+from harpe_megatron.training.plan_tracker import AllocationTracker
 from harpe_megatron.training.step import forward_step
 
 __all__ = ["RunPlan", "AllocationTracker", "Builders", "plan_layout", "fake_world", "megatron_layout", "preflight",
@@ -66,6 +62,7 @@ class Builders:
     model: Callable[[RunConfig], tuple[list, Any]]  # cfg -> ([DDP chunk], TransformerConfig)
     optimizer: Callable[[RunConfig, list, int], tuple[Any, Any]]  # (cfg, chunks, iters) -> (optimizer, scheduler)
 
+
 GIB = 2**30
 BREAKDOWN = ("params_bf16", "main_grads_fp32", "optimizer_shard", "activations", "cp_kv_gathered",
              "logits_and_loss", "other")
@@ -73,142 +70,6 @@ BREAKDOWN = ("params_bf16", "main_grads_fp32", "optimizer_shard", "activations",
 
 class PreflightError(RuntimeError):
     """``training.preflight: fail`` and the plan does not fit the device."""
-
-
-# --------------------------------------------------------------------------------------------
-# tracking
-
-
-@dataclasses.dataclass
-class _Storage:
-    nbytes: int
-    category: str
-
-
-def _causal_fraction(func, args, kwargs) -> float:
-    """Share of the ``Lq x Lk`` score matrix a causal attention op computes (1.0 if not causal)."""
-    names = [a.name for a in func._schema.arguments]
-    bound = dict(zip(names, args)) | dict(kwargs)
-    causal = bool(bound.get("is_causal", False)) or bound.get("custom_mask_type", 0) in (1, 2)
-    q, k = bound.get("query"), bound.get("key")
-    if not causal or q is None or k is None:
-        return 1.0
-    # q/k are [b, h, L, d] for the sdpa ops, [b, L, h, d] for the raw kernels
-    lq, lk = (q.shape[-2], k.shape[-2]) if "scaled_dot_product" in func.__name__ else (q.shape[1], k.shape[1])
-    pairs = lq * lk - lq * (lq - 1) / 2  # bottom-right aligned (= top-left when lq == lk)
-    return pairs / (lq * lk)
-
-
-class AllocationTracker(TorchDispatchMode):
-    """Live storage bytes by category, their peak, and FLOPs by phase, for every op it sees.
-
-    A storage is counted once (views share it) from the op that created it until it is freed
-    (a weakref finalizer). ``category`` is what new storages are filed under. FLOPs go to
-    ``forward`` outside autograd's backward, ``recompute`` inside megatron's checkpoint functions'
-    backward (activation recomputation re-runs the forward there) and for the attention kernels'
-    own recomputation of ``Q K^T`` in their backward, ``backward`` otherwise.
-    """
-
-    def __init__(self, vocab_local: Optional[int] = None):
-        super().__init__()
-        self.category = "other"
-        self.vocab_local = vocab_local
-        self.live: dict[str, int] = {}
-        self.peak = 0
-        self.peak_by_category: dict[str, int] = {}
-        self.max_by_category: dict[str, int] = {}  # each category's own high-water mark
-        self.flops: dict[str, float] = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
-        self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.after_op: Optional[Callable[[], None]] = None
-
-    @property
-    def total(self) -> int:
-        return sum(self.live.values())
-
-    def reset_peak(self) -> None:
-        self.peak = self.total
-        self.peak_by_category = dict(self.live)
-        self.max_by_category = dict(self.live)
-
-    def _free(self, rec: _Storage) -> None:
-        self.live[rec.category] -= rec.nbytes
-
-    def _add(self, storage, category: str) -> None:
-        if storage in self._records:
-            return
-        rec = _Storage(storage.nbytes(), category)
-        self._records[storage] = rec
-        self.live[category] = self.live.get(category, 0) + rec.nbytes
-        self.max_by_category[category] = max(self.max_by_category.get(category, 0), self.live[category])
-        weakref.finalize(storage, self._free, rec)
-        if self.total > self.peak:
-            self.peak = self.total
-            self.peak_by_category = dict(self.live)
-
-    def file_under(self, tensors, category: str) -> None:
-        """Move the storages of ``tensors`` (already tracked, or adopted now) to ``category``."""
-        for t in tensors:
-            st = t.untyped_storage()
-            rec = self._records.get(st)
-            if rec is None:
-                self._add(st, category)
-            elif rec.category != category:
-                self.live[rec.category] -= rec.nbytes
-                self.live[category] = self.live.get(category, 0) + rec.nbytes
-                rec.category = category
-                self.max_by_category[category] = max(self.max_by_category.get(category, 0), self.live[category])
-
-    def category_of(self, t: torch.Tensor) -> Optional[str]:
-        rec = self._records.get(t.untyped_storage())
-        return rec.category if rec else None
-
-    def _count_flops(self, func, args, kwargs, out) -> None:
-        node = torch._C._current_autograd_node()  # the backward node running now; None in forward
-        if node is None:
-            phase = "forward"
-        elif "Checkpoint" in node.name():  # megatron's CheckpointFunction(s): recomputing a forward
-            phase = "recompute"
-        else:
-            phase = "backward"
-        fraction = _causal_fraction(func, args, kwargs)
-        flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) * fraction
-        if phase == "backward" and "attention_backward" in func.__name__:
-            # flop_counter's attention backward includes the kernel's recomputation of Q K^T
-            names = [a.name for a in func._schema.arguments]
-            bound = dict(zip(names, args)) | dict(kwargs)
-            q, k = bound.get("query"), bound.get("key")
-            if q is not None and k is not None:
-                if "scaled_dot_product" in func.__name__:  # [b, h, s, d]
-                    (b, h, sq, d), sk = q.shape, k.shape[-2]
-                else:  # raw kernels: [b, s, h, d]
-                    (b, sq, h, d), sk = q.shape, k.shape[1]
-                redo = 2 * b * h * sq * sk * d * fraction
-                self.flops["recompute"] += redo
-                flops -= redo
-        self.flops[phase] += flops
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.after_op is not None:
-            self.after_op()
-        packet = func.overloadpacket
-        if packet in flop_registry:
-            self._count_flops(func, args, kwargs, out)
-        name = func.__name__
-        category = self.category
-        tensor_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        if "allgather" in name and tensor_args and tensor_args[0].dim() == 4:
-            self.file_under(tensor_args[:1], "cp_kv_gathered")  # [s, b, ng, d]: K or V over the CP group
-        elif packet not in flop_registry and tensor_args and self.category_of(tensor_args[0]) == "cp_kv_gathered":
-            category = "cp_kv_gathered"  # reorder / slice / copy of the gathered K/V
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                cat = category
-                if self.vocab_local and t.dim() >= 2 and t.shape[-1] == self.vocab_local:
-                    cat = "logits_and_loss"
-                self._add(t.untyped_storage(), cat)
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,19 +150,13 @@ def fake_world(world_size: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def megatron_layout(cfg: RunConfig) -> Iterator[None]:
+    """megatron's parallel state for ``cfg``'s layout on the current (fake or real) process group,
+    through the one bring-up: no seeding (planning leaves the generators alone) and no gloo twins
+    of the groups (torch's fake backend cannot host them)."""
     p = cfg.parallel
-    with contextlib.nullcontext() if torch.cuda.is_available() else cpu_megatron():
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            context_parallel_size=p.context_parallel_size,
-            create_gloo_process_groups=False,
-        )
-        try:
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
+    with megatron_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+                           seed=None, gloo_groups=False):
+        yield
 
 
 @contextlib.contextmanager
@@ -358,7 +213,7 @@ def _fake_mode():
 
 def _batch(cfg: RunConfig, vocab: int) -> dict[str, torch.Tensor]:
     """One micro-batch of this rank's CP share, as the data pipeline hands it to ``forward_step``."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = current_device()
     shape = (cfg.training.micro_batch_size, cfg.data.seq_length // cfg.parallel.context_parallel_size)
     tokens = torch.randint(0, vocab, shape, device=device)
     return {"tokens": tokens, "labels": tokens.clone(),
@@ -481,17 +336,17 @@ def preflight(cfg: RunConfig, world_size: int, build: Builders, log: Callable[[s
     if mode == "off":
         return None
     if cfg.parallel.pipeline_model_parallel_size != 1:
-        log("[harpe] preflight: skipped (the memory planner covers pipeline_model_parallel_size 1 only)")
+        log("preflight: skipped (the memory planner covers pipeline_model_parallel_size 1 only)")
         return None
     plan = plan_layout(cfg, world_size, build)
     if device_memory_gib is None and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(current_device())
         device_memory_gib = props.total_memory / GIB
     if device_memory_gib is not None:
         plan.gpu_memory_gib = device_memory_gib
         plan.margin_gib = cfg.training.preflight_margin_gib
     top = sorted(plan.breakdown_bytes.items(), key=lambda kv: -kv[1])[:3]
-    log(f"[harpe] preflight: {plan.summary()} ({', '.join(f'{k} {v / GIB:.2f}' for k, v in top)} GiB; "
+    log(f"preflight: {plan.summary()} ({', '.join(f'{k} {v / GIB:.2f}' for k, v in top)} GiB; "
         f"planned in {plan.planning_s:.1f} s)")
     if plan.fits is False and mode == "fail":
         raise PreflightError(

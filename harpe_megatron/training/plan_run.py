@@ -14,9 +14,9 @@ import dataclasses
 from typing import Callable, Optional
 
 from harpe_megatron.config.run import RunConfig
+from harpe_megatron.training.build import build_optimizer, build_training_model
 from harpe_megatron.training.plan import Builders, RunPlan, fake_world, megatron_layout, plan_layout
 from harpe_megatron.training.stages import stage_config
-from harpe_megatron.training.trainer import build_optimizer, build_training_model
 
 __all__ = ["plan_run", "plan_configs"]
 

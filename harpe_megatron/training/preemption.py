@@ -24,8 +24,24 @@ from typing import Optional
 import torch.distributed as dist
 
 from harpe_megatron.distributed.signals import PREEMPTION_SIGNALS
+from harpe_megatron.log import get_logger
 
-__all__ = ["PREEMPTION_SIGNALS", "Preemption"]
+__all__ = ["PREEMPTION_SIGNALS", "NoPreemption", "Preemption"]
+
+_log = get_logger(__name__)
+
+
+class NoPreemption:
+    """Stands in for :class:`Preemption` where no handler is installed: never preempted."""
+
+    received: Optional[str] = None
+    flag = 0.0
+
+    def __enter__(self) -> "NoPreemption":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class Preemption:
@@ -51,8 +67,9 @@ class Preemption:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
-            print(f"[harpe] rank {dist.get_rank() if dist.is_initialized() else 0}: received {self.received}; "
-                  "will save a checkpoint after the current step and exit", flush=True)
+            # a warning: every rank that receives the signal says so (not only rank 0)
+            _log.warning(f"rank {dist.get_rank() if dist.is_initialized() else 0}: received {self.received}; "
+                         "will save a checkpoint after the current step and exit")
 
     @property
     def flag(self) -> float:

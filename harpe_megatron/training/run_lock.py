@@ -29,9 +29,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from harpe_megatron.log import get_logger
+
 __all__ = ["LOCK_FILE", "RunDirInUse", "acquire_run_dir", "hold_run_dir"]
 
 LOCK_FILE = ".harpe.lock"
+_log = get_logger(__name__)
 
 
 class RunDirInUse(RuntimeError):
@@ -52,7 +55,7 @@ def _describe(text: str) -> str:
         return "no readable record"
 
 
-def acquire_run_dir(run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Optional[int]:
+def acquire_run_dir(run_dir: str | os.PathLike, log: Callable[[str], None] = _log.warning) -> Optional[int]:
     """Take the lock of ``run_dir`` (created if missing); returns the open descriptor that holds
     it (None where the filesystem cannot lock). Raises :class:`RunDirInUse` if a live run holds it."""
     root = Path(run_dir)
@@ -72,7 +75,7 @@ def acquire_run_dir(run_dir: str | os.PathLike, log: Callable[[str], None] = pri
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                log(f"[harpe] WARNING: cannot lock {path} ({exc.strerror}): this filesystem has no flock support, "
+                log(f"WARNING: cannot lock {path} ({exc.strerror}): this filesystem has no flock support, "
                     "so a second run on this run_dir would not be refused")
                 return None
             raise
@@ -86,7 +89,7 @@ def acquire_run_dir(run_dir: str | os.PathLike, log: Callable[[str], None] = pri
         os.close(fd)
     previous = os.pread(fd, 1 << 16, 0).decode(errors="replace").strip()
     if previous:
-        log(f"[harpe] {path}: taking over the lock left by a run that did not end cleanly "
+        log(f"{path}: taking over the lock left by a run that did not end cleanly "
             f"({_describe(previous)}); it no longer holds it (its process is gone)")
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_record()).encode(), 0)
@@ -104,7 +107,7 @@ def _release(fd: Optional[int]) -> None:
 
 @contextlib.contextmanager
 def hold_run_dir(run_dir: str | os.PathLike, is_holder: bool, share: Callable[[Optional[str]], Optional[str]],
-                 log: Callable[[str], None] = print) -> Iterator[None]:
+                 log: Callable[[str], None] = _log.warning) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the body (collective through ``share``).
 
     ``is_holder``: whether this process takes the lock (rank 0); ``share(error)`` hands the

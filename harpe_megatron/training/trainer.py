@@ -6,6 +6,11 @@ megatron's DDP and divided by the global token count (``calculate_per_token_loss
 optimizer step (with gradient clipping), one LR-scheduler step. The logged loss is the global
 token-weighted mean over DP x CP and all micro-batches.
 
+:func:`train` brings up the run (:mod:`~harpe_megatron.training.initialize`), checks its inputs,
+holds its run_dir and hands the rest to a :class:`Trainer`: ``setup()`` (model, optimizer,
+resume or initial weights, data, metric sinks), then ``train()``, which repeats ``train_step()``
+and calls ``evaluate()`` and ``save()`` at their intervals.
+
 Reliability (docs/reliability.md):
 
 * preemption: SIGTERM/SIGUSR1 on any rank -> every rank finishes the step, saves, and ``train``
@@ -14,31 +19,28 @@ Reliability (docs/reliability.md):
   step; its data is *not* replayed), counted, logged; more than
   ``training.max_consecutive_nonfinite_steps`` in a row raise :class:`NonFiniteAbort`;
 * both decisions come from one all-reduce(MAX) per step, so every rank takes the same one;
-* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung;
+* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung (a
+  :class:`~harpe_megatron.training.watchdog.NullWatchdog` stands in on one rank);
 * one run per run_dir: rank 0 holds its lock for the run's life (training/run_lock.py);
 * a failed checkpoint save or load raises ``CheckpointError`` on every rank (one line; a failed
-  save removes its partial directory and leaves ``latest`` as it was).
+  save removes its partial directory and leaves ``latest`` as it was);
+* fault injection (tests only) comes from :func:`~harpe_megatron.training.faults.faults_from_env`:
+  a no-op object unless ``HARPE_FAULT_INJECT`` is set.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
 from harpe_megatron.checkpoint.save_load import (
     CheckpointError,
@@ -49,11 +51,12 @@ from harpe_megatron.checkpoint.save_load import (
 )
 from harpe_megatron.config.loader import config_to_dict, save_config
 from harpe_megatron.config.run import RunConfig
-from harpe_megatron.model.builder import build_model, transformer_config
+from harpe_megatron.distributed.bringup import current_device
+from harpe_megatron.log import get_logger
+from harpe_megatron.training.build import build_optimizer, build_training_model
 from harpe_megatron.training.data import TrainingData
 from harpe_megatron.training.exit_codes import PEER_FAILURE_EXIT_CODE, NonFiniteAbort
-from harpe_megatron.training.faults import ENV_VAR as FAULTS_ENV_VAR
-from harpe_megatron.training.faults import SaveFaults, fault_at, maybe_die
+from harpe_megatron.training.faults import NoFaults, faults_from_env
 from harpe_megatron.training.initialize import distributed_run
 from harpe_megatron.training.input_checks import validate_run_inputs
 from harpe_megatron.training.metrics import (
@@ -64,14 +67,20 @@ from harpe_megatron.training.metrics import (
     training_flops_per_token,
 )
 from harpe_megatron.training.plan import Builders, preflight
-from harpe_megatron.training.preemption import Preemption
+from harpe_megatron.training.preemption import NoPreemption, Preemption
 from harpe_megatron.training.run_lock import RunDirInUse, hold_run_dir
 from harpe_megatron.training.step import forward_step
-from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error, watchdog_store
+from harpe_megatron.training.watchdog import (
+    NullWatchdog,
+    PeerFailure,
+    Watchdog,
+    is_communication_error,
+    make_watchdog,
+)
 
-__all__ = ["train", "TrainResult", "build_training_model", "build_optimizer", "run_schedule"]
+__all__ = ["train", "Trainer", "TrainResult", "build_training_model", "build_optimizer", "run_schedule"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_log = get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -87,74 +96,9 @@ class TrainResult:
     skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite loss/gradients
 
 
-def _log(msg: str) -> None:
-    if dist.get_rank() == 0:
-        print(msg, flush=True)
-
-
-def build_training_model(cfg: RunConfig):
-    """``([DDP-wrapped model chunk], TransformerConfig)`` for ``cfg`` on this rank (bf16/fp16 under
-    Float16Module, on CUDA when available); parallel state must be initialised."""
-    dtype = _DTYPES[cfg.training.precision]
-    on_gpu = torch.cuda.is_available()
-    t = cfg.training
-    tconfig = transformer_config(
-        cfg.model, cfg.parallel, params_dtype=dtype, use_cpu_initialization=not on_gpu, positional=cfg.positional,
-        calculate_per_token_loss=True,
-        recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
-        recompute_num_layers=t.recompute_num_layers,
-        deallocate_pipeline_outputs=True,
-    )
-    model = build_model(
-        cfg.model, cfg.positional, tconfig, max_sequence_length=cfg.data.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    if on_gpu:
-        model.cuda(torch.cuda.current_device())
-    if dtype != torch.float32:
-        model = Float16Module(tconfig, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=t.overlap_grad_reduce,
-        overlap_param_gather=t.overlap_param_gather,
-        use_distributed_optimizer=t.use_distributed_optimizer,
-    )
-    ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    if t.overlap_grad_reduce:
-        tconfig.no_sync_func = ddp.no_sync
-        tconfig.grad_sync_func = ddp.start_grad_sync
-    return [ddp], tconfig
-
-
-def build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int, use_gloo_process_groups: bool = True):
-    """megatron's (distributed) Adam with grad clipping, and its LR/WD scheduler, from ``cfg.training``.
-
-    ``use_gloo_process_groups=False``: without megatron's gloo groups (used only to save/load the
-    distributed optimizer's state; the memory planner's fake process groups have none)."""
-    t = cfg.training
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
-        bf16=t.precision == "bf16", fp16=t.precision == "fp16", params_dtype=_DTYPES[t.precision],
-        use_distributed_optimizer=t.use_distributed_optimizer,
-        overlap_param_gather=t.overlap_param_gather,
-    )
-    optimizer = get_megatron_optimizer(opt_config, model_chunks, use_gloo_process_groups=use_gloo_process_groups)
-    decay_iters = t.lr_decay_iters or train_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=max(decay_iters, t.lr_warmup_iters + 1),
-        lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=max(train_iters, 1), wd_incr_style="constant",
-    )
-    return optimizer, scheduler
-
-
 def _global_loss(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """[loss_sum, tokens] over micro-batches and DP x CP, known on every rank afterwards."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = current_device()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage():
         for r in reports:
@@ -163,18 +107,6 @@ def _global_loss(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     # The last pipeline stage holds the loss; the last rank of the world is on it.
     dist.broadcast(total, src=dist.get_world_size() - 1)
     return total
-
-
-def _nan_forward_step(data_iterator, model):
-    """``forward_step`` whose loss is NaN (fault injection ``nan_loss``): NaN loss and gradients."""
-    output, loss_func = forward_step(data_iterator, model)
-
-    def poisoned(output_tensor):
-        loss_sum, num_tokens, report = loss_func(output_tensor)
-        nan = torch.tensor(float("nan"), device=loss_sum.device)
-        return loss_sum * nan, num_tokens, {"lm loss": report["lm loss"] * torch.stack([nan, nan.new_ones(())])}
-
-    return output, poisoned
 
 
 def run_schedule(cfg: RunConfig, model_chunks: list, data_iter: Iterator, num_microbatches: int,
@@ -205,70 +137,9 @@ def _grads_finite(model_chunks: list) -> bool:
 
 def _agree(flags: list[float]) -> list[bool]:
     """Per flag: whether any rank raised it (one all-reduce(MAX) over the world)."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    t = torch.tensor(flags, dtype=torch.float32, device=device)
+    t = torch.tensor(flags, dtype=torch.float32, device=current_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]
-
-
-def _update(precision: str, model_chunks: list, optimizer, scheduler, loss: float,
-            preemption: Optional[Preemption], step: int) -> tuple[bool, bool, Optional[float]]:
-    """The optimizer and LR-schedule step, unless the step is non-finite on any rank.
-
-    Returns ``(preempt, nonfinite, grad_norm)``, identical on every rank: one all-reduce(MAX)
-    carries the preemption flag and the local "gradients not finite" flag. fp16's loss scaler
-    checks the gradients itself (and must see the overflow to lower the scale), so there only a
-    non-finite loss counts.
-    """
-    grads_bad = precision != "fp16" and not _grads_finite(model_chunks)
-    preempt, grads_bad = _agree([preemption.flag if preemption else 0.0, float(grads_bad)])
-    if grads_bad or not math.isfinite(loss):
-        return preempt, True, None
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=1)
-    else:
-        _log(f"[harpe] step {step}: fp16 loss-scale overflow; step skipped, loss scale lowered")
-    return preempt, False, grad_norm
-
-
-def _evaluate(cfg: RunConfig, model_chunks: list, data: TrainingData, num_microbatches: int,
-              watchdog: Optional[Watchdog], step: int) -> float:
-    for m in model_chunks:
-        m.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        valid_iter = data.valid_iterator()
-        for _ in range(cfg.training.eval_iters):
-            if watchdog is not None:
-                watchdog.progress(step, "eval")
-            total += run_schedule(cfg, model_chunks, valid_iter, num_microbatches, forward_only=True).cpu()
-    for m in model_chunks:
-        m.train()
-    return (total[0] / total[1]).item()
-
-
-def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``; returns what happened.
-
-    Raises :class:`NonFiniteAbort` after too many non-finite steps in a row and
-    :class:`PeerFailure` (naming the rank) when a collective fails because another rank went away.
-    """
-    with distributed_run(cfg):
-        t = cfg.training
-        watchdog = None
-        if dist.get_world_size() > 1 and t.hang_timeout_s > 0:
-            watchdog = Watchdog(watchdog_store(), dist.get_rank(), dist.get_world_size(), t.hang_timeout_s,
-                                t.slow_phase_timeout_s, PEER_FAILURE_EXIT_CODE)
-        with watchdog or contextlib.nullcontext(), Preemption() as preemption:
-            try:
-                return _train(cfg, watchdog, preemption)
-            except RuntimeError as exc:
-                if watchdog is not None and not isinstance(exc, (NonFiniteAbort, PeerFailure, CheckpointError,
-                                                                 RunDirInUse)) \
-                        and is_communication_error(exc):
-                    watchdog.explain_failure(exc)  # raises PeerFailure if a peer went away
-                raise
 
 
 def _resume_point(load_dir: Path) -> Optional[Path]:
@@ -278,7 +149,7 @@ def _resume_point(load_dir: Path) -> Optional[Path]:
         try:
             path, messages = resolve_checkpoint(load_dir)
             for msg in messages:
-                print(f"[harpe] {msg}", flush=True)
+                (_log.warning if msg.startswith("WARNING") else _log.info)(msg)
             decision[0] = ("ok", str(path) if path else None)
         except RuntimeError as exc:
             decision[0] = ("error", str(exc))
@@ -296,133 +167,235 @@ def _from_rank0(value):
     return box[0]
 
 
-def _train(cfg: RunConfig, watchdog: Optional[Watchdog] = None, preemption: Optional[Preemption] = None) -> TrainResult:
-    validate_run_inputs(cfg, log=_log)  # data/tokenizer checks, before anything is written
-    # one run per run_dir, for the run's life (training/run_lock.py)
-    with hold_run_dir(cfg.run_dir, dist.get_rank() == 0, _from_rank0, log=_log):
-        return _train_holding_run_dir(cfg, watchdog, preemption)
+class Trainer:
+    """One plain run on the current process group and parallel state, its run_dir held.
 
+    ``setup()`` builds everything (nothing is allocated before the memory pre-flight), ``train()``
+    runs the steps from where the run stands to ``training.train_iters`` (or ``exit_interval``).
+    ``watchdog``, ``preemption`` and ``faults`` default to their no-op stand-ins.
+    """
 
-def _train_holding_run_dir(cfg: RunConfig, watchdog: Optional[Watchdog], preemption: Optional[Preemption]
-                           ) -> TrainResult:
-    world = dist.get_world_size()
-    t = cfg.training
-    train_iters = t.resolved_train_iters(cfg.data.seq_length)
-    num_microbatches = cfg.num_microbatches(world)
-    run_dir = Path(cfg.run_dir)
-    save_dir = Path(cfg.checkpoint.save or run_dir / "checkpoints")
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    if dist.get_rank() == 0:
-        save_config(cfg, run_dir / "config.yaml")
+    def __init__(self, cfg: RunConfig, watchdog: Watchdog | NullWatchdog | None = None,
+                 preemption: Preemption | NoPreemption | None = None, faults: Optional[NoFaults] = None):
+        self.cfg = cfg
+        self.watchdog = NullWatchdog() if watchdog is None else watchdog
+        self.preemption = NoPreemption() if preemption is None else preemption
+        self.faults = faults_from_env() if faults is None else faults
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        t = cfg.training
+        self.train_iters = t.resolved_train_iters(cfg.data.seq_length)
+        self.stop_at = min(self.train_iters, t.exit_interval) if t.exit_interval else self.train_iters
+        self.num_microbatches = cfg.num_microbatches(self.world)
+        self.run_dir = Path(cfg.run_dir)
+        self.save_dir = Path(cfg.checkpoint.save or self.run_dir / "checkpoints")
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_length
+        self.step, self.consumed = 0, 0
+        self.first_step = 1
+        self.resume_from: Optional[Path] = None
+        self.last_saved: Optional[Path] = None
+        self.losses: dict[int, float] = {}
+        self.eval_losses: dict[int, float] = {}
+        self.speeds: list[float] = []
+        self.skipped: list[int] = []
+        self.streak = 0  # consecutive non-finite steps
+        self.preempt = False  # all ranks agreed to stop after this step
 
-    preflight(cfg, world, Builders(build_training_model, build_optimizer), log=_log)  # memory plan, nothing allocated
-    model_chunks, tconfig = build_training_model(cfg)
-    optimizer, scheduler = build_optimizer(cfg, model_chunks, train_iters)
+    # set-up ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Model, optimizer and scheduler; the state to resume from or the initial weights; data and sinks."""
+        cfg, t = self.cfg, self.cfg.training
+        self.config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        # memory plan, nothing allocated
+        preflight(cfg, self.world, Builders(build_training_model, build_optimizer), log=_log.info)
+        self.model_chunks, self.tconfig = build_training_model(cfg)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model_chunks, self.train_iters)
+        self._load_state()
+        self.first_step = self.step + 1
+        self.data = TrainingData(cfg, self.world, consumed_train_samples=self.consumed,
+                                 total_train_steps=self.train_iters)
+        self.train_iter = self.data.train_iterator()
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
+        self.peak = peak_tflops(t.precision, cfg.logging.peak_tflops)
+        self.sinks = MetricSinks(enabled=self.rank == 0, run_dir=str(self.run_dir),
+                                 tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                                 wandb_mode=cfg.logging.wandb_mode, wandb_run_name=cfg.logging.wandb_run_name,
+                                 config=config_to_dict(cfg))
+        p = cfg.parallel
+        _log.info(f"world {self.world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
+                  f"x CP {p.context_parallel_size} x DP {cfg.data_parallel_size(self.world)}; "
+                  f"{self.num_microbatches} micro-batch(es)/step; {self.tokens_per_step:,} tokens/step; "
+                  f"steps {self.step}->{self.train_iters}; run dir {self.run_dir}")
 
-    step, consumed = 0, 0
-    resume_from = _resume_point(Path(cfg.checkpoint.load or save_dir))
-    if resume_from is not None:
-        if watchdog is not None:
-            watchdog.progress(step, "load")
-        state = load_checkpoint(resume_from, model_chunks, optimizer, scheduler)
-        step, consumed = state["iteration"], state["consumed_samples"]
-        _log(f"[harpe] resumed from {resume_from} at step {step} ({consumed} samples consumed"
-             f"{'' if state['rng_restored'] else '; RNG not restored: different world size'})")
-    elif cfg.checkpoint.pretrained:
-        load_model_weights(cfg.checkpoint.pretrained, model_chunks)
-        if t.precision != "fp32":
-            optimizer.reload_model_params()  # refresh the fp32 master copies from the loaded weights
-        _log(f"[harpe] initial weights from {cfg.checkpoint.pretrained}")
+    def _load_state(self) -> None:
+        """Resume from the newest complete checkpoint, or load ``checkpoint.pretrained``, or neither."""
+        cfg = self.cfg
+        self.resume_from = _resume_point(Path(cfg.checkpoint.load or self.save_dir))
+        if self.resume_from is not None:
+            self.watchdog.progress(self.step, "load")
+            state = load_checkpoint(self.resume_from, self.model_chunks, self.optimizer, self.scheduler)
+            self.step, self.consumed = state["iteration"], state["consumed_samples"]
+            _log.info(f"resumed from {self.resume_from} at step {self.step} ({self.consumed} samples consumed"
+                      f"{'' if state['rng_restored'] else '; RNG not restored: different world size'})")
+        elif cfg.checkpoint.pretrained:
+            load_model_weights(cfg.checkpoint.pretrained, self.model_chunks)
+            if cfg.training.precision != "fp32":
+                self.optimizer.reload_model_params()  # refresh the fp32 master copies from the loaded weights
+            _log.info(f"initial weights from {cfg.checkpoint.pretrained}")
 
-    data = TrainingData(cfg, world, consumed_train_samples=consumed, total_train_steps=train_iters)
-    train_iter = data.train_iterator()
-    flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
-    peak = peak_tflops(t.precision, cfg.logging.peak_tflops)
-    tokens_per_step = t.global_batch_size * cfg.data.seq_length
-    sinks = MetricSinks(enabled=dist.get_rank() == 0, run_dir=str(run_dir), tensorboard=cfg.logging.tensorboard,
-                        wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
-                        wandb_run_name=cfg.logging.wandb_run_name, config=config_to_dict(cfg))
-    _log(f"[harpe] world {world} = TP {cfg.parallel.tensor_model_parallel_size} x PP "
-         f"{cfg.parallel.pipeline_model_parallel_size} x CP {cfg.parallel.context_parallel_size} x DP "
-         f"{cfg.data_parallel_size(world)}; {num_microbatches} micro-batch(es)/step; "
-         f"{tokens_per_step:,} tokens/step; steps {step}->{train_iters}; run dir {run_dir}")
+    # one step ----------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One step (one global batch): forward/backward, the agreed update; returns its metrics.
 
-    losses: dict[int, float] = {}
-    eval_losses: dict[int, float] = {}
-    speeds: list[float] = []
-    skipped: list[int] = []
-    streak = 0  # consecutive non-finite steps
-    last_saved: Optional[Path] = None
-    preempted = False
-    rank = dist.get_rank()
-    stop_at = min(train_iters, t.exit_interval) if t.exit_interval else train_iters
-    first_step = step + 1
-    for m in model_chunks:
-        m.train()
-    while step < stop_at:
+        Sets :attr:`preempt` when any rank was signalled (one all-reduce with the non-finite check).
+        Raises :class:`NonFiniteAbort` after too many non-finite steps in a row.
+        """
+        t = self.cfg.training
         start = time.perf_counter()
-        if watchdog is not None:
-            watchdog.progress(step + 1, "first_step" if step + 1 == first_step else "train")
-        maybe_die(step + 1, rank)
-        for m in model_chunks:
+        step = self.step + 1
+        self.watchdog.progress(step, "first_step" if step == self.first_step else "train")
+        self.faults.at_step_start(step, self.rank)
+        for m in self.model_chunks:
             m.zero_grad_buffer()
-        optimizer.zero_grad()
-        step_func = _nan_forward_step if fault_at("nan_loss", step + 1, rank) else forward_step
-        total = run_schedule(cfg, model_chunks, train_iter, num_microbatches, forward_only=False, step_func=step_func)
+        self.optimizer.zero_grad()
+        total = run_schedule(self.cfg, self.model_chunks, self.train_iter, self.num_microbatches,
+                             forward_only=False, step_func=self.faults.step_func(step, self.rank))
         loss = (total[0] / total[1]).item()  # global: identical on every rank
-        preempt, nonfinite, grad_norm = _update(t.precision, model_chunks, optimizer, scheduler, loss,
-                                                preemption, step + 1)
-        step += 1
-        consumed += t.global_batch_size  # a skipped step's data is not replayed
-        streak = streak + 1 if nonfinite else 0
+        nonfinite, grad_norm = self._update(loss, step)
+        self.step = step
+        self.consumed += t.global_batch_size  # a skipped step's data is not replayed
+        self.streak = self.streak + 1 if nonfinite else 0
         if nonfinite:
-            skipped.append(step)
-            _log(f"[harpe] step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradients'} "
-                 f"(loss {loss}); step skipped (no optimizer update), {streak} in a row, {len(skipped)} in all")
-            if streak > t.max_consecutive_nonfinite_steps:
-                sinks.log(step, {"loss": loss, "skipped_steps": len(skipped), "nonfinite_streak": streak})
-                sinks.close()
-                raise NonFiniteAbort(
-                    f"steps {step - streak + 1}-{step} all had a non-finite loss or gradients, more than "
-                    f"training.max_consecutive_nonfinite_steps={t.max_consecutive_nonfinite_steps}; stopping. "
-                    f"The last checkpoint ({last_saved or resume_from or 'none'}) is intact; lower training.lr "
-                    f"or inspect the data around sample {consumed - streak * t.global_batch_size}")
+            self._skip(loss)
         elapsed = time.perf_counter() - start
-        losses[step] = loss
-        tokens_per_s = tokens_per_step / elapsed
-        if step > 1 or resume_from is not None:
-            speeds.append(tokens_per_s)
-        tflops = flops_per_token * tokens_per_s / world / 1e12
-        metrics = {
-            "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+        self.losses[step] = loss
+        tokens_per_s = self.tokens_per_step / elapsed
+        if step > 1 or self.resume_from is not None:
+            self.speeds.append(tokens_per_s)
+        tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
+        return {
+            "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops,
-            "mfu": tflops / peak if peak else None, "memory": memory_gib(), "step_time_s": elapsed,
-            "skipped": len(skipped), "nonfinite_streak": streak,
+            "mfu": tflops / self.peak if self.peak else None, "memory": memory_gib(), "step_time_s": elapsed,
+            "skipped": len(self.skipped), "nonfinite_streak": self.streak,
         }
-        if step % cfg.logging.log_interval == 0 or step == stop_at:
-            _log(format_step_line(step, train_iters, metrics))
-        sinks.log(step, {k: v for k, v in metrics.items() if k not in ("memory", "skipped")}
-                  | {"memory_gib": metrics["memory"][1], "skipped_steps": len(skipped)})
-        if t.eval_interval and step % t.eval_interval == 0 and not preempt:
-            eval_losses[step] = _evaluate(cfg, model_chunks, data, num_microbatches, watchdog, step)
-            _log(f"[harpe] eval at step {step}: loss {eval_losses[step]:.4f}")
-            sinks.log(step, {"eval_loss": eval_losses[step]})
-        interval = cfg.checkpoint.save_interval
-        if (interval and step % interval == 0) or step == stop_at or preempt:
-            if watchdog is not None:
-                watchdog.progress(step, "save")
-            last_saved = save_checkpoint(save_dir, step, model_chunks, optimizer, scheduler, consumed,
-                                         config_yaml, cfg.checkpoint.keep_last,
-                                         hooks=SaveFaults() if os.environ.get(FAULTS_ENV_VAR) else None)
-            _log(f"[harpe] saved checkpoint {last_saved}")
-        if preempt and step < stop_at:
-            preempted = True
-            _log(f"[harpe] preempted: stopping after step {step} with checkpoint {last_saved}; "
-                 "start again to resume")
-            break
-    sinks.close()
-    return TrainResult(losses=losses, eval_losses=eval_losses, last_step=step,
-                       checkpoint=str(last_saved) if last_saved else None,
-                       tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
-                       preempted=preempted, skipped_steps=skipped)
+
+    def _update(self, loss: float, step: int) -> tuple[bool, Optional[float]]:
+        """The optimizer and LR-schedule step, unless the step is non-finite on any rank.
+
+        Returns ``(nonfinite, grad_norm)`` and sets :attr:`preempt`, identical on every rank: one
+        all-reduce(MAX) carries the preemption flag and the local "gradients not finite" flag.
+        fp16's loss scaler checks the gradients itself (and must see the overflow to lower the
+        scale), so there only a non-finite loss counts.
+        """
+        grads_bad = self.cfg.training.precision != "fp16" and not _grads_finite(self.model_chunks)
+        self.preempt, grads_bad = _agree([self.preemption.flag, float(grads_bad)])
+        if grads_bad or not math.isfinite(loss):
+            return True, None
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        else:
+            _log.info(f"step {step}: fp16 loss-scale overflow; step skipped, loss scale lowered")
+        return False, grad_norm
+
+    def _skip(self, loss: float) -> None:
+        """Count and log a non-finite step; too many in a row end the run."""
+        t, step, streak = self.cfg.training, self.step, self.streak
+        self.skipped.append(step)
+        _log.info(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradients'} "
+                  f"(loss {loss}); step skipped (no optimizer update), {streak} in a row, {len(self.skipped)} in all")
+        if streak > t.max_consecutive_nonfinite_steps:
+            self.sinks.log(step, {"loss": loss, "skipped_steps": len(self.skipped), "nonfinite_streak": streak})
+            self.sinks.close()
+            raise NonFiniteAbort(
+                f"steps {step - streak + 1}-{step} all had a non-finite loss or gradients, more than "
+                f"training.max_consecutive_nonfinite_steps={t.max_consecutive_nonfinite_steps}; stopping. "
+                f"The last checkpoint ({self.last_saved or self.resume_from or 'none'}) is intact; lower "
+                f"training.lr or inspect the data around sample {self.consumed - streak * t.global_batch_size}")
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        """The console line (every ``logging.log_interval`` steps and the last) and the sinks."""
+        step = self.step
+        if step % self.cfg.logging.log_interval == 0 or step == self.stop_at:
+            _log.info(format_step_line(step, self.train_iters, metrics))
+        self.sinks.log(step, {k: v for k, v in metrics.items() if k not in ("memory", "skipped")}
+                       | {"memory_gib": metrics["memory"][1], "skipped_steps": len(self.skipped)})
+
+    # evaluation and checkpoints ----------------------------------------------------------------
+    def evaluate(self) -> float:
+        """The global loss over ``training.eval_iters`` validation batches (the same ones every time)."""
+        for m in self.model_chunks:
+            m.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            valid_iter = self.data.valid_iterator()
+            for _ in range(self.cfg.training.eval_iters):
+                self.watchdog.progress(self.step, "eval")
+                total += run_schedule(self.cfg, self.model_chunks, valid_iter, self.num_microbatches,
+                                      forward_only=True).cpu()
+        for m in self.model_chunks:
+            m.train()
+        return (total[0] / total[1]).item()
+
+    def save(self) -> Path:
+        """A checkpoint of the current step (every rank; ``latest`` moves when all have written)."""
+        self.watchdog.progress(self.step, "save")
+        c = self.cfg.checkpoint
+        self.last_saved = save_checkpoint(self.save_dir, self.step, self.model_chunks, self.optimizer, self.scheduler,
+                                          self.consumed, self.config_yaml, c.keep_last, hooks=self.faults.save_hooks)
+        _log.info(f"saved checkpoint {self.last_saved}")
+        return self.last_saved
+
+    # the loop ----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Steps until ``stop_at`` or an agreed preemption; evaluations and saves at their intervals."""
+        t, interval = self.cfg.training, self.cfg.checkpoint.save_interval
+        preempted = False
+        for m in self.model_chunks:
+            m.train()
+        while self.step < self.stop_at:
+            self._report(self.train_step())
+            step = self.step
+            if t.eval_interval and step % t.eval_interval == 0 and not self.preempt:
+                self.eval_losses[step] = self.evaluate()
+                _log.info(f"eval at step {step}: loss {self.eval_losses[step]:.4f}")
+                self.sinks.log(step, {"eval_loss": self.eval_losses[step]})
+            if (interval and step % interval == 0) or step == self.stop_at or self.preempt:
+                self.save()
+            if self.preempt and step < self.stop_at:
+                preempted = True
+                _log.info(f"preempted: stopping after step {step} with checkpoint {self.last_saved}; "
+                          "start again to resume")
+                break
+        self.sinks.close()
+        return TrainResult(losses=self.losses, eval_losses=self.eval_losses, last_step=self.step,
+                           checkpoint=str(self.last_saved) if self.last_saved else None,
+                           tokens_per_s=sum(self.speeds) / len(self.speeds) if self.speeds else None,
+                           preempted=preempted, skipped_steps=self.skipped)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; returns what happened.
+
+    Raises :class:`NonFiniteAbort` after too many non-finite steps in a row and
+    :class:`PeerFailure` (naming the rank) when a collective fails because another rank went away.
+    """
+    with distributed_run(cfg):
+        t = cfg.training
+        watchdog = make_watchdog(t.hang_timeout_s, t.slow_phase_timeout_s, PEER_FAILURE_EXIT_CODE)
+        with watchdog, Preemption() as preemption:
+            try:
+                validate_run_inputs(cfg, announce=True)  # data/tokenizer checks, before anything is written
+                # one run per run_dir, for the run's life (training/run_lock.py)
+                with hold_run_dir(cfg.run_dir, dist.get_rank() == 0, _from_rank0):
+                    trainer = Trainer(cfg, watchdog, preemption)
+                    trainer.setup()
+                    return trainer.train()
+            except RuntimeError as exc:
+                if not isinstance(exc, (NonFiniteAbort, PeerFailure, CheckpointError, RunDirInUse)) \
+                        and is_communication_error(exc):
+                    watchdog.explain_failure(exc)  # raises PeerFailure if a peer went away
+                raise

@@ -13,7 +13,7 @@ thread is woken), the rest every ``interval``. If a rank's main thread has not p
 the phase's allowance (``hang_timeout_s``; ``slow_phase_timeout_s`` in the phases that are long
 by nature: start-up, checkpoint load/save, the first step), the thread reads every rank's record,
 names the suspects (no record, heartbeat older than ``3 * interval + 1`` s, process gone on this
-host, or behind in step/phase), prints the report to stderr and stdout and ends the process with
+host, or behind in step/phase), logs the report as errors (stderr, every rank) and ends the process with
 ``os._exit(PEER_FAILURE_EXIT_CODE)`` (the main thread is stuck in a collective and cannot be
 unwound). A rank that is itself hung is stopped the same way by its own thread.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -39,7 +38,12 @@ from typing import Optional
 
 import torch.distributed as dist
 
-__all__ = ["SLOW_PHASES", "PeerFailure", "Watchdog", "is_communication_error", "watchdog_store"]
+from harpe_megatron.log import get_logger
+
+__all__ = ["SLOW_PHASES", "NullWatchdog", "PeerFailure", "Watchdog", "is_communication_error", "make_watchdog",
+           "watchdog_store"]
+
+_log = get_logger(__name__)
 
 SLOW_PHASES = frozenset({"startup", "load", "save", "first_step"})
 _PREFIX = "harpe_watchdog"
@@ -226,18 +230,43 @@ class Watchdog:
     def _fire(self, idle: float, allowed: float) -> None:
         records = self._read_records()
         suspects = self._suspects(records)
-        report = [f"[harpe] watchdog: rank {self.rank} (host {self._host}, pid {self._pid}) made no progress for "
+        report = [f"watchdog: rank {self.rank} (host {self._host}, pid {self._pid}) made no progress for "
                   f"{idle:.0f} s at step {self._step} in {self._phase} (limit {allowed:.0f} s: "
                   f"training.{'slow_phase_timeout_s' if self._phase in SLOW_PHASES else 'hang_timeout_s'})."]
         if suspects:
-            report += ["[harpe] watchdog: suspect " + s for s in suspects]
+            report += ["watchdog: suspect " + s for s in suspects]
         else:
-            report.append("[harpe] watchdog: no other rank is dead or behind (" + ", ".join(
+            report.append("watchdog: no other rank is dead or behind (" + ", ".join(
                 f"rank {r}: step {rec['step']} {rec['phase']}" for r, rec in sorted(records.items()) if rec)
                 + "); this rank or the collective itself (network, NCCL) is stuck")
-        report.append(f"[harpe] watchdog: exiting with code {self.exit_code}; the newest checkpoint named by "
+        report.append(f"watchdog: exiting with code {self.exit_code}; the newest checkpoint named by "
                       "'latest' is intact, start again to resume")
-        text = "\n".join(report)
-        print(text, file=sys.stderr, flush=True)
-        print(text, flush=True)
+        for line in report:
+            _log.error(line)
         os._exit(self.exit_code)
+
+
+class NullWatchdog:
+    """No watchdog (one rank, or ``training.hang_timeout_s: 0``): progress marks cost nothing and a
+    communication error is left to the caller."""
+
+    def progress(self, step: int, phase: str) -> None:
+        return None
+
+    def explain_failure(self, exc: BaseException) -> None:
+        return None
+
+    def __enter__(self) -> "NullWatchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def make_watchdog(hang_timeout_s: float, slow_phase_timeout_s: float, exit_code: int) -> Watchdog | NullWatchdog:
+    """A :class:`Watchdog` for this rank when the world has more than one rank and ``hang_timeout_s > 0``,
+    else a :class:`NullWatchdog` (needs the default process group)."""
+    if dist.get_world_size() <= 1 or hang_timeout_s <= 0:
+        return NullWatchdog()
+    return Watchdog(watchdog_store(), dist.get_rank(), dist.get_world_size(), hang_timeout_s, slow_phase_timeout_s,
+                    exit_code)

@@ -22,7 +22,7 @@ from typing import Optional
 
 from harpe_megatron.distributed.bringup import free_port
 
-__all__ = ["LAUNCH_MARKER", "Ranks", "leftover_processes", "read_metrics"]
+__all__ = ["LAUNCH_MARKER", "Ranks", "leftover_processes", "metric_lines", "read_metrics", "steps_since"]
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_MARKER = "HARPE_TEST_LAUNCH"
@@ -123,3 +123,17 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
             rows.setdefault(row["step"], {}).update(row)
     return rows
 
+
+
+def metric_lines(run_dir: Path) -> int:
+    """How many lines ``<run_dir>/metrics.jsonl`` has (0 if it does not exist yet)."""
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def steps_since(run_dir: Path, lines_before: int) -> list[int]:
+    """The steps of the training lines written after the first ``lines_before`` lines: what one
+    launch trained (its first is the step after the one it resumed from)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]
+    rows = [json.loads(line, parse_constant=_not_strict_json) for line in lines]
+    return [row["step"] for row in rows if "loss" in row]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harpe_megatron.config.loader import ConfigError, config_from_dict
-from harpe_megatron.distributed.bringup import megatron_parallel, resolve_device
+from harpe_megatron.distributed.bringup import current_device, megatron_parallel, resolve_device
 
 
 def test_device_setting():
@@ -20,6 +20,10 @@ def test_device_setting():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device: cuda was asked for but torch sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_current_device():
+    assert current_device() == (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
 
 
 def test_training_device_is_validated_with_its_key():

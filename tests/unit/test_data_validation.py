@@ -10,6 +10,7 @@ shared between ranks.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import struct
@@ -237,16 +238,17 @@ def _make(tmp_path: Path, tokenizer: str, fault) -> tuple[dict, dict]:
     return d, t
 
 
-def test_good_inputs_pass_with_a_summary(tmp_path, tokenizer_path):
+def test_good_inputs_pass_with_a_summary(tmp_path, tokenizer_path, caplog):
     d, t = _make(tmp_path, tokenizer_path, lambda d, t: None)
-    lines = []
     before = snapshot(tmp_path)
-    report = validate_training_inputs(config_from_dict(t), log=lines.append)
+    with caplog.at_level(logging.INFO, logger="harpe"):
+        report = validate_training_inputs(config_from_dict(t), announce=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "harpe.data.validation"]
     assert snapshot(tmp_path) == before
     (p,) = report.prefixes
     assert (p.documents, p.tokens, p.scanned_tokens, p.dtype) == (40, 40 * 31, 40 * 31, "uint16")
     assert p.split_documents == {"train": 36, "valid": 4} and p.max_id < VOCAB
-    assert lines and lines[0].startswith("[harpe] data checks (full) passed: 1 prefix(es), 1,240 tokens")
+    assert lines and lines[0].startswith("data checks (full) passed: 1 prefix(es), 1,240 tokens")
 
 
 @pytest.mark.parametrize("fault,message", FAULTS, ids=[f.__name__[len("fault_"):] for f, _ in FAULTS])

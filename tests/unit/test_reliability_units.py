@@ -24,10 +24,11 @@ from harpe_megatron.checkpoint.layout import (
 )
 from harpe_megatron.checkpoint.save_load import MANIFEST_FILE, CheckpointError, resolve_checkpoint, save_checkpoint
 from harpe_megatron.distributed.signals import helpers_ignore_preemption
-from harpe_megatron.training.faults import fault_at, parse_faults
-from harpe_megatron.training.preemption import Preemption
+from harpe_megatron.training.faults import Faults, NoFaults, SaveFaults, fault_at, faults_from_env, parse_faults
+from harpe_megatron.training.preemption import NoPreemption, Preemption
 from harpe_megatron.training.run_lock import LOCK_FILE, acquire_run_dir
-from harpe_megatron.training.watchdog import PeerFailure, Watchdog, is_communication_error
+from harpe_megatron.training.step import forward_step
+from harpe_megatron.training.watchdog import NullWatchdog, PeerFailure, Watchdog, is_communication_error, make_watchdog
 
 
 def test_parse_faults():
@@ -43,6 +44,30 @@ def test_fault_at_reads_the_environment(monkeypatch):
     assert not fault_at("exit", 5, 1)
     monkeypatch.setenv("HARPE_FAULT_INJECT", "exit@5:1")
     assert fault_at("exit", 5, 1) and not fault_at("exit", 5, 0) and not fault_at("exit", 4, 1)
+
+
+def test_fault_injection_is_a_no_op_object_unless_the_variable_is_set(monkeypatch):
+    monkeypatch.delenv("HARPE_FAULT_INJECT", raising=False)
+    none = faults_from_env()
+    assert type(none) is NoFaults and none.save_hooks is None and none.step_func(3, 0) is forward_step
+    none.at_step_start(3, 0)  # nothing happens
+    monkeypatch.setenv("HARPE_FAULT_INJECT", "nan_loss@3:1")
+    faults = faults_from_env()
+    assert isinstance(faults, Faults) and isinstance(faults.save_hooks, SaveFaults)
+    assert faults.step_func(3, 1) is not forward_step
+    assert faults.step_func(3, 0) is forward_step and faults.step_func(4, 1) is forward_step
+    monkeypatch.setenv("HARPE_FAULT_INJECT", "boom@3")
+    with pytest.raises(ValueError, match="unknown fault kind 'boom'"):  # at start, not at step 3
+        faults_from_env()
+
+
+def test_no_op_watchdog_and_preemption(single_rank):
+    watchdog = make_watchdog(60.0, 120.0, 76)  # a world of one rank: nobody to watch
+    assert isinstance(watchdog, NullWatchdog)
+    with watchdog, NoPreemption() as preemption:
+        watchdog.progress(1, "train")
+        assert watchdog.explain_failure(RuntimeError("Connection closed by peer")) is None
+        assert preemption.flag == 0.0 and preemption.received is None
 
 
 def test_preemption_handler_sets_flag_and_restores_previous():

@@ -3,6 +3,8 @@ unverified (Transformer Engine cannot be installed here, so its spec itself is n
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -43,8 +45,8 @@ def test_te_without_transformer_engine_is_an_error(single_rank, monkeypatch):
             build_model(m, PositionalConfig(bases=UniformBases()), cfg, max_sequence_length=64)
 
 
-def test_te_prints_one_unverified_line(single_rank, monkeypatch, capsys):
-    """With TE 'installed' the TE spec is requested and one line says it is unverified."""
+def test_te_warns_once_that_it_is_unverified(single_rank, monkeypatch, caplog):
+    """With TE 'installed' the TE spec is requested and one warning says it is unverified."""
     seen = []
     monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)
 
@@ -59,5 +61,5 @@ def test_te_prints_one_unverified_line(single_rank, monkeypatch, capsys):
         with pytest.raises(RuntimeError, match="stop before"):
             build_model(m, PositionalConfig(bases=UniformBases()), cfg, max_sequence_length=64)
     assert seen == [True]
-    lines = [line for line in capsys.readouterr().out.splitlines() if "UNVERIFIED" in line]
-    assert lines == [TE_UNVERIFIED]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "UNVERIFIED" in r.getMessage()]
+    assert lines == [(logging.WARNING, TE_UNVERIFIED)]
