@@ -116,6 +116,11 @@ def _fail(msg: str) -> None:
     raise DataValidationError(msg)
 
 
+# Training launches build no data; the demo's data has its own step.
+_DEMO_HINT = ("; for the demo corpus of configs/tiny_cpu.yaml run `bash scripts/demo.sh` or "
+              "`python -m harpe_megatron.cli.prepare_run --config CONFIG` first")
+
+
 # --- tokenizer -------------------------------------------------------------------------------------
 def _check_tokenizer(cfg) -> int:
     """The tokenizer's vocabulary size, after checking it against ``model.vocab_size``."""
@@ -126,7 +131,7 @@ def _check_tokenizer(cfg) -> int:
     try:
         tokenizer = SentencePieceTokenizer(path)
     except FileNotFoundError:
-        _fail(f"data.tokenizer_model: {path} does not exist (expected a sentencepiece .model file)")
+        _fail(f"data.tokenizer_model: {path} does not exist (expected a sentencepiece .model file){_DEMO_HINT}")
     except ValueError as exc:
         _fail(f"data.tokenizer_model: {exc}")
     if tokenizer.vocab_size != cfg.model.vocab_size:
@@ -215,7 +220,7 @@ def _read_index(prefix: str, key: str, mode: str = "full", rank: int = 0, world:
         parent = os.path.dirname(os.path.abspath(prefix))
         where = "" if os.path.isdir(parent) else f"; directory {parent} does not exist"
         _fail(f"{key}: no indexed dataset at {prefix!r} (neither {bin_path} nor {idx_path} exists{where}); "
-              "expected the prefix written by tools/preprocess_data.py, without .bin/.idx")
+              f"expected the prefix written by tools/preprocess_data.py, without .bin/.idx{_DEMO_HINT}")
     try:
         info = check_indexed_dataset(prefix)
     except FileNotFoundError as exc:
