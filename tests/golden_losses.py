@@ -66,7 +66,7 @@ def write_golden_data(out_dir: Path) -> dict[str, str]:
 def golden_overrides(data: dict[str, str], run_dir: Path) -> list[str]:
     return [
         f"data.paths=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}", "data.seq_length=64",
-        "data.build_demo_corpus=false", f"model.vocab_size={VOCAB}", "training.micro_batch_size=2",
+        f"model.vocab_size={VOCAB}", "training.micro_batch_size=2",
         "training.global_batch_size=8", f"training.train_iters={STEPS}", "training.lr_warmup_iters=2",
         "training.eval_interval=0", "training.precision=fp32", "training.seed=1234",
         "logging.tensorboard=false", "checkpoint.save_interval=0", f"run_dir={run_dir}",
