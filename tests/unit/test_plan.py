@@ -124,8 +124,7 @@ def test_full_7b_128k_plan_in_ci(tmp_path):
     # K and V of one layer gathered over CP: 2 x 131072 tokens x 16 heads (TP 2) x 128 x 2 bytes
     assert b["cp_kv_gathered"] == 2 * 131072 * 16 * 128 * 2
     assert abs(plan["flops_per_step"] / plan["analytic_flops_per_step"] - 1) <= 0.03
-    print(f"\n[plan-7b] {plan['peak_gib']:.2f} GiB per rank, {elapsed:.1f} s")
-    assert elapsed < 120
+    print(f"\n[plan-7b] {plan['peak_gib']:.2f} GiB per rank, {elapsed:.1f} s")  # a figure, not a timed assertion
 
 
 def test_fix_is_searched_and_checked(tmp_path):
