@@ -10,6 +10,7 @@ call raise with that rank's traceback; a run that exceeds ``timeout`` is killed.
 
 from __future__ import annotations
 
+import pickle
 import queue as queue_lib
 import time
 import traceback
@@ -30,7 +31,9 @@ def _worker(rank: int, world_size: int, port: int, layout: dict, fn: Callable, a
         init_process_group("cpu", rank=rank, world_size=world_size, port=port, timeout_s=120.0)
         with megatron_parallel(**layout, device="cpu"):
             result = fn(*args)
-        out.put((rank, True, result))
+        # by value: torch's queue would share tensors through a file descriptor served by this
+        # process, which may have exited by the time the parent unpickles them
+        out.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report everything, including assertion errors, to the parent
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -84,7 +87,7 @@ def run_distributed(
                     ) from None
                 continue
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 failures.append(f"--- rank {rank} ---\n{payload}")
                 break  # the other ranks are probably stuck in a collective

@@ -12,6 +12,11 @@ benchmarks all enter :func:`megatron_parallel`; it differs between them only by 
 * Seeding: the same seed on every rank for Python's, numpy's and torch's generators, plus
   megatron's CUDA RNG tracker on ``cuda`` (weights are initialised on CPU from the full tensor or
   loaded, so model-parallel ranks need no seed offsets for correctness).
+* Teardown: megatron's ``destroy_model_parallel`` only drops its references to the sub-groups it
+  made; each gloo group keeps ~3 threads polling its sockets until the process ends. A clean exit
+  from :func:`megatron_parallel` therefore waits for every rank (a barrier on the default group) and
+  destroys the groups made inside it, so a long-lived process (a notebook, the test suite) that
+  brings megatron up many times does not accumulate thousands of threads (docs/cpu_harness.md).
 """
 
 from __future__ import annotations
@@ -93,6 +98,27 @@ def init_process_group(device: str = "auto", *, rank: Optional[int] = None, worl
     return True
 
 
+def _live_groups() -> set:
+    """The process groups torch holds now besides the default one (``_world.pg_map``: a torch
+    internal present in every supported torch; without it nothing is destroyed)."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    groups = getattr(world, "pg_map", None)
+    if not dist.is_initialized() or groups is None:
+        return set()
+    return set(groups) - {dist.group.WORLD}
+
+
+def _destroy_groups_made_since(before: set) -> None:
+    """Destroy the sub-groups created after ``before`` was taken, once every rank got here."""
+    made = _live_groups() - before
+    if not made:
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()  # no rank still has a collective in flight on a group about to go
+    for group in made:
+        dist.destroy_process_group(group)
+
+
 def seed_all(seed: int, device: str) -> None:
     """The same seed for Python, numpy and torch on every rank (and megatron's CUDA tracker on cuda)."""
     random.seed(seed)
@@ -125,11 +151,18 @@ def megatron_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: Optional[i
         kwargs["create_gloo_process_groups"] = False
     with cpu_megatron() if device == "cpu" else contextlib.nullcontext():
         parallel_state.destroy_model_parallel()
+        groups_before = _live_groups()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **kwargs)
         if seed is not None:
             seed_all(seed, device)
         try:
             yield device
-        finally:
+        except BaseException:
             parallel_state.destroy_model_parallel()
+            # with peers, the barrier could wait for a dead one: their groups go with the process
+            if dist.is_initialized() and dist.get_world_size() == 1:
+                _destroy_groups_made_since(groups_before)
+            raise
+        parallel_state.destroy_model_parallel()
+        _destroy_groups_made_since(groups_before)
