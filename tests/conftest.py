@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,22 @@ def single_rank():
     """A gloo process group of one rank for this pytest process (megatron needs one)."""
     init_process_group("cpu", rank=0, world_size=1, port=free_port())
     yield
+
+
+# Threads this pytest process may hold after a test module; it holds ~20 normally. Leaked gloo
+# groups keep ~3 polling threads each, and a few thousand of them starved the multi-rank tests
+# (docs/cpu_harness.md, "Sub-groups are destroyed on exit").
+MAX_THREADS = 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_thread_build_up(request):
+    yield
+    if os.path.isdir("/proc/self/task"):
+        threads = len(os.listdir("/proc/self/task"))
+        assert threads <= MAX_THREADS, (
+            f"this pytest process holds {threads} threads after {request.module.__name__} (at most "
+            f"{MAX_THREADS}): something keeps process groups or workers alive across tests")
 
 
 @pytest.fixture(autouse=True)
