@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from harpe_megatron.distributed.bringup import free_port, init_process_group
+from tests.helpers import process_threads
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +25,10 @@ MAX_THREADS = 200
 @pytest.fixture(scope="module", autouse=True)
 def _no_thread_build_up(request):
     yield
-    if os.path.isdir("/proc/self/task"):
-        threads = len(os.listdir("/proc/self/task"))
-        assert threads <= MAX_THREADS, (
-            f"this pytest process holds {threads} threads after {request.module.__name__} (at most "
-            f"{MAX_THREADS}): something keeps process groups or workers alive across tests")
+    threads = process_threads()
+    assert threads <= MAX_THREADS, (
+        f"this pytest process holds {threads} threads after {request.module.__name__} (at most "
+        f"{MAX_THREADS}): something keeps process groups or workers alive across tests")
 
 
 @pytest.fixture(autouse=True)

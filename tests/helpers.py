@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +11,11 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harpe_megatron.config.model import ModelConfig
+
+
+def process_threads() -> int:
+    """Threads of this process, native ones (gloo's) included (Linux ``/proc``)."""
+    return len(os.listdir("/proc/self/task"))
 
 
 def tiny_model_config(num_query_groups: int = 2, vocab_size: int = 200, num_layers: int = 2) -> ModelConfig:

@@ -156,13 +156,12 @@ def megatron_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: Optional[i
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **kwargs)
         if seed is not None:
             seed_all(seed, device)
+        clean_exit = False
         try:
             yield device
-        except BaseException:
+            clean_exit = True
+        finally:
             parallel_state.destroy_model_parallel()
-            # with peers, the barrier could wait for a dead one: their groups go with the process
-            if dist.is_initialized() and dist.get_world_size() == 1:
+            # after a raise with peers, the barrier could wait for a dead one: the groups go with the process
+            if clean_exit or (dist.is_initialized() and dist.get_world_size() == 1):
                 _destroy_groups_made_since(groups_before)
-            raise
-        parallel_state.destroy_model_parallel()
-        _destroy_groups_made_since(groups_before)

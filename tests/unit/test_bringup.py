@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import threading
 
 import pytest
 import torch
 
 from harpe_megatron.config.loader import ConfigError, config_from_dict
 from harpe_megatron.distributed.bringup import current_device, megatron_parallel, resolve_device
+from tests.helpers import process_threads
 
 
 def test_device_setting():
@@ -54,20 +53,16 @@ def test_seed_none_leaves_the_generators_alone(single_rank):
         assert torch.equal(torch.rand(2), expected)
 
 
-def _threads() -> int:
-    return threading.active_count() if not os.path.isdir("/proc/self/task") else len(os.listdir("/proc/self/task"))
-
-
 def test_repeated_bring_ups_leave_no_groups_or_threads_behind(single_rank):
     """megatron forgets its sub-groups on destroy; the bring-up destroys them (each gloo group keeps
     polling threads alive: hundreds of bring-ups in one process used to starve the machine)."""
     groups = torch.distributed.distributed_c10d._world.pg_map  # torch's registry of live groups
     with megatron_parallel(device="cpu"):
         made = len(groups)
-    before_groups, before_threads = len(groups), _threads()
+    before_groups, before_threads = len(groups), process_threads()
     assert made > before_groups + 5  # megatron made its sub-groups (the check below is not vacuous)
     for _ in range(3):
         with megatron_parallel(device="cpu"):
             pass
     assert len(groups) == before_groups
-    assert _threads() <= before_threads + 2
+    assert process_threads() <= before_threads + 2
