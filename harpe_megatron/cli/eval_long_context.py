@@ -6,11 +6,16 @@
         [--heatmap-dir DIR] [--ppl-file TEXT --ppl-lengths 1024,4096 --ppl-stride N | --ppl-stride-fraction 0.5
          --ppl-max-tokens N] [--self-extend GROUP,WINDOW] [--no-progress]
     python tools/eval_long_context.py report results/harpe.json results/abf.json --out report.md [--heatmap report.png]
+    python tools/eval_long_context.py report results/seed*/*.json --summary --out summary.md [--ppl-plot ppl.png]
+        [--avg-lengths 1024,2048] [--reference paper.json]
 
 Lengths beyond the model's max_position_embeddings are run and flagged ('*' in reports).
 --self-extend GROUP,WINDOW evaluates with Self-Extend (Jin et al. 2024; training-free): keys within
 WINDOW tokens of the query keep their positions, farther ones use positions floor-divided by GROUP
 (the paper's Llama-2-7B setting at 128k: --self-extend 32,1024). Plain Llama and harpe_llama folders.
+report --summary: one table of methods x lengths (perplexity, then each task), files of the same
+name (e.g. seeds) averaged with their spread, averages over --avg-lengths with the ranks they give,
+and the columns of --reference (JSON: {name: {column: text}}); --ppl-plot draws perplexity vs length.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 from harpe_megatron.cli.common import quiet_library_warnings
 from harpe_megatron.eval.report import make_report
 from harpe_megatron.eval.runner import evaluate, model_source
+from harpe_megatron.eval.summary import write_summary
 from harpe_megatron.eval.synthetic import ALL_TASKS
 
 
@@ -70,6 +76,13 @@ def parse_args(argv=None):
     rep.add_argument("results", nargs="+")
     rep.add_argument("--out", default=None, help="Markdown file (default: stdout)")
     rep.add_argument("--heatmap", default=None, help="PNG prefix for side-by-side heatmaps")
+    rep.add_argument("--summary", action="store_true",
+                     help="one methods x lengths table; same-name files (seeds) averaged with their spread")
+    rep.add_argument("--ppl-plot", default=None, help="with --summary: PNG of perplexity vs length, one line per name")
+    rep.add_argument("--avg-lengths", type=_ints, default=None,
+                     help="with --summary: lengths the average and rank columns use (default: all)")
+    rep.add_argument("--reference", default=None,
+                     help="with --summary: JSON {name: {column: text}} of extra columns (e.g. a paper's numbers)")
     args = p.parse_args(argv)
     if args.cmd == "run":
         args.tasks = ALL_TASKS if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
@@ -82,7 +95,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cmd == "report":
-        text = make_report(args.results, args.out, args.heatmap)
+        if args.summary:
+            text = write_summary(args.results, args.out, args.ppl_plot, args.avg_lengths, args.reference)
+        else:
+            text = make_report(args.results, args.out, args.heatmap)
         if not args.out:
             print(text)
         return 0

@@ -54,8 +54,11 @@ __all__ = [
     "DEMO_SHORT_THRESHOLD",
     "DemoData",
     "collect_demo_documents",
+    "cut_document",
     "demo_outputs",
     "prepare_demo_data",
+    "read_text",
+    "stdlib_files",
 ]
 
 DEMO_PREFIX_NAME = "demo_text_document"
@@ -96,7 +99,8 @@ def _order_key(seed: int, name: str) -> bytes:
     return hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
 
 
-def _read_text(path: Path) -> str | None:
+def read_text(path: Path) -> str | None:
+    """The file's text (UTF-8, else Latin-1), or None when it cannot be read."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -107,14 +111,17 @@ def _read_text(path: Path) -> str | None:
         return data.decode("latin-1")
 
 
-def _cut(text: str) -> str:
+def cut_document(text: str) -> str:
+    """``text`` cut to at most ``MAX_DOC_CHARS`` characters, at a line end when there is one."""
     if len(text) <= MAX_DOC_CHARS:
         return text
     end = text.rfind("\n", 0, MAX_DOC_CHARS)
     return text[: end if end > MAX_DOC_CHARS // 2 else MAX_DOC_CHARS]
 
 
-def _stdlib_files(seed: int) -> list[tuple[str, Path]]:
+def stdlib_files(seed: int) -> list[tuple[str, Path]]:
+    """``(path relative to the standard library, path)`` of this Python's standard-library
+    modules (test suites and site-packages excluded), in a seeded hash order of their names."""
     root = Path(sysconfig.get_paths().get("stdlib") or os.path.dirname(os.__file__))
     if not root.is_dir():
         return []
@@ -162,7 +169,7 @@ def _take(budget: int, limit: int | None, candidates: Iterator[tuple[str, str]],
             break
         if used >= budget:
             break
-        text = _cut(text)
+        text = cut_document(text)
         if len(text.strip()) < MIN_DOC_CHARS:
             continue
         digest = hashlib.sha1(text.encode("utf-8", errors="replace")).digest()
@@ -181,11 +188,11 @@ def collect_demo_documents(max_docs: int | None = None, seed: int = 1234) -> lis
     source is found on this machine.
     """
     per_source = None if max_docs is None else max(1, max_docs // len(SOURCE_BUDGETS))
-    stdlib = _stdlib_files(seed)
+    stdlib = stdlib_files(seed)
 
     def source_files() -> Iterator[tuple[str, str]]:
         for rel, path in stdlib:
-            text = _read_text(path)
+            text = read_text(path)
             if text is not None:
                 yield f"stdlib/{rel}", text
 
@@ -196,7 +203,7 @@ def collect_demo_documents(max_docs: int | None = None, seed: int = 1234) -> lis
         for rel, path in stdlib:
             if f"stdlib/{rel}" in taken:
                 continue
-            text = _read_text(path)
+            text = read_text(path)
             if text is not None:
                 yield f"stdlib/{rel}#docstrings", _docstrings(text)
 
@@ -204,7 +211,7 @@ def collect_demo_documents(max_docs: int | None = None, seed: int = 1234) -> lis
 
     def licenses() -> Iterator[tuple[str, str]]:
         for origin, path in _license_files(seed):
-            text = _read_text(path)
+            text = read_text(path)
             if text is not None:
                 yield origin, text
 

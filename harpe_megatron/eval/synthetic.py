@@ -344,8 +344,18 @@ ALL_TASKS = list(GRID_TASKS) + list(RULER_TASKS)
 
 
 def make_sample(task: str, tokenizer, length: int, seed: int = 0, depth: Optional[float] = None) -> Sample:
+    """One sample of ``task`` (``depth`` only for the grid tasks; default 0.5)."""
     if task in GRID_TASKS:
         return GRID_TASKS[task](tokenizer, length, seed=seed, depth=0.5 if depth is None else depth)
     if task in RULER_TASKS:
         return RULER_TASKS[task](tokenizer, length, seed)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(ALL_TASKS)}")
+
+
+def training_document(task: str, tokenizer, length: int, seed: int = 0, depth: Optional[float] = None) -> str:
+    """A sample of ``task`` followed by its answer(s), as one training document: the prompt (at
+    most ``length`` tokens, as in :func:`make_sample`), a space, the answers joined by ", ", a
+    full stop. Used to teach a small model the task's format (docs/reproduction.md); give seeds
+    that an evaluation does not use."""
+    s = make_sample(task, tokenizer, length, seed, depth)
+    return f"{s.prompt} {', '.join(s.answers)}."

@@ -33,6 +33,7 @@ LAYERS: list[set[str]] = [
     {"checkpoint"},
     {"training", "hf"},
     {"eval"},
+    {"repro"},
     {"cli"},
 ]
 # top-level modules that belong to a package's layer: the ``python -m harpe_megatron.train`` alias
