@@ -4,11 +4,11 @@ synthetic passkey documents, tokenizer and indexed datasets.
     python tools/prepare_repro_data.py --tier cpu [--out data/repro/cpu] [--input corpus.jsonl ...]
         [--overwrite] [--progress]
 
-The windows (L, 8 L) come from configs/repro/<tier>/{base,harpe}.yaml, the rest of the settings
-from the tier (harpe_megatron/repro/protocol.py). Text: this Python's standard-library modules,
-or the JSONL documents given with --input (one per line, field "text"). Retrieval documents:
-the passkey task of tools/eval_long_context.py with its answer, at lengths up to L - 16 tokens,
-seeds far from the evaluation's. Deterministic; a complete build with the same settings is kept
+The windows (L, 8 L) and the vocabulary size come from configs/repro/<tier>/{base,harpe}.yaml,
+the rest of the settings from the tier (harpe_megatron/repro/protocol.py). Text: this Python's
+standard-library modules, or the JSONL documents given with --input (one per line, field
+"text"). Retrieval documents: the passkey task of tools/eval_long_context.py with its answer,
+padded to exactly L tokens, seeds far from the evaluation's. Deterministic; a complete build with the same settings is kept
 as it is (exit 0), one with other settings needs --overwrite (else exit 2). Outputs: see
 harpe_megatron/data/repro.py.
 """
@@ -37,7 +37,7 @@ def passkey_document(tokenize, length: int, seed: int, depth: float) -> str:
 def settings_for(tier_name: str, configs_root: Path, inputs: list[str]) -> ReproDataSettings:
     plan = plan_tier(tier_name, configs_root)
     t = plan.tier
-    return ReproDataSettings(length=plan.length, target=plan.target, vocab_size=t.vocab_size,
+    return ReproDataSettings(length=plan.length, target=plan.target, vocab_size=plan.vocab_size,
                              text_chars=t.text_chars, heldout_chars=t.heldout_chars,
                              heldout_min_chars=t.heldout_min_chars, retrieval_docs=t.retrieval_docs,
                              retrieval_min_length=t.retrieval_min_length, inputs=list(inputs))

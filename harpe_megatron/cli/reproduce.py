@@ -30,22 +30,34 @@ import sys
 import time
 from pathlib import Path
 
+from harpe_megatron.cli import eval_long_context
 from harpe_megatron.repro.checks import run_checks
-from harpe_megatron.repro.pipeline import Step, environment, layout_for, plan_steps, report_steps, shell_line
+from harpe_megatron.repro.pipeline import (
+    Step,
+    environment,
+    layout_for,
+    plan_steps,
+    report_steps,
+    shell_line,
+    write_paper_reference,
+)
 from harpe_megatron.repro.protocol import TIERS, plan_tier, resolve_arms
 
 __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[2]
+# quick steps run here rather than in a new interpreter (the same code as the printed command)
+IN_PROCESS = {"tools/eval_long_context.py": eval_long_context.main}
 
 
 def _say(msg: str) -> None:
     print(f"[reproduce] {msg}", flush=True)
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_CHILDREN),
+                                                  resource.getrusage(resource.RUSAGE_SELF)))
 
 
 def _record(path: Path, name: str, entry: dict) -> None:
@@ -63,9 +75,12 @@ def run_step(step: Step, root: Path, timings: Path) -> int:
         _say(f"{step.name}: done before, skipped")
         return 0
     _say(f"{step.name}: $ {shell_line(step)}")
-    load0, cpu0, t0 = os.getloadavg(), _children_cpu(), time.perf_counter()
-    rc = subprocess.run(step.argv, cwd=root, env=environment(step)).returncode
-    wall, cpu, load1 = time.perf_counter() - t0, _children_cpu() - cpu0, os.getloadavg()
+    load0, cpu0, t0 = os.getloadavg(), _cpu(), time.perf_counter()
+    if step.in_process and step.argv[1] in IN_PROCESS:
+        rc = IN_PROCESS[step.argv[1]](step.argv[2:])
+    else:
+        rc = subprocess.run(step.argv, cwd=root, env=environment(step)).returncode
+    wall, cpu, load1 = time.perf_counter() - t0, _cpu() - cpu0, os.getloadavg()
     if rc == 0:
         _record(timings, step.name, {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                                      "load_1min_before": round(load0[0], 2), "load_1min_after": round(load1[0], 2),
@@ -110,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc:
             _say(f"{step.name} failed with exit code {rc}; run the same command again to continue")
             return 75 if rc == 75 else 1
+    write_paper_reference(layout.results.parent / "paper.json")
     for step in report_steps(plan, arms, layout):
         if run_step(step, ROOT, timings):
             return 1

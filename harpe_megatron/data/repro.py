@@ -12,11 +12,15 @@ a blank line) for the sliding-window perplexity of ``tools/eval_long_context.py 
 Retrieval documents: ``retrieval_doc(tokenize, length, seed, depth)`` returns one document of at
 most ``length`` tokens (a task sample with its answer; the caller chooses the task, see
 ``harpe_megatron/repro/``). Two disjoint sets are drawn, one for pretraining and one for the
-extension, each ``retrieval_docs`` documents with lengths uniform in
-``[retrieval_min_length, length - 16]`` (16 tokens of room for BOS, the answer and EOS) and depths
+extension, each ``retrieval_docs`` documents with task lengths uniform in
+``[retrieval_min_length, length - 10]`` (10 tokens of room for BOS, the answer and EOS) and depths
 uniform in [0, 1] (a length too short for the task's fixed text grows until it fits), seeds
 ``10^6 + i`` (pretraining) and ``2 * 10^6 + i`` (extension), far from the evaluation's seeds
 (0, 1, ...). About a tenth of the tokenizer's training text is more of them (seeds ``3 * 10^6 + i``).
+Each retrieval document is padded with newlines after its answer to exactly L tokens with BOS
+and EOS: megatron's GPT dataset cuts a prefix's concatenated documents into samples of L tokens
+(8 L in the extension), so documents of exactly L tokens are never cut apart from their question
+(at ~100 of 128 tokens, unpadded, about 3 in 4 would be).
 
 Outputs under ``out_dir`` (``repro_manifest.json`` last, marking a complete build with its
 settings; the same settings again do nothing):
@@ -56,7 +60,7 @@ __all__ = ["ReproData", "ReproDataSettings", "RetrievalDoc", "collect_text", "pr
 RetrievalDoc = Callable[[Callable[[str], list], int, int, float], str]
 _MANIFEST_VERSION = 1
 _RETRIEVAL_SEED = {"pretrain": 1_000_000, "extend": 2_000_000, "tokenizer": 3_000_000}
-_ANSWER_ROOM = 16
+_ANSWER_ROOM = 10
 _TOKENIZER_SHARE = 0.1  # retrieval documents' share of the tokenizer's training characters
 
 
@@ -148,9 +152,11 @@ def collect_text(settings: ReproDataSettings) -> tuple[list[dict], list[dict]]:
 
 
 def _retrieval_texts(make: RetrievalDoc, tokenize: Callable[[str], list], settings: ReproDataSettings,
-                     which: str, count: int) -> list[str]:
+                     which: str, count: int, exact: bool = True) -> list[str]:
     """``count`` documents; a drawn length too short for the task's fixed text grows by 8 tokens
-    until it fits (an error when not even ``length - 16`` does)."""
+    until it fits (an error when not even ``length - 10`` does). ``exact``: newlines after the
+    answer make every document, with BOS and EOS, exactly ``length`` tokens (see the module
+    docstring)."""
     rng = random.Random(f"{settings.seed}:{which}")
     hi = settings.length - _ANSWER_ROOM
     out = []
@@ -158,14 +164,27 @@ def _retrieval_texts(make: RetrievalDoc, tokenize: Callable[[str], list], settin
         length, depth = rng.randint(settings.retrieval_min_length, hi), rng.random()
         while True:
             try:
-                out.append(make(tokenize, length, _RETRIEVAL_SEED[which] + i, depth))
+                text = make(tokenize, length, _RETRIEVAL_SEED[which] + i, depth)
                 break
             except ValueError as exc:
                 if length >= hi:
                     raise ValueError(f"retrieval documents do not fit in {hi} tokens (the window {settings.length} "
                                      f"less {_ANSWER_ROOM}): {exc}") from None
                 length = min(hi, length + 8)
+        if exact:
+            text = _pad(text, tokenize, settings.length - 2)
+        out.append(text)
     return out
+
+
+def _pad(text: str, tokenize: Callable[[str], list], tokens: int) -> str:
+    """``text`` followed by newlines up to exactly ``tokens`` tokens."""
+    padded = text + "\n" * max(0, tokens - len(tokenize(text)))
+    while len(tokenize(padded)) < tokens:  # several newlines merged into one piece
+        padded += "\n"
+    if len(tokenize(padded)) != tokens:
+        raise ValueError(f"cannot pad a retrieval document to exactly {tokens} tokens with newlines")
+    return padded
 
 
 def _documents(texts: Iterable[str], source: str, origin: str) -> Iterator[Document]:
@@ -230,16 +249,17 @@ def prepare_repro_data(out_dir: str | os.PathLike, settings: ReproDataSettings, 
     d = Path(out.out_dir)
     _write_json_atomic(str(d / "text_train.jsonl"), train, lines=True)
     _write_text_atomic(out.heldout, "\n\n".join(doc["text"] for doc in heldout))
-    log(f"[repro data] text: {len(train)} training documents ({sum(len(x['text']) for x in train) / 1e6:.2f} MB), "
-        f"{len(heldout)} held-out ({sum(len(x['text']) for x in heldout) / 1e6:.2f} MB) [{time.perf_counter() - t0:.1f}s]")
+    mb = lambda docs: sum(len(x["text"]) for x in docs) / 1e6  # noqa: E731
+    log(f"[repro data] text: {len(train)} training documents ({mb(train):.2f} MB), {len(heldout)} held-out "
+        f"({mb(heldout):.2f} MB) [{time.perf_counter() - t0:.1f}s]")
 
     # The tokenizer learns the retrieval documents' words too, from about a tenth of its text (as
     # in the training mixture); their lengths here are rough (5 characters counted as one token)
     # since there is no tokenizer yet.
     proxy = lambda text: [0] * (len(text) // 5)  # noqa: E731
-    one = len(_retrieval_texts(retrieval_doc, proxy, settings, "tokenizer", 1)[0])
+    one = len(_retrieval_texts(retrieval_doc, proxy, settings, "tokenizer", 1, exact=False)[0])
     n_sample = int(_TOKENIZER_SHARE / (1 - _TOKENIZER_SHARE) * sum(len(doc["text"]) for doc in train) / max(1, one))
-    sample = _retrieval_texts(retrieval_doc, proxy, settings, "tokenizer", n_sample)
+    sample = _retrieval_texts(retrieval_doc, proxy, settings, "tokenizer", n_sample, exact=False)
     tokenizer = train_sentencepiece([doc["text"] for doc in train] + sample, d / "tokenizer",
                                     vocab_size=settings.vocab_size, seed=settings.seed)
     log(f"[repro data] tokenizer {out.tokenizer}: {tokenizer.vocab_size} pieces [{time.perf_counter() - t0:.1f}s]")

@@ -4,7 +4,8 @@ Result files (``tools/eval_long_context.py run``) with the same ``name`` are run
 (e.g. seeds): every cell shows their mean, followed by ``±h`` (h = half the min-max range) when
 there are several. Rows are the names in the order first seen; columns are perplexity per length,
 then each task's score per length, then averages over ``avg_lengths`` (default: every length)
-with the rank they give (1 = best: lowest perplexity, highest score), then ``reference``'s
+with the rank they give (1 = best: lowest perplexity, highest score; equal values as shown share
+a rank), then ``reference``'s
 columns (e.g. another paper's numbers for the same methods).
 
 :func:`plot_perplexity` draws perplexity against length, one line per name (the mean; a band
@@ -45,11 +46,11 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ±{(max(values) - min(values)) / 2:.{digits}f}"
 
 
-def _ranks(means: dict[str, Optional[float]], higher_is_better: bool) -> dict[str, str]:
-    known = sorted((v, n) for n, v in means.items() if v is not None)
-    if higher_is_better:
-        known.reverse()
-    return {n: (str(1 + [m for _, m in known].index(n)) if means[n] is not None else "-") for n in means}
+def _ranks(means: dict[str, Optional[float]], higher_is_better: bool, digits: int) -> dict[str, str]:
+    """Competition ranks (1 = best); values equal at the shown precision share a rank."""
+    shown = {n: round(v, digits) for n, v in means.items() if v is not None}
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    return {n: (str(1 + sum(better(w, shown[n]) for w in shown.values())) if n in shown else "-") for n in means}
 
 
 def summary_table(results: Sequence[dict], avg_lengths: Optional[Sequence[int]] = None,
@@ -75,7 +76,7 @@ def summary_table(results: Sequence[dict], avg_lengths: Optional[Sequence[int]] 
             rows[name].append(_cell(per_run, digits) if use else "-")
         span = f"{use[0]}-{use[-1]}" if use else "-"
         columns += [f"{label} avg {span}", f"rank ({label})"]
-        ranks = _ranks(means, higher)
+        ranks = _ranks(means, higher, digits)
         for name in groups:
             rows[name].append(ranks[name])
     ref_columns = list(dict.fromkeys(c for cols in (reference or {}).values() for c in cols))

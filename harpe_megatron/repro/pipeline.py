@@ -35,7 +35,8 @@ from harpe_megatron.config.run import RunConfig
 from harpe_megatron.repro.protocol import ARMS, TierPlan
 from harpe_megatron.training.stages import stage_config
 
-__all__ = ["Layout", "Step", "environment", "layout_for", "plan_steps", "paper_reference", "report_steps", "shell_line"]
+__all__ = ["Layout", "Step", "environment", "layout_for", "plan_steps", "report_steps", "shell_line",
+           "write_paper_reference"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)
     done: Callable[[], bool] = lambda: False
     free_port: bool = False  # set MASTER_PORT to a free port when it runs (not part of the command)
+    in_process: bool = False  # a quick tools/*.py command the caller may run in its own process
 
 
 def shell_line(step: Step) -> str:
@@ -112,14 +114,12 @@ def _newer(path: Path, than: Path) -> bool:
     return path.exists() and than.exists() and path.stat().st_mtime >= than.stat().st_mtime
 
 
-def paper_reference(results: Path) -> Path:
-    """``results/paper.json``: the paper's numbers per arm label (extra columns of the summary)."""
+def write_paper_reference(path: Path) -> None:
+    """The paper's numbers per arm label, as ``report --reference`` reads them (extra columns)."""
     ref = {a.label: {"paper NIAH avg": f"{a.paper.niah_avg:.2f}", "paper ppl avg": f"{a.paper.ppl_avg:.2f}",
                      "paper rank": str(a.paper.rank)} for a in ARMS.values() if a.paper}
-    path = results / "paper.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ref, indent=1) + "\n")
-    return path
 
 
 def plan_steps(plan: TierPlan, arms: list[str], layout: Layout, configs_root: Path) -> list[Step]:
@@ -165,19 +165,19 @@ def report_steps(plan: TierPlan, arms: list[str], layout: Layout) -> list[Step]:
     py, res = _python(layout), layout.results
     files = [str(res / f"{arm}.json") for arm in arms]
     avg = ",".join(str(L) for L in plan.eval_lengths if L <= plan.target)
-    ref = str(paper_reference(res.parent))
+    ref = str(res.parent / "paper.json")  # write_paper_reference
     every = sorted(str(p) for p in res.parent.glob("seed*/*.json"))
     order = {ARMS[a].label: i for i, a in enumerate(ARMS)}
     every.sort(key=lambda p: (order.get(json.loads(Path(p).read_text()).get("name"), 99), p))
     return [
         Step("report", [py, "tools/eval_long_context.py", "report", *files, "--out", str(res / "report.md"),
-                        "--heatmap", str(res / "heatmaps.png")]),
+                        "--heatmap", str(res / "heatmaps.png")], in_process=True),
         Step("table", [py, "tools/eval_long_context.py", "report", *files, "--summary", "--out",
                        str(res / "table.md"), "--ppl-plot", str(res / "perplexity.png"), "--avg-lengths", avg,
-                       "--reference", ref]),
+                       "--reference", ref], in_process=True),
         Step("summary", [py, "tools/eval_long_context.py", "report", *every, "--summary", "--out",
                          str(res.parent / "summary.md"), "--ppl-plot", str(res.parent / "perplexity.png"),
-                         "--avg-lengths", avg, "--reference", ref]),
+                         "--avg-lengths", avg, "--reference", ref], in_process=True),
     ]
 
 

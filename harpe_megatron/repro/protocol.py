@@ -40,18 +40,18 @@ class PaperResult:
 @dataclass(frozen=True)
 class Arm:
     name: str  # command-line and file name
-    label: str  # in tables and plots
+    label: str  # in tables, plots and file names of heatmaps
     trains: bool  # False: evaluation of the un-extended base
     self_extend: bool = False
     paper: Optional[PaperResult] = None
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("base", "base (no extension)", trains=False),
+    Arm("base", "base", trains=False),
     Arm("self_extend", "Self-Extend", trains=False, self_extend=True, paper=PaperResult(42.52, 5.45, 5)),
     Arm("harpe", "HARPE", trains=True, paper=PaperResult(86.82, 3.02, 1)),
-    Arm("abf", "ABF single", trains=True, paper=PaperResult(79.49, 3.06, 3)),
-    Arm("abf_multistage", "ABF multi-stage", trains=True, paper=PaperResult(81.36, 3.03, 2)),
+    Arm("abf", "ABF-single", trains=True, paper=PaperResult(79.49, 3.06, 3)),
+    Arm("abf_multistage", "ABF-multi", trains=True, paper=PaperResult(81.36, 3.03, 2)),
     Arm("pi", "PI", trains=True, paper=PaperResult(20.11, 20.73, 6)),
     Arm("yarn", "YaRN", trains=True, paper=PaperResult(46.93, 4.53, 4)),
     Arm("ntk", "NTK", trains=True),
@@ -64,8 +64,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
 class Tier:
     name: str
     default_arms: tuple[str, ...]
-    # corpus (harpe_megatron.data.repro.ReproDataSettings; length and target come from the configs)
-    vocab_size: int
+    # corpus (harpe_megatron.data.repro.ReproDataSettings; windows and vocabulary come from the configs)
     text_chars: int
     heldout_chars: int
     heldout_min_chars: int
@@ -84,15 +83,15 @@ class Tier:
 
 
 TIERS: dict[str, Tier] = {t.name: t for t in (
-    Tier("smoke", default_arms=("base", "self_extend", "harpe", "abf"), vocab_size=512, text_chars=1_200_000,
-         heldout_chars=30_000, heldout_min_chars=3_000, retrieval_docs=600, retrieval_min_length=72,
-         passkey_depths=(0.0, 0.5, 1.0), passkey_samples=1, ppl_max_tokens=8192, ppl_stride_fraction=1.0),
-    Tier("cpu", default_arms=tuple(ARMS), vocab_size=1024, text_chars=8_000_000, heldout_chars=300_000,
-         heldout_min_chars=8_000, retrieval_docs=8000, retrieval_min_length=72,
+    Tier("smoke", default_arms=("base", "harpe", "abf"), text_chars=1_200_000,
+         heldout_chars=30_000, heldout_min_chars=3_000, retrieval_docs=600, retrieval_min_length=118,
+         passkey_depths=(0.5,), passkey_samples=1, ppl_max_tokens=8192, ppl_stride_fraction=0.5),
+    Tier("cpu", default_arms=tuple(ARMS), text_chars=8_000_000, heldout_chars=300_000,
+         heldout_min_chars=8_000, retrieval_docs=8000, retrieval_min_length=118,
          passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_samples=8, ppl_max_tokens=65536,
          ppl_stride_fraction=0.5),
-    Tier("gpu", default_arms=tuple(ARMS), vocab_size=8192, text_chars=6_000_000_000, heldout_chars=3_000_000,
-         heldout_min_chars=200_000, retrieval_docs=400_000, retrieval_min_length=256,
+    Tier("gpu", default_arms=tuple(ARMS), text_chars=6_000_000_000, heldout_chars=3_000_000,
+         heldout_min_chars=200_000, retrieval_docs=40_000, retrieval_min_length=2038,
          passkey_depths=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), passkey_samples=4,
          ppl_max_tokens=1_048_576, ppl_stride_fraction=0.5, device="cuda", ranks=1, eval_dtype="bf16"),
 )}
@@ -117,6 +116,7 @@ class TierPlan:
     config_dir: Path
     length: int  # L
     target: int  # the extension window
+    vocab_size: int
 
     @property
     def eval_lengths(self) -> list[int]:
@@ -135,13 +135,13 @@ class TierPlan:
 
 
 def plan_tier(name: str, configs_root: Path) -> TierPlan:
-    """Read ``configs_root/<name>/{base,harpe}.yaml`` for the tier's windows."""
+    """Read ``configs_root/<name>/{base,harpe}.yaml`` for the tier's windows and vocabulary."""
     if name not in TIERS:
         raise ValueError(f"--tier: unknown tier {name!r}; known: {', '.join(TIERS)}")
     config_dir = configs_root / name
     for arm in ("base", "harpe"):
         if not (config_dir / f"{arm}.yaml").is_file():
             raise FileNotFoundError(f"{config_dir / (arm + '.yaml')}: the {name} tier's {arm} config is missing")
-    length = load_config(str(config_dir / "base.yaml")).data.seq_length
+    base = load_config(str(config_dir / "base.yaml"))
     target = load_config(str(config_dir / "harpe.yaml")).data.seq_length
-    return TierPlan(TIERS[name], config_dir, length, target)
+    return TierPlan(TIERS[name], config_dir, base.data.seq_length, target, base.model.vocab_size)

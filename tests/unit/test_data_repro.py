@@ -10,7 +10,7 @@ import pytest
 
 from harpe_megatron.cli.prepare_repro_data import main as prepare_main
 from harpe_megatron.cli.prepare_repro_data import passkey_document
-from harpe_megatron.data.dataset import check_indexed_dataset
+from harpe_megatron.data.dataset import build_gpt_datasets, check_indexed_dataset
 from harpe_megatron.data.repro import ReproDataSettings, prepare_repro_data
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 from harpe_megatron.eval.scoring import exact_match
@@ -42,12 +42,13 @@ def test_retrieval_documents_fit_the_window_and_hold_their_answer(built):
     out, _ = built
     tok = SentencePieceTokenizer(out.tokenizer)
     for which in ("pretrain", "extend"):
-        docs = [json.loads(line)["text"] for line in Path(out.out_dir, f"retrieval_{which}.jsonl").read_text().splitlines()]
+        lines = Path(out.out_dir, f"retrieval_{which}.jsonl").read_text().splitlines()
+        docs = [json.loads(line)["text"] for line in lines]
         assert len(docs) == SETTINGS.retrieval_docs
         for doc in docs:
-            # BOS + text + EOS fits in L; the answer after the question is the pass key of the needle
-            assert len(tok.tokenize(doc)) + 2 <= SETTINGS.length
-            prompt, answer = doc.rsplit(" ", 1)
+            # BOS + text + EOS is exactly L; the answer after the question is the pass key of the needle
+            assert len(tok.tokenize(doc)) + 2 == SETTINGS.length
+            prompt, answer = doc.rstrip("\n").rsplit(" ", 1)
             key = prompt.split("The pass key is ")[1].split(".")[0]
             assert exact_match(answer, key) == 1.0 and prompt.endswith("The pass key is")
     pre = Path(out.out_dir, "retrieval_pretrain.jsonl").read_text()
@@ -77,9 +78,23 @@ def test_same_settings_do_nothing_other_settings_refused(built):
 
 def test_settings_and_cli_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="retrieval_min_length"):
-        ReproDataSettings(**{**SETTINGS.__dict__, "retrieval_min_length": 120})
+        ReproDataSettings(**{**SETTINGS.__dict__, "retrieval_min_length": 119})
     with pytest.raises(ValueError, match="held-out"):
         prepare_repro_data(tmp_path / "x", ReproDataSettings(**{**SETTINGS.__dict__, "heldout_min_chars": 10**9}),
                            passkey_document, log=lambda _: None)
     assert prepare_main(["--tier", "cpu", "--configs", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
     assert "cpu tier's base config is missing" in capsys.readouterr().err
+
+
+def test_megatron_samples_of_the_window_are_whole_retrieval_documents(single_rank, built, tmp_path):
+    """Packed at L (pretraining) or 8 L (extension), a sample never cuts a question from its needle."""
+    out, _ = built
+    tok = SentencePieceTokenizer(out.tokenizer)
+    for seq in (SETTINGS.length, SETTINGS.target):
+        train, _, _ = build_gpt_datasets([out.retrieval_pretrain], None, "100,0,0", seq, 1234, (8, 0, 0), tok,
+                                         str(tmp_path / f"cache{seq}"))
+        for i in range(4):
+            tokens = train[i]["tokens"].tolist()
+            for start in range(0, seq, SETTINGS.length):
+                doc = tokens[start:start + SETTINGS.length]
+                assert doc[0] == tok.bos and doc[-1] == tok.eod and doc.count(tok.bos) == 1

@@ -102,7 +102,7 @@ def test_arms_share_model_data_and_token_budget(tier):
         assert cfg.model == base.model, arm
         assert cfg.checkpoint.pretrained == f"runs/repro/{tier}/seed1/base/checkpoints", arm
         assert [Path(p).name for p in cfg.data.paths] == ["text_long_document", "retrieval_extend_document"], arm
-        assert cfg.data.weights == [0.9, 0.1] and cfg.data.tokenizer_model == base.data.tokenizer_model
+        assert cfg.data.weights == [0.8, 0.2] and cfg.data.tokenizer_model == base.data.tokenizer_model
         runs = _runs(cfg)
         per_step = {r.training.global_batch_size * r.data.seq_length for r in runs}
         total = sum(r.training.resolved_train_iters(r.data.seq_length) * r.training.global_batch_size
