@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Optional
@@ -33,5 +34,6 @@ def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = No
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # the same on every rank of a launch: one line
+            print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from harpe_megatron.log import get_logger
+from harpe_megatron.training.exit_record import record_exit_code
 
 __all__ = ["SLOW_PHASES", "NullWatchdog", "PeerFailure", "Watchdog", "is_communication_error", "make_watchdog",
            "watchdog_store"]
@@ -243,6 +244,7 @@ class Watchdog:
                       "'latest' is intact, start again to resume")
         for line in report:
             _log.error(line)
+        record_exit_code(self.exit_code)  # os._exit skips the CLI, which records it otherwise
         os._exit(self.exit_code)
 
 
