@@ -16,13 +16,29 @@ import os
 import signal
 import sys
 
-from harpe_megatron.training.exit_codes import BAD_INPUT_EXIT_CODE
+import torch.distributed as dist
+
+from harpe_megatron.checkpoint.save_load import CheckpointError
+from harpe_megatron.cli.common import parse_run_config, quiet_library_warnings
+from harpe_megatron.config.loader import ConfigError
+from harpe_megatron.data.validation import DataValidationError
+from harpe_megatron.log import setup_logging
+from harpe_megatron.training.exit_codes import (
+    BAD_INPUT_EXIT_CODE,
+    NONFINITE_EXIT_CODE,
+    PEER_FAILURE_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    NonFiniteAbort,
+)
 from harpe_megatron.training.exit_record import begin_exit_record, record_exit_code
+from harpe_megatron.training.plan import PreflightError
+from harpe_megatron.training.run_lock import RunDirInUse
+from harpe_megatron.training.stages import run_stages
+from harpe_megatron.training.trainer import train
+from harpe_megatron.training.watchdog import PeerFailure
 
 
 def _close_process_group() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -48,34 +64,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> tuple[int, bool]:
     """The run; returns (exit code, whether to record it in the run_dir)."""
-    # The filters and the log channel first: megatron warns about absent optional kernels on import.
-    from harpe_megatron.cli.common import parse_run_config, quiet_library_warnings
-    from harpe_megatron.log import setup_logging
-
     quiet_library_warnings()
     setup_logging()  # [harpe] on rank 0 (INFO and up), [harpe rank N] elsewhere (warnings and errors)
     cfg = parse_run_config("python -m harpe_megatron.train", __doc__, argv)
     if isinstance(cfg, int):
         return cfg, False
     begin_exit_record(cfg.run_dir)
-
-    import torch.distributed as dist
-
-    from harpe_megatron.checkpoint.save_load import CheckpointError
-    from harpe_megatron.config.loader import ConfigError
-    from harpe_megatron.data.validation import DataValidationError
-    from harpe_megatron.training.exit_codes import (
-        NONFINITE_EXIT_CODE,
-        PEER_FAILURE_EXIT_CODE,
-        PREEMPTED_EXIT_CODE,
-        NonFiniteAbort,
-    )
-    from harpe_megatron.training.plan import PreflightError
-    from harpe_megatron.training.run_lock import RunDirInUse
-    from harpe_megatron.training.stages import run_stages
-    from harpe_megatron.training.trainer import train
-    from harpe_megatron.training.watchdog import PeerFailure
-
     try:
         results = run_stages(cfg) if cfg.stages else [train(cfg)]
     except NonFiniteAbort as exc:  # raised on every rank at the same step
