@@ -13,7 +13,9 @@
 # needs root and apt-get; the daemons run as root, without systemd or cgroups.
 #
 # Partitions: debug (default; preemptable: PreemptMode=REQUEUE, GraceTime=GRACE_TIME s [30]) and
-# urgent (PriorityTier 10, preempts debug). cred_expire=10 makes a requeued job eligible again
+# urgent (PriorityTier 10, preempts debug). Preemption sends SIGTERM (Slurm 22.05's default);
+# EXTRA_SLURM_CONF adds lines, e.g. SlurmctldParameters=preempt_send_user_signal (the job's --signal
+# instead). cred_expire=10 makes a requeued job eligible again
 # after ~11 s (the default, 120 s, would add two minutes per requeue).
 # Exit codes: 0 cluster up (all nodes idle), 3 Slurm cannot run here (not root and not installed,
 # apt-get failed), 1 a daemon did not come up (DIR/log has its log).
@@ -24,6 +26,7 @@ GRACE_TIME="${GRACE_TIME:-30}"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 mkdir -p "$D"
 D="$(cd "$D" && pwd)"
+cd "$D"  # the daemons' working directory
 chmod 755 "$D"  # munged refuses directories others can write to
 
 missing=0
@@ -114,15 +117,14 @@ MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait=30
 InactiveLimit=0
 MinJobAge=600
-# a dead slurmd is noticed after SlurmdTimeout
-SlurmdTimeout=20
+# a dead node (slurmd) is marked DOWN after SlurmdTimeout s without an answer; its jobs are requeued
+SlurmdTimeout=10
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-# 22.05: send the job's --signal (the template's B:USR1) on preemption, not only SIGTERM
-SlurmctldParameters=preempt_send_user_signal
+${EXTRA_SLURM_CONF:-}
 CONF
   for i in $(seq 1 "$N"); do
     echo "NodeName=n$i NodeHostname=$HOST NodeAddr=127.0.0.1 Port=${PORTS[$i]} CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM State=UNKNOWN"
