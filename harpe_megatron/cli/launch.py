@@ -76,8 +76,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         recorded = read_launch_codes(records)
         shutil.rmtree(records, ignore_errors=True)
     code, ranks = node_exit_code(recorded, failed, torchrun_ok)
+    if type(error).__name__ == "SignalException":  # torchrun was signalled and stopped its ranks, as asked
+        error = None
     if code != 0 and (code != BAD_INPUT_EXIT_CODE or error is not None):
-        print(_summary(code, ranks, error if not recorded else None), file=sys.stderr, flush=True)
+        print(_summary(code, ranks, error), file=sys.stderr, flush=True)
     return code
 
 

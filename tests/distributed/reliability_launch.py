@@ -24,7 +24,8 @@ from harpe_megatron.distributed.bringup import free_port
 from tests.helpers import TINY_CPU_CONFIG, tiny_run_overrides
 
 __all__ = ["LAUNCHER", "LAUNCH_MARKER", "Ranks", "launcher_env", "leftover_processes", "metric_lines",
-           "multinode_overrides", "read_metrics", "start_launcher", "steps_since", "wait_for_text"]
+           "multinode_overrides", "processes_with_env", "read_metrics", "start_launcher", "steps_since",
+           "wait_for_text"]
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "scripts" / "pretrain_harpe.sh"
@@ -73,25 +74,34 @@ def wait_for_text(path: Path, text: str, timeout: float, alive: Optional[subproc
     return time.monotonic()
 
 
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of live (not zombie) processes whose environment has ``name=value``."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # Z: exited, not reaped
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def leftover_processes(marker: str, grace_s: float = 10.0) -> list[str]:
     """``"pid cmdline"`` of live processes whose environment has ``HARPE_TEST_LAUNCH=marker``,
     after giving them ``grace_s`` seconds to exit."""
-    needle = f"{LAUNCH_MARKER}={marker}".encode()
     deadline = time.monotonic() + grace_s
     while True:
         found = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
+        for pid in processes_with_env(LAUNCH_MARKER, marker):
             try:
-                if needle not in (proc / "environ").read_bytes().split(b"\0"):
-                    continue
-                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue  # exited, not yet reaped by its parent
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{proc.name} {cmdline[:200]}")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
+            found.append(f"{pid} {cmdline[:200]}")
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)

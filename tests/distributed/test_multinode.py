@@ -15,6 +15,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from harpe_megatron.distributed.bringup import free_port
 from harpe_megatron.training.exit_codes import PEER_FAILURE_EXIT_CODE
 from tests.distributed.reliability_launch import (
@@ -23,13 +25,11 @@ from tests.distributed.reliability_launch import (
     launcher_env,
     leftover_processes,
     multinode_overrides,
+    processes_with_env,
     read_metrics,
     start_launcher,
     wait_for_text,
 )
-from tests.slurm.cluster import processes_with_env
-
-import pytest
 
 pytestmark = pytest.mark.distributed
 

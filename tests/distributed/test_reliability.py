@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,13 +21,14 @@ import pytest
 from harpe_megatron.distributed.bringup import free_port
 from harpe_megatron.training.exit_codes import NONFINITE_EXIT_CODE, PEER_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tests.distributed.reliability_launch import (
-    LAUNCH_MARKER,
-    REPO,
     Ranks,
+    launcher_env,
     leftover_processes,
     metric_lines,
     read_metrics,
+    start_launcher,
     steps_since,
+    wait_for_text,
 )
 from tests.helpers import TINY_CPU_CONFIG as CONFIG
 from tests.helpers import tiny_run_overrides
@@ -137,6 +136,7 @@ def test_nan_loss_skipped_then_abort(reference):
     assert m[4]["lr"] == pytest.approx(ref[3]["lr"]) and m[3]["lr"] == pytest.approx(ref[2]["lr"])
     assert m[8]["nonfinite_streak"] == 3 and m[8]["skipped_steps"] == 4
     assert _latest(run) == "iter_0000004"  # the last save before the abort is intact
+    assert (run / "exit_code").read_text().startswith(f"{NONFINITE_EXIT_CODE} ")  # the job's code, by rank 0
 
 
 def test_dead_rank_makes_the_other_exit(reference):
@@ -149,6 +149,7 @@ def test_dead_rank_makes_the_other_exit(reference):
     assert time.monotonic() - died < 30
     assert "because rank 1 (host" in ranks.log(0) and "last at step 5 in train) has exited" in ranks.log(0)
     assert leftover_processes(ranks.marker) == []
+    assert (run / "exit_code").read_text().startswith(f"{PEER_FAILURE_EXIT_CODE} ")
 
 
 def test_frozen_rank_makes_the_other_exit(reference):
@@ -209,29 +210,18 @@ def test_truncated_checkpoint_file_falls_back_to_previous(reference):
 
 
 def _launch_torchrun(run: Path, log: Path, overrides: list[str], fault: Optional[str] = None) -> subprocess.Popen:
-    """scripts/pretrain_harpe.sh (which execs torchrun) with 2 ranks; output to ``log``."""
-    env = dict(os.environ, PYTHON=sys.executable, GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), CONFIG=CONFIG,
-               OMP_NUM_THREADS="1", **{LAUNCH_MARKER: run.name})
-    env.pop("HARPE_FAULT_INJECT", None)
+    """scripts/pretrain_harpe.sh (torchrun) with 2 ranks; output to ``log``."""
+    env = launcher_env(run.name, GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))
     if fault:
         env["HARPE_FAULT_INJECT"] = fault
-    with open(log, "w") as out:
-        return subprocess.Popen(["bash", str(REPO / "scripts" / "pretrain_harpe.sh"), *overrides, f"run_dir={run}"],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_for_text(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
+    return start_launcher([*overrides, f"run_dir={run}"], log, env)
 
 
 @pytest.mark.parametrize("when", ["before_any_save", "after_a_save", "during_a_save"])
 def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path, when):
     """scripts/pretrain_harpe.sh under torchrun: SIGUSR1 to torchrun alone reaches both ranks
     (torchrun forwards it to each rank's whole process group and waits for them), which save and
-    exit 75; torchrun exits 1. Also once a periodic checkpoint exists (megatron's writer used to
+    exit 75, and so does the launcher (the job's code; torchrun alone would exit 1). Also once a periodic checkpoint exists (megatron's writer used to
     keep a helper process per rank that died of the forwarded signal, failing the save) and while
     a periodic save is in progress; no process of the launch outlives it."""
     base, root, _ = reference
@@ -244,9 +234,9 @@ def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path, when):
     wait_for = {"before_any_save": "step      3/", "after_a_save": "step      6/",
                 "during_a_save": "rank 0 pauses while saving"}[when]
     try:
-        _wait_for_text(proc, log, wait_for, timeout=240)
+        wait_for_text(log, wait_for, timeout=240, alive=proc)
         proc.send_signal(signal.SIGUSR1)  # the script exec'd torchrun: this is torchrun's pid
-        assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
+        assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -255,12 +245,12 @@ def test_torchrun_launcher_forwards_sigusr1(reference, tmp_path, when):
     # inside ``try:``; a signal handled just before that assignment surfaces as this
     # UnboundLocalError instead of torchrun's SignalException, and torchrun then stops the workers
     # with SIGTERM instead of forwarding SIGUSR1 (seen once in CI, torch 2.13). Both are preemption
-    # signals: the ranks must save and exit 75 either way.
+    # signals: the ranks must save and exit 75 either way (the launcher's line names the error).
     torch_race = "UnboundLocalError: cannot access local variable 'start'" in text
     forwarded = "SIGTERM" if torch_race else "SIGUSR1"
     assert f"rank 0: received {forwarded}" in text and f"rank 1: received {forwarded}" in text, text[-3000:]
     assert text.count("exiting with code 75") == 2, text[-3000:]
-    # after the race torchrun's own traceback is in the log; the ranks must still report no error
+    # after the race the launcher's last line names torchrun's error; the ranks must still report none
     assert "[harpe] error" not in text if torch_race else "Error" not in text, text[-3000:]
     saved = int(_latest(run).split("_")[1])
     assert {"before_any_save": 3, "after_a_save": 6, "during_a_save": 9}[when] <= saved < 40

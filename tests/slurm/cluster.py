@@ -15,26 +15,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["SlurmCluster", "processes_with_env"]
+from tests.distributed.reliability_launch import processes_with_env
+
+__all__ = ["SlurmCluster"]
 
 HERE = Path(__file__).resolve().parent
 NOT_AVAILABLE = 3  # start_cluster.sh: Slurm cannot run here
-
-
-def processes_with_env(name: str, value: str) -> list[int]:
-    """Pids of live (not zombie) processes whose environment has ``name=value``."""
-    needle = f"{name}={value}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0") and \
-                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 class SlurmCluster:

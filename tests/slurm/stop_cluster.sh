@@ -16,20 +16,19 @@ if alive "$ctld" && [ -s "$SLURM_CONF" ]; then
   fi
 fi
 
-stop() {  # pidfile: SIGTERM, up to 10 s, then SIGKILL
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 0
-  if alive "$pid"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 40); do alive "$pid" || break; sleep 0.25; done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null
-  fi
-  rm -f "$1"
-}
-for f in "$D"/run/slurmd.n*.pid; do
+# SIGTERM to every daemon at once (each takes a few seconds to exit), up to 10 s, then SIGKILL
+pids=()
+for f in "$D"/run/slurmd.n*.pid "$D/run/slurmctld.pid" "$D/run/munged.pid"; do
   case "$f" in *.daemon.pid) continue ;; esac
-  [ -e "$f" ] && stop "$f"
+  pid=$(cat "$f" 2>/dev/null) || continue
+  rm -f "$f"
+  alive "$pid" && kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
 done
-stop "$D/run/slurmctld.pid"
-stop "$D/run/munged.pid"
+for _ in $(seq 40); do
+  left=()
+  for pid in "${pids[@]}"; do alive "$pid" && left+=("$pid"); done
+  [ "${#left[@]}" -eq 0 ] && exit 0
+  sleep 0.25
+done
+kill -KILL "${left[@]}" 2>/dev/null
 exit 0

@@ -24,10 +24,10 @@ from tests.distributed.reliability_launch import (
     REPO,
     launcher_env,
     multinode_overrides,
+    processes_with_env,
     read_metrics,
     wait_for_text,
 )
-from tests.slurm.cluster import processes_with_env
 from tests.slurm.conftest import GRACE_TIME_S
 
 pytestmark = pytest.mark.distributed

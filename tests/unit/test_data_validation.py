@@ -356,7 +356,9 @@ def test_train_cli_exits_with_the_message_and_writes_nothing(tmp_path, tokenizer
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-m", "harpe_megatron.train", "--config", config],
                           cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
+    # one line, no traceback (and no library notices before it)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("[harpe] error: ")
     assert "token id 450 at token 782 (document 25)" in proc.stderr
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
