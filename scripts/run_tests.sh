@@ -9,7 +9,10 @@
 #
 # Legs (README, "Dependencies and support matrix"):
 #   locked  .venv         python3 (3.11 here), requirements/lock.txt: torch 2.13, megatron-core
-#                         0.16.1, transformers 5.24 -- the whole suite
+#                         0.16.1, transformers 5.24 -- the whole suite, with tests/slurm: a real
+#                         two-node Slurm cluster on this machine (as root they apt-get install
+#                         slurmctld slurmd slurm-client munge if missing; elsewhere they are
+#                         skipped with the reason; with CI=true they must run)
 #   floor   .venv-floor   the same lock with the lowest supported transformers
 #                         (requirements/transformers-floor.txt) -- the HF interop tests
 #   newest  .venv-newest  Python 3.12 with the newest releases pyproject.toml allows (megatron-core

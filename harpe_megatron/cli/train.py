@@ -77,9 +77,10 @@ def _main(argv: list[str] | None) -> tuple[int, bool]:
         dist.destroy_process_group()
         return NONFINITE_EXIT_CODE, True
     except (ConfigError, DataValidationError, PreflightError, RunDirInUse) as exc:
-        # found before training, the same on every rank (the ranks exchange what they find): one line
+        # found before training, the same on every rank (the ranks exchange what they find): one
+        # line; each rank plans its own memory (devices may differ), so each says when it does not fit
         prefix = "config error" if isinstance(exc, ConfigError) else "[harpe] error"
-        _say(f"{prefix}: {exc}", rank0_only=True)
+        _say(f"{prefix}: {exc}", rank0_only=not isinstance(exc, PreflightError))
         _close_process_group()
         return BAD_INPUT_EXIT_CODE, not isinstance(exc, RunDirInUse)  # that run_dir is another run's
     except CheckpointError as exc:  # a failed save or load, the same on every rank

@@ -143,6 +143,7 @@ def test_time_limit_warning_and_preemption_requeue_and_resume(slurm, demo_data, 
     assert saved - preempted < GRACE_TIME_S
     assert _count(out, "received SIGTERM") >= 2
     slurm.wait_job(job, {"PENDING"}, timeout=GRACE_TIME_S + 30, restarts=2)
+    times["preemption -> requeued"] = time.monotonic() - preempted
     second = _latest(run)
     assert first < second < 16
     info = slurm.wait_job(urgent, {"FAILED", "COMPLETED"}, timeout=300)
@@ -152,7 +153,8 @@ def test_time_limit_warning_and_preemption_requeue_and_resume(slurm, demo_data, 
     assert "Traceback" not in text and not (tmp_path / "urgent_run").exists()
 
     # launch 3: resumes and finishes
-    _wait_count(out, f"resumed from {run / 'checkpoints' / f'iter_{second:07d}'} ", 1, timeout=300)
+    resumed = _wait_count(out, f"resumed from {run / 'checkpoints' / f'iter_{second:07d}'} ", 1, timeout=300)
+    times["preemption -> resumed (the preempting job ran first)"] = resumed - preempted
     info = slurm.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), out.read_text()[-3000:]
     assert (run / "exit_code").read_text().startswith("0 ")
@@ -174,6 +176,8 @@ def test_scancel_and_a_lost_node_keep_a_loadable_checkpoint(slurm, demo_data, on
     wait_for_text(out, _step(6), timeout=300)
     slurm.run("scancel", str(job))
     cancelled = time.monotonic()
+    saved = _wait_count(out, f"exiting with code {PREEMPTED_EXIT_CODE}", 2, timeout=120)
+    times["scancel -> both ranks saved"] = saved - cancelled
     info = slurm.wait_job(job, {"CANCELLED"}, timeout=120)
     times["scancel -> job ended"] = time.monotonic() - cancelled
     assert info["Restarts"] == "0" and _count(out, "requeueing") == 0, out.read_text()[-3000:]
