@@ -29,9 +29,10 @@ fi
 PYTEST_ARGS=("$@")
 if [ "${#PYTEST_ARGS[@]}" -eq 0 ]; then PYTEST_ARGS=(-m "not slow"); fi
 
-FLOOR_TESTS=(tests/unit/test_convert_roundtrip.py tests/unit/test_hf_parity.py tests/unit/test_compat.py
+# The HF interop tests (exported models on the installed transformers): run by every leg.
+FLOOR_TESTS=(tests/unit/test_convert_roundtrip.py tests/unit/test_hf_parity.py tests/unit/test_harpe_llama_model.py
              tests/unit/test_safe_loading.py tests/unit/test_convert_errors.py tests/unit/test_eval_end_to_end.py
-             tests/unit/test_self_extend.py)
+             tests/unit/test_self_extend.py tests/unit/test_export_frequencies.py)
 NEWEST_TESTS=(tests/unit tests/distributed/test_parallel_equivalence.py tests/distributed/test_training.py
               tests/distributed/test_convert_tp.py tests/distributed/test_launcher.py
               tests/distributed/test_reliability.py)
