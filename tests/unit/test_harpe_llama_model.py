@@ -97,6 +97,23 @@ def test_per_head_generation_cached_equals_uncached_equals_recomputation(impl):
     assert torch.equal(cached, uncached) and torch.equal(cached, ids)
 
 
+def test_static_cache_and_tied_embeddings(tmp_path):
+    """A StaticCache (written at cache positions: transformers < 5.4 takes them in ``cache_kwargs``)
+    generates what the default DynamicCache does; tied embeddings save without ``lm_head`` and load
+    tied again."""
+    _, ours = _pair(YARN, bases=PER_HEAD_BASES)
+    prompt, mask = _batch(7, n=14, pad=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(prompt, cache_implementation="static", **kwargs), ours.generate(prompt, **kwargs))
+    tied = HarpeLlamaForCausalLM(HarpeLlamaConfig(**{**ours.config.to_dict(), "tie_word_embeddings": True})).eval()
+    tied.save_pretrained(tmp_path)
+    back = HarpeLlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(back(prompt).logits, tied(prompt).logits)
+
+
 def test_loss_hidden_states_tuples_and_logits_to_keep():
     llama, ours = _pair(impl="eager")
     ids, mask = _batch(4)
