@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from harpe_megatron.eval.heatmap import plot_grid
 from harpe_megatron.eval.perplexity import perplexity_by_length
 from harpe_megatron.hf.harpe_llama import register
 from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import apply_self_extend, self_extend_of, self_extend_settings
+from harpe_megatron.hf.tokenizer_export import export_tokenizer
 
 Generate = Callable[[str, int], str]
 
@@ -105,13 +107,9 @@ def tokenizer_source(model: str, tokenizer: Optional[str] = None) -> str:
 def load_tokenizer(source: str):
     """A Hugging Face tokenizer from :func:`tokenizer_source`'s answer: a SentencePiece ``.model``
     file is converted as an export would ship it (``hf/tokenizer_export.py``), in a scratch folder."""
-    import tempfile
-
     from transformers import AutoTokenizer
 
     if Path(source).is_file():
-        from harpe_megatron.hf.tokenizer_export import export_tokenizer
-
         with tempfile.TemporaryDirectory() as scratch:
             export_tokenizer(Path(source), Path(scratch), int(1e30), notes=[])
             tokenizer = AutoTokenizer.from_pretrained(scratch, trust_remote_code=False)

@@ -79,10 +79,11 @@ def check_api() -> str:
         raise ImportError("harpe_llama: transformers' BaseModelOutputWithPast and CausalLMOutputWithPast name the "
                           "KV cache differently")
     causal_mask_arguments(inspect.signature(create_causal_mask).parameters, *([None] * 6))
-    update = inspect.signature(Cache.update).parameters
-    if list(update)[:4] != ["self", "key_states", "value_states", "layer_idx"]:
-        raise ImportError(f"harpe_llama: transformers' Cache.update takes {list(update)}; expected "
-                          f"(key_states, value_states, layer_idx, ...)")
+    update = inspect.signature(Cache.update).parameters.values()
+    positional = [p for p in update if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 4 and not any(p.kind == p.VAR_POSITIONAL for p in update):
+        raise ImportError(f"harpe_llama: transformers' Cache.update takes {[p.name for p in update]}; expected "
+                          f"(key_states, value_states, layer_idx, ...) by position")
     return field
 
 
