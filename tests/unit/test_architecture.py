@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -61,6 +62,7 @@ ALLOWED_LOCAL_IMPORTS = {
 MAX_LINES = 450
 
 
+@functools.cache
 def _all_imports() -> list[tuple[str, Path, pg.Import]]:
     mods = pg.modules()
     return [(name, path, imp) for name, path in mods.items() for imp in pg.imports(name, path, mods)]
@@ -75,15 +77,20 @@ def test_the_declared_graph_has_no_cycle_and_names_every_unit():
     assert not declared - actual, f"declared units that do not exist: {sorted(declared - actual)}"
 
 
+@functools.cache
+def _graph() -> dict[tuple[str, str], list[str]]:
+    return pg.graph()
+
+
 def test_imports_follow_the_declared_graph():
-    edges = pg.graph()
+    edges = _graph()
     problems = [f"{where[0]}: {a} imports {b} ({len(where)} place(s)), which DEPENDENCIES does not allow"
                 for (a, b), where in sorted(edges.items()) if b not in DEPENDENCIES.get(a, set())]
     assert not problems, "imports against the declared graph of docs/design.md:\n" + "\n".join(problems)
 
 
 def test_every_declared_arrow_is_an_import():
-    edges = pg.graph()
+    edges = _graph()
     unused = [f"{a} -> {b}" for a, deps in sorted(DEPENDENCIES.items()) for b in sorted(deps) if (a, b) not in edges]
     assert not unused, "declared in DEPENDENCIES but imported nowhere (drop them):\n" + "\n".join(unused)
 
