@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 from harpe_megatron.cli.common import quiet_library_warnings
 from harpe_megatron.eval.report import make_report
 from harpe_megatron.eval.runner import evaluate, model_source, tokenizer_source
 from harpe_megatron.eval.synthetic import ALL_TASKS
+from harpe_megatron.hf.tokenizer_export import export_tokenizer
 
 
 def _ints(s: str) -> list[int]:
@@ -84,6 +88,18 @@ def parse_args(argv=None):
     return args
 
 
+def _tokenizer_folder(tokenizer: Optional[str], scratch: Path) -> Optional[str]:
+    """``tokenizer``, or for a SentencePiece ``.model`` file the folder of tokenizer files an export
+    would ship for it (``hf/tokenizer_export.py``), written into ``scratch``."""
+    if tokenizer is None or not tokenizer.endswith(".model") or not Path(tokenizer).is_file():
+        return tokenizer
+    try:
+        export_tokenizer(Path(tokenizer), scratch, int(1e30), notes=[])
+    except Exception as exc:  # sentencepiece's own message says what is wrong with the file
+        raise ValueError(f"--tokenizer {tokenizer}: not a SentencePiece model ({exc})") from None
+    return str(scratch)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cmd == "report":
@@ -92,15 +108,17 @@ def main(argv=None) -> int:
             print(text)
         return 0
     quiet_library_warnings()
-    try:  # a folder with config.json or a Hub id, and a tokenizer; one-line errors otherwise
-        tokenizer_source(model_source(args.model_dir)[0], args.tokenizer)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    res = evaluate(args.model_dir, args.out, args.tasks, args.lengths, args.depths, args.samples, args.seed,
-                   args.name, args.device, args.dtype, args.ppl_file, args.ppl_lengths, args.ppl_stride,
-                   args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress,
-                   args.self_extend, args.tokenizer)
+    with tempfile.TemporaryDirectory(prefix="eval_tokenizer_") as scratch:
+        try:  # a folder with config.json or a Hub id, and a tokenizer; one-line errors otherwise
+            tokenizer = _tokenizer_folder(args.tokenizer, Path(scratch))
+            tokenizer_source(model_source(args.model_dir)[0], tokenizer)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        res = evaluate(args.model_dir, args.out, args.tasks, args.lengths, args.depths, args.samples, args.seed,
+                       args.name, args.device, args.dtype, args.ppl_file, args.ppl_lengths, args.ppl_stride,
+                       args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress,
+                       args.self_extend, tokenizer, args.tokenizer)
     for task, d in res["per_length"].items():
         print(f"{task:20s} " + "  ".join(f"{L}:{v:.1f}" for L, v in d.items()))
     for row in res.get("perplexity", []):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,6 @@ from harpe_megatron.eval.heatmap import plot_grid
 from harpe_megatron.eval.perplexity import perplexity_by_length
 from harpe_megatron.hf.harpe_llama import register
 from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import apply_self_extend, self_extend_of, self_extend_settings
-from harpe_megatron.hf.tokenizer_export import export_tokenizer
 
 Generate = Callable[[str, int], str]
 
@@ -78,11 +76,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def tokenizer_source(model: str, tokenizer: Optional[str] = None) -> str:
-    """What the tokenizer is loaded from: ``tokenizer`` -- a folder with tokenizer files, a
-    SentencePiece ``.model`` file (this project's tokenizer format) or a Hub id -- or else the model
-    (folder or Hub id). Raises ValueError (one line naming the folder and the ``--tokenizer``
-    option) for a folder without any of :data:`TOKENIZER_FILES`, FileNotFoundError for a missing
-    path."""
+    """What the tokenizer is loaded from: ``tokenizer`` -- a folder with tokenizer files or a Hub
+    id -- or else the model (folder or Hub id). Raises ValueError (one line naming the folder and
+    the ``--tokenizer`` option) for a folder without any of :data:`TOKENIZER_FILES`,
+    FileNotFoundError for a missing path. (The command line also takes a SentencePiece ``.model``
+    file, converted to tokenizer files first: ``cli/eval_long_context.py``.)"""
     if tokenizer is None:
         path = Path(model).expanduser()
         if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -95,26 +93,18 @@ def tokenizer_source(model: str, tokenizer: Optional[str] = None) -> str:
             raise ValueError(f"--tokenizer {tokenizer}: the folder holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
         return str(path)
     if path.is_file():
-        if path.suffix != ".model":
-            raise ValueError(f"--tokenizer {tokenizer}: expected a folder with tokenizer files or a SentencePiece "
-                             f".model file")
-        return str(path)
+        raise ValueError(f"--tokenizer {tokenizer}: expected a folder with tokenizer files, a SentencePiece .model "
+                         f"file or a Hub id")
     if _HUB_ID.match(tokenizer) and not tokenizer.startswith("."):
         return tokenizer
     raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file or folder (and not a Hub id of the form org/name)")
 
 
 def load_tokenizer(source: str):
-    """A Hugging Face tokenizer from :func:`tokenizer_source`'s answer: a SentencePiece ``.model``
-    file is converted as an export would ship it (``hf/tokenizer_export.py``), in a scratch folder."""
+    """A Hugging Face tokenizer from :func:`tokenizer_source`'s answer (no code from the folder)."""
     from transformers import AutoTokenizer
 
-    if Path(source).is_file():
-        with tempfile.TemporaryDirectory() as scratch:
-            export_tokenizer(Path(source), Path(scratch), int(1e30), notes=[])
-            tokenizer = AutoTokenizer.from_pretrained(scratch, trust_remote_code=False)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     tokenizer.model_max_length = int(1e30)   # long prompts are intended; silence the length warning
     return tokenizer
 
@@ -216,12 +206,13 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
              ppl_stride: Optional[int] = None, ppl_stride_fraction: Optional[float] = None,
              ppl_max_tokens: Optional[int] = None, heatmap_dir: Optional[str] = None,
              progress: bool = True, self_extend: Optional[tuple[int, int]] = None,
-             tokenizer: Optional[str] = None) -> dict:
+             tokenizer: Optional[str] = None, tokenizer_label: Optional[str] = None) -> dict:
     """Full evaluation of an exported HF folder: tasks, optional perplexity, JSON (+ heatmaps).
     ``self_extend=(group_size, window)`` evaluates the model with Self-Extend (what the model runs
     with, option or config key, is recorded as ``self_extend``; the default name gets a
     ``+selfextend-gG-wW`` suffix). ``tokenizer``: where the tokenizer comes from when not from the
-    folder (:func:`tokenizer_source`; recorded as ``tokenizer``)."""
+    folder (:func:`tokenizer_source`); recorded as ``tokenizer``, or ``tokenizer_label`` when given
+    (the file a scratch tokenizer folder was made from)."""
 
     source, label = model_source(model_dir)
     tok_source = tokenizer_source(source, tokenizer)
@@ -235,7 +226,7 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
     result["self_extend"] = ({"group_size": self_extend[0], "window": self_extend[1]}
                              if self_extend else None)
     result["model_dir"] = source
-    result["tokenizer"] = tok_source
+    result["tokenizer"] = tokenizer_label or tok_source
     if ppl_file:
         ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))
         result["perplexity"] = perplexity_by_length(

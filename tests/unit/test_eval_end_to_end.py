@@ -132,13 +132,17 @@ def test_tokenizer_option(tmp_path, exported_model, demo_data, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bare) in err[0] and "--tokenizer PATH_OR_DIR" in err[0], err
     assert not (tmp_path / "none.json").exists()
-    for bad in (tmp_path / "missing_dir" / "x", text):
+    garbage = tmp_path / "garbage.model"
+    garbage.write_text("not a sentencepiece model")
+    for bad in (tmp_path / "missing_dir" / "x", text, garbage):
         assert run(bare, "bad.json", "--tokenizer", str(bad)) == 2
         assert f"--tokenizer {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
     assert run(exported_model, "own.json") == 0
     assert run(bare, "dir.json", "--tokenizer", str(exported_model)) == 0
     assert run(bare, "sp.json", "--tokenizer", str(demo_data["tokenizer"])) == 0
     results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("own", "dir", "sp")}
-    assert results["dir"]["tokenizer"] == str(exported_model) and results["sp"]["tokenizer"] == str(demo_data["tokenizer"])
+    assert results["dir"]["tokenizer"] == str(exported_model)
+    assert results["sp"]["tokenizer"] == str(demo_data["tokenizer"])  # the file named, not the scratch folder
     ppl = {name: r["perplexity"][0]["ppl"] for name, r in results.items()}
     assert ppl["dir"] == ppl["own"] and ppl["sp"] == ppl["own"], ppl
