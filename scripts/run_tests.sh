@@ -9,13 +9,14 @@
 #
 # Legs (README, "Dependencies and support matrix"):
 #   locked  .venv         python3 (3.11 here), requirements/lock.txt: torch 2.13, megatron-core
-#                         0.16.1, transformers 5.24 -- the whole suite
+#                         0.16.1, transformers 5.25 -- the whole suite
 #   floor   .venv-floor   the same lock with the lowest supported transformers
 #                         (requirements/transformers-floor.txt) -- the HF interop tests
 #   newest  .venv-newest  Python 3.12 with the newest releases pyproject.toml allows (megatron-core
-#                         0.19.x, newest torch: the CUDA build, a ~3 GB download that runs on CPU)
-#                         -- model, converter (with generation), training-equivalence, checkpoint
-#                         and launcher tests
+#                         0.19.x, newest torch: the CUDA build, a ~3 GB download that runs on CPU;
+#                         transformers has no upper bound: its newest release, whatever it is
+#                         when CI runs) -- model, converter (with generation), HF interop,
+#                         training-equivalence, checkpoint and launcher tests
 # Every leg runs even when an earlier one failed; the exit code is non-zero if any failed.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
