@@ -105,7 +105,8 @@ def test_static_cache_and_tied_embeddings(tmp_path):
     prompt, mask = _batch(7, n=14, pad=3)
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(ours.generate(prompt, cache_implementation="static", **kwargs), ours.generate(prompt, **kwargs))
+        static = ours.generate(prompt, cache_implementation="static", **kwargs)
+        assert torch.equal(static, ours.generate(prompt, **kwargs))
     tied = HarpeLlamaForCausalLM(HarpeLlamaConfig(**{**ours.config.to_dict(), "tie_word_embeddings": True})).eval()
     tied.save_pretrained(tmp_path)
     back = HarpeLlamaForCausalLM.from_pretrained(tmp_path).eval()
