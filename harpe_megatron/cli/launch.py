@@ -5,10 +5,10 @@ torchrun (``torch.distributed.run``) exits with 1 whenever a rank failed or it w
 whoever started it (Slurm, a retry wrapper) cannot tell "preempted, start again" (75) from "config
 error" (2). This module runs torchrun's own ``main`` in this process -- the same options,
 environment variables (``PET_*``) and signal handling -- with ``HARPE_EXIT_CODE_DIR`` set to a fresh
-directory in which every rank records its code (harpe_megatron/training/exit_record.py), and exits
-with the code of this node's ranks taken together
-(:func:`~harpe_megatron.training.exit_codes.job_exit_code`; a rank that ended without recording
-one, e.g. killed by a signal, counts as lost).
+directory in which every rank records its code (training/reliability/exit_record.py), and exits
+with the code of this node's ranks taken together (``job_exit_code`` of
+training/reliability/exit_codes.py; a rank that ended without recording one, e.g. killed by a
+signal, counts as lost).
 
 torchrun's failure report (a traceback and a table per failed rank) and its log lines are replaced
 by one line when the code is not 0 or 2 (for 2, rank 0's one line says it all), e.g.
@@ -25,8 +25,12 @@ import sys
 import tempfile
 from typing import Optional
 
-from harpe_megatron.training.exit_codes import BAD_INPUT_EXIT_CODE, describe_exit_code, job_exit_code
-from harpe_megatron.training.exit_record import EXIT_CODE_DIR_ENV, read_launch_codes
+from harpe_megatron.training.reliability.exit_codes import (
+    BAD_INPUT_EXIT_CODE,
+    describe_exit_code,
+    job_exit_code,
+)
+from harpe_megatron.training.reliability.exit_record import EXIT_CODE_DIR_ENV, read_launch_codes
 
 __all__ = ["main", "node_exit_code"]
 

@@ -3,11 +3,12 @@
 Run under torchrun (or scripts/pretrain_harpe.sh) for several ranks; a plain ``python`` start is
 one rank. Overrides use dotted key paths of the YAML tree, e.g. ``training.lr=3e-5``.
 
-Exit codes (harpe_megatron/training/exit_codes.py, docs/reliability.md): 0 done, 1 error,
-2 an error found before training (config, data, tokenizer, initial weights, world size, or the
-run_dir in use by another run: one line from rank 0, no traceback), 75 preempted (SIGTERM/SIGUSR1;
-checkpoint saved, start again to resume), 76 another rank died or hung, 77 too many non-finite
-steps in a row. Every rank records its code on the way out (harpe_megatron/training/exit_record.py).
+Exit codes (harpe_megatron/training/reliability/exit_codes.py, docs/reliability.md): 0 done,
+1 error, 2 an error found before training (config, data, tokenizer, initial weights, world size,
+or the run_dir in use by another run: one line from rank 0, no traceback), 75 preempted
+(SIGTERM/SIGUSR1; checkpoint saved, start again to resume), 76 another rank died or hung, 77 too
+many non-finite steps in a row. Every rank records its code on the way out
+(harpe_megatron/training/reliability/exit_record.py).
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ from harpe_megatron.cli.common import parse_run_config, quiet_library_warnings
 from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.data.validation import DataValidationError
 from harpe_megatron.log import setup_logging
-from harpe_megatron.training.exit_codes import (
+from harpe_megatron.planner.plan import PreflightError
+from harpe_megatron.training.reliability.exit_codes import (
     BAD_INPUT_EXIT_CODE,
     NONFINITE_EXIT_CODE,
     PEER_FAILURE_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     NonFiniteAbort,
 )
-from harpe_megatron.training.exit_record import begin_exit_record, record_exit_code
-from harpe_megatron.training.plan import PreflightError
-from harpe_megatron.training.run_lock import RunDirInUse
+from harpe_megatron.training.reliability.exit_record import begin_exit_record, record_exit_code
+from harpe_megatron.training.reliability.run_lock import RunDirInUse
+from harpe_megatron.training.reliability.watchdog import PeerFailure
 from harpe_megatron.training.stages import run_stages
-from harpe_megatron.training.trainer import train
-from harpe_megatron.training.watchdog import PeerFailure
+from harpe_megatron.training.trainer import run_training
 
 
 def _close_process_group() -> None:
@@ -51,7 +52,7 @@ def _say(line: str, rank0_only: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         code, in_run_dir = _main(argv)
-    except SystemExit as exc:  # argparse (usage errors: 2, --help: 0)
+    except SystemExit as exc:  # argparse and config errors: 2; --help: 0
         code = exc.code if isinstance(exc.code, int) else 1
         record_exit_code(code)
         raise
@@ -67,11 +68,9 @@ def _main(argv: list[str] | None) -> tuple[int, bool]:
     quiet_library_warnings()
     setup_logging()  # [harpe] on rank 0 (INFO and up), [harpe rank N] elsewhere (warnings and errors)
     cfg = parse_run_config("python -m harpe_megatron.train", __doc__, argv)
-    if isinstance(cfg, int):
-        return cfg, False
     begin_exit_record(cfg.run_dir)
     try:
-        results = run_stages(cfg) if cfg.stages else [train(cfg)]
+        results = run_stages(cfg) if cfg.stages else [run_training(cfg)]
     except NonFiniteAbort as exc:  # raised on every rank at the same step
         _say(f"[harpe] error: {exc}", rank0_only=True)
         dist.destroy_process_group()

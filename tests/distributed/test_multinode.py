@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harpe_megatron.distributed.bringup import free_port
-from harpe_megatron.training.exit_codes import PEER_FAILURE_EXIT_CODE
+from harpe_megatron.training.reliability.exit_codes import PEER_FAILURE_EXIT_CODE
 from tests.distributed.reliability_launch import (
     LAUNCH_MARKER,
     MULTINODE_STEPS,

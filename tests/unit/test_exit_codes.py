@@ -1,14 +1,14 @@
 """The job's exit code from its ranks' codes, and where the ranks record theirs
-(harpe_megatron/training/exit_codes.py, exit_record.py, cli/launch.py)."""
+(harpe_megatron/training/reliability/exit_codes.py, exit_record.py, cli/launch.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from harpe_megatron.cli.launch import node_exit_code
-from harpe_megatron.training import exit_record
-from harpe_megatron.training.exit_codes import job_exit_code
-from harpe_megatron.training.exit_record import (
+from harpe_megatron.training.reliability import exit_record
+from harpe_megatron.training.reliability.exit_codes import job_exit_code
+from harpe_megatron.training.reliability.exit_record import (
     EXIT_CODE_DIR_ENV,
     begin_exit_record,
     read_launch_codes,

@@ -2,12 +2,13 @@
 
 torchrun exits with 1 whenever a rank fails or it was signalled, so a scheduler cannot tell
 "preempted, resume me" (75) from "config error, don't" (2) by torchrun's code. Each rank therefore
-records its own code (:mod:`~harpe_megatron.training.exit_codes`) on its way out:
+records its own code (:mod:`~harpe_megatron.training.reliability.exit_codes`) on its way out:
 
-* ``$HARPE_EXIT_CODE_DIR/rank_<r>`` (every rank, when the variable is set): ``scripts/pretrain_harpe.sh``
-  (through :mod:`harpe_megatron.cli.launch`) points it at a fresh directory per launch and exits
-  with :func:`~harpe_megatron.training.exit_codes.job_exit_code` of what it finds there.
-* ``<run_dir>/exit_code`` (rank 0): one line ``<code> <meaning>``, for launches whose exit code
+* ``$HARPE_EXIT_CODE_DIR/rank_<r>`` (every rank, when the variable is set):
+  ``scripts/pretrain_harpe.sh`` (through :mod:`harpe_megatron.cli.launch`) points it at a fresh
+  directory per launch and exits with ``job_exit_code`` (exit_codes.py) of what it finds there.
+* ``<run_dir>/exit_code`` (rank 0; the path is :class:`~harpe_megatron.run_dir.RunDir`'s): one
+  line ``<code> <meaning>``, for launches whose exit code
   torchrun owns (``torchrun ... scripts/pretrain_harpe.sh``). Rank 0 removes it when the launch
   starts and writes it when it exits, so the file is the code of the last launch on this run_dir
   that has ended: missing after a launch means rank 0 never got to exit (killed, node lost) or
@@ -25,12 +26,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from harpe_megatron.training.exit_codes import describe_exit_code
+from harpe_megatron.run_dir import RunDir
+from harpe_megatron.training.reliability.exit_codes import describe_exit_code
 
-__all__ = ["EXIT_CODE_DIR_ENV", "RUN_DIR_RECORD", "begin_exit_record", "record_exit_code", "read_launch_codes"]
+__all__ = ["EXIT_CODE_DIR_ENV", "begin_exit_record", "record_exit_code", "read_launch_codes"]
 
 EXIT_CODE_DIR_ENV = "HARPE_EXIT_CODE_DIR"
-RUN_DIR_RECORD = "exit_code"
 
 _run_dir_record: Optional[Path] = None  # this process's <run_dir>/exit_code (rank 0 only), once known
 
@@ -54,7 +55,7 @@ def begin_exit_record(run_dir: str | os.PathLike) -> None:
     global _run_dir_record
     if _rank() != 0:
         return
-    _run_dir_record = Path(run_dir) / RUN_DIR_RECORD
+    _run_dir_record = RunDir(run_dir).exit_code
     try:
         _run_dir_record.unlink(missing_ok=True)
     except OSError:
