@@ -27,7 +27,15 @@ class SlurmCluster:
     def __init__(self, directory: Path, nodes: int = 2, grace_time_s: int = 30):
         self.dir, self.nodes, self.grace_time_s = Path(directory), nodes, grace_time_s
         self.conf = self.dir / "slurm.conf"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=os.environ.get("PATH", "") + ":/usr/sbin")
+        self.env = self._own(os.environ)
+
+    def _own(self, env) -> dict[str, str]:
+        """``env`` pointed at this cluster: no SLURM_* of a surrounding allocation or cluster."""
+        own = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+        path = env.get("PATH", "")
+        if "/usr/sbin" not in path.split(":"):
+            path += ":/usr/sbin"
+        return dict(own, SLURM_CONF=str(self.conf), PATH=path)
 
     def start(self) -> Optional[str]:
         """Start it; None when it is up, else why it cannot run (Slurm missing and not installable)."""
@@ -43,14 +51,14 @@ class SlurmCluster:
         subprocess.run(["bash", str(HERE / "stop_cluster.sh"), str(self.dir)], env=self.env, capture_output=True,
                        timeout=120)
 
-    def run(self, *command: str, check: bool = True, **env: str) -> str:
-        done = subprocess.run(list(command), env=dict(self.env, **env), capture_output=True, text=True, timeout=60)
+    def run(self, *command: str, check: bool = True) -> str:
+        done = subprocess.run(list(command), env=self.env, capture_output=True, text=True, timeout=60)
         if check:
             assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}: {done.stderr}"
         return done.stdout
 
     def sbatch(self, *args: str, cwd: Path, env: dict) -> int:
-        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=dict(self.env, **env),
+        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=self._own(env),
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"sbatch {' '.join(args)} failed: {out.stderr}"
         return int(out.stdout.strip().split(";")[0])
