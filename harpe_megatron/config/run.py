@@ -42,6 +42,12 @@ class DataConfig:
     # CREAM / PoSE: samples packed at the scheme's target length, shown through a seq_length
     # window with sampled positions (implies positional.position_ids: from_batch)
     position_scheme: Optional[PositionScheme] = None
+    # attention causal within each packed document (EOD-terminated) instead of across the whole
+    # row; a document's last token then predicts nothing (docs/document_masking.md)
+    document_masking: bool = False
+    # positions restart at 0 at every document (Llama 3); needs document_masking, implies
+    # positional.position_ids: from_batch
+    reset_position_ids: bool = False
     # checks before training (data/validation.py): full = every token id read, quick = headers,
     # index, splits and a sample of token ids, off = none
     validate: str = "full"
@@ -245,9 +251,11 @@ class RunConfig:
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
-        # One decision, one key: a position scheme means positions come from the batch, unless
-        # positional.position_ids was set explicitly (a contradiction is refused in validate).
-        if self.data.position_scheme is not None and not self.positional.position_ids_explicit:
+        # One decision, one key: a position scheme (or per-document positions) means positions come
+        # from the batch, unless positional.position_ids was set explicitly (a contradiction is
+        # refused in validate).
+        batch_positions = self.data.position_scheme is not None or self.data.reset_position_ids
+        if batch_positions and not self.positional.position_ids_explicit:
             self.positional = dataclasses.replace(self.positional, position_ids="from_batch")
         self.validate()
 
@@ -262,6 +270,7 @@ class RunConfig:
                     f"but positional.position_ids is {self.positional.position_ids!r}; drop positional.position_ids "
                     "(a position scheme implies from_batch) or set it to from_batch"
                 )
+        self._validate_documents()
         if not self.stages and self.training.train_iters is None and self.training.train_tokens is None:
             raise ValueError("set exactly one of training.train_iters and training.train_tokens")
         if self.stages is not None and len({s.name for s in self.stages}) != len(self.stages):
@@ -276,6 +285,25 @@ class RunConfig:
                 "training.global_batch_size should give at least parallel.pipeline_model_parallel_size "
                 "micro-batches per data-parallel rank, or the pipeline idles"
             )
+
+    def _validate_documents(self) -> None:
+        """data.document_masking / data.reset_position_ids against the other keys (one line each)."""
+        d = self.data
+        if d.reset_position_ids and not d.document_masking:
+            raise ValueError("data.reset_position_ids needs data.document_masking: true (positions restarting at "
+                             "each document while attention still crosses documents give two tokens one position)")
+        if d.document_masking and d.position_scheme is not None:
+            raise ValueError(f"data.document_masking cannot be combined with data.position_scheme "
+                             f"({d.position_scheme.name}): the scheme's window takes its positions across the whole "
+                             "packed target-length row, and masking at documents removes the long-distance pairs "
+                             "it exists to train; use one of them")
+        if d.reset_position_ids and self.positional.position_ids != "from_batch":
+            raise ValueError("data.reset_position_ids gives every document its own positions, but "
+                             f"positional.position_ids is {self.positional.position_ids!r}; drop positional.position_ids "
+                             "(data.reset_position_ids implies from_batch) or set it to from_batch")
+        if d.document_masking and self.model.transformer_impl != "local":
+            raise ValueError("data.document_masking needs model.transformer_impl: local (our SDPAttention); the "
+                             "Transformer Engine spec masks documents only through packed THD sequences")
 
     @property
     def model_parallel_size(self) -> int:

@@ -39,6 +39,7 @@ def build_training_model(cfg: RunConfig):
         cfg.model, cfg.positional, tconfig, max_sequence_length=cfg.data.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        document_masking=cfg.data.document_masking,
     )
     if on_gpu:
         model.cuda(current_device())

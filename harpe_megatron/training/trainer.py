@@ -64,6 +64,7 @@ from harpe_megatron.training.metrics import (
     format_step_line,
     memory_gib,
     peak_tflops,
+    training_flops,
     training_flops_per_token,
 )
 from harpe_megatron.training.plan import Builders, preflight
@@ -97,12 +98,15 @@ class TrainResult:
 
 
 def _global_loss(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """[loss_sum, tokens] over micro-batches and DP x CP, known on every rank afterwards."""
+    """[loss_sum, tokens, attention_pairs] over micro-batches and DP x CP, known on every rank
+    afterwards (attention_pairs: 0 unless the batches count them, i.e. with document masking)."""
     device = current_device()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(3, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage():
         for r in reports:
-            total += r["lm loss"].to(device=device, dtype=torch.float64)
+            total[:2] += r["lm loss"].to(device=device, dtype=torch.float64)
+            if "attention pairs" in r:
+                total[2:] += r["attention pairs"].to(device=device, dtype=torch.float64)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     # The last pipeline stage holds the loss; the last rank of the world is on it.
     dist.broadcast(total, src=dist.get_world_size() - 1)
@@ -112,7 +116,7 @@ def _global_loss(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 def run_schedule(cfg: RunConfig, model_chunks: list, data_iter: Iterator, num_microbatches: int,
                  forward_only: bool, step_func=forward_step) -> torch.Tensor:
     """One pass of megatron's forward(/backward) schedule over ``num_microbatches``; returns the
-    global ``[loss_sum, tokens]`` (identical on every rank)."""
+    global ``[loss_sum, tokens, attention_pairs]`` (identical on every rank)."""
     reports = get_forward_backward_func()(
         forward_step_func=step_func, data_iterator=data_iter, model=model_chunks,
         num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
@@ -273,7 +277,10 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / elapsed
         if step > 1 or self.resume_from is not None:
             self.speeds.append(tokens_per_s)
-        tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
+        pairs = total[2].item()  # attended pairs, counted from the batches under document masking
+        step_flops = (training_flops(self.cfg.model, self.tokens_per_step, pairs) if pairs
+                      else self.flops_per_token * self.tokens_per_step)
+        tflops = step_flops / elapsed / self.world / 1e12
         return {
             "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -329,7 +336,7 @@ class Trainer:
         """The global loss over ``training.eval_iters`` validation batches (the same ones every time)."""
         for m in self.model_chunks:
             m.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             valid_iter = self.data.valid_iterator()
             for _ in range(self.cfg.training.eval_iters):

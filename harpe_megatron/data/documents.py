@@ -1,0 +1,153 @@
+"""Document boundaries in packed rows: ids, per-document positions, loss at boundaries, attention work.
+
+Packed rows (data/dataset.py) run across documents. With ``data.document_masking`` every row
+carries its document boundaries to the attention, which then stops at them
+(model/document_attention.py). Conventions:
+
+* **Boundaries** are the tokenizer's EOD token, which the preprocessor appends to every document
+  (megatron's own ``reset_position_ids`` / ``reset_attention_mask`` / ``eod_mask_loss`` read them
+  the same way). The EOD token belongs to the document it ends. A row may start and end inside a
+  document (the packed rows cut documents): such a piece is a document of its own in that row.
+* ``document_ids`` ``[b, s]`` int64: the number of EOD tokens before a token in its row (0 for
+  the row's first document). Non-decreasing; each document is one contiguous run.
+* **Positions** (``data.reset_position_ids``, as Llama 3 trains): ``position_ids`` restart at 0 at
+  every document start (also for the piece a row starts with). Otherwise they stay
+  ``0 .. s-1`` (RoPE then sees the same relative distances inside a document either way).
+* **Loss at boundaries**: a document's last token (its EOD) would predict the *next* document's
+  first token, which it cannot see under document masking. That prediction is excluded
+  (``loss_mask = 0`` where the input token is EOD, megatron's ``eod_mask_loss``), so a row of k
+  documents trains exactly the k documents' own next-token predictions, as if each ran alone.
+* ``attention_keys`` ``[b, s]`` (float32): how many keys each token's query attends, i.e. its
+  position in its document + 1. Summed over the tokens of a step (the trainer does it through
+  the loss report), it is the step's number of attended (query, key) pairs: the attention FLOPs
+  that the MFU line counts (training/metrics.py).
+
+All tensors here are per-token ``[b, s]`` and are cut for context parallelism exactly like the
+tokens (:func:`~harpe_megatron.data.dataset.slice_batch_for_cp`).
+
+Attention work of a document-length distribution (the FLOPs document masking saves):
+:func:`packed_attention_fraction` packs documents of given lengths into rows of ``seq_length``
+tokens the way the GPT dataset does (shuffled, concatenated, cut) and returns the attended pairs
+under document masking divided by those of plain causal attention (``sum s_i (s_i + 1) / 2`` over
+the pieces of each row vs ``S (S + 1) / 2``); :func:`dataset_document_lengths` reads the document
+lengths of an indexed dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from torch import Tensor
+
+__all__ = ["document_ids", "document_positions", "apply_document_masking", "attended_pairs",
+           "packed_attention_fraction", "packed_rows", "dataset_document_lengths", "cp_rank_pairs",
+           "data_attention_fraction"]
+
+
+def document_ids(tokens: Tensor, eod: int) -> Tensor:
+    """``[b, s]`` int64: the number of EOD tokens before each token of its row."""
+    is_eod = (tokens == eod).to(torch.int64)
+    return torch.cumsum(is_eod, dim=-1) - is_eod
+
+
+def document_positions(ids: Tensor) -> Tensor:
+    """``[b, s]`` int64: each token's index inside its document (0 at every document start)."""
+    s = ids.size(-1)
+    index = torch.arange(s, dtype=torch.int64, device=ids.device).expand_as(ids)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index))
+    return index - torch.cummax(start_index, dim=-1).values
+
+
+def apply_document_masking(batch: Mapping[str, Tensor], eod: int, reset_position_ids: bool) -> dict[str, Tensor]:
+    """``batch`` (full rows, before any CP slicing) with ``document_ids``, ``attention_keys``, the
+    boundary loss excluded and, with ``reset_position_ids``, per-document ``position_ids``."""
+    out = dict(batch)
+    tokens = batch["tokens"]
+    ids = document_ids(tokens, eod)
+    positions = document_positions(ids)
+    out["document_ids"] = ids
+    out["attention_keys"] = (positions + 1).to(torch.float32)
+    out["loss_mask"] = batch["loss_mask"] * (tokens != eod).to(batch["loss_mask"].dtype)
+    if reset_position_ids:
+        out["position_ids"] = positions
+    return out
+
+
+def attended_pairs(lengths: np.ndarray) -> float:
+    """(query, key) pairs of causal attention inside documents of these lengths: ``sum s (s + 1) / 2``."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return float(np.sum(lengths * (lengths + 1) / 2))
+
+
+def packed_rows(doc_lengths: Sequence[int], seq_length: int, seed: int = 1234,
+                max_rows: Optional[int] = None) -> list[np.ndarray]:
+    """The document pieces (lengths) of every full row when documents of ``doc_lengths`` are
+    shuffled (``seed``), concatenated and cut into rows of ``seq_length`` (the last partial row
+    is dropped, as training does; ``max_rows`` keeps the first rows only)."""
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    lengths = lengths[lengths > 0]
+    if lengths.size == 0:
+        raise ValueError("no documents (all lengths are 0)")
+    order = np.random.default_rng(seed).permutation(lengths.size)
+    ends = np.cumsum(lengths[order])
+    rows = int(ends[-1] // seq_length)
+    if max_rows is not None:
+        rows = min(rows, max_rows)
+    if rows == 0:
+        raise ValueError(f"the documents hold {int(ends[-1])} tokens, fewer than one row of {seq_length}")
+    total = rows * seq_length
+    cuts = np.union1d(ends[ends < total], np.arange(1, rows + 1, dtype=np.int64) * seq_length)
+    pieces = np.diff(np.concatenate(([0], cuts)))
+    row_of_piece = (np.cumsum(pieces) - 1) // seq_length
+    return np.split(pieces, np.flatnonzero(np.diff(row_of_piece)) + 1)
+
+
+def packed_attention_fraction(doc_lengths: Sequence[int], seq_length: int, seed: int = 1234,
+                              max_rows: Optional[int] = None) -> tuple[float, int]:
+    """``(fraction, rows)``: attended pairs with document masking / with causal attention, over the
+    rows :func:`packed_rows` makes (module docstring)."""
+    rows = packed_rows(doc_lengths, seq_length, seed, max_rows)
+    masked = sum(attended_pairs(r) for r in rows)
+    return masked / (len(rows) * attended_pairs([seq_length])), len(rows)
+
+
+def cp_rank_pairs(pieces: np.ndarray, cp_size: int) -> np.ndarray:
+    """Attended pairs of each CP rank's queries for one row of document ``pieces`` under the zigzag
+    layout (rank ``r`` holds chunks ``r`` and ``2 cp - 1 - r``): the attention work per rank."""
+    seq_length = int(np.sum(pieces))
+    if seq_length % (2 * cp_size):
+        raise ValueError(f"row length {seq_length} is not divisible by 2 x cp_size = {2 * cp_size}")
+    keys = np.concatenate([np.arange(1, p + 1, dtype=np.float64) for p in pieces])  # position in document + 1
+    per_chunk = keys.reshape(2 * cp_size, -1).sum(axis=1)
+    return np.array([per_chunk[r] + per_chunk[2 * cp_size - 1 - r] for r in range(cp_size)])
+
+
+def dataset_document_lengths(prefix: str) -> np.ndarray:
+    """Token count of every document of the indexed dataset ``prefix`` (``.bin``/``.idx``)."""
+    dataset = IndexedDataset(prefix)
+    ends = np.concatenate(([0], np.cumsum(np.asarray(dataset.sequence_lengths, dtype=np.int64))))
+    bounds = np.asarray(dataset.document_indices, dtype=np.int64)
+    return ends[bounds[1:]] - ends[bounds[:-1]]
+
+
+def data_attention_fraction(prefixes: Sequence[str], weights: Optional[Sequence[float]], seq_length: int,
+                            seed: int = 1234, max_rows: int = 4096) -> Optional[float]:
+    """:func:`packed_attention_fraction` of a blend of indexed datasets (each prefix packed on its
+    own, as megatron's blend draws every row from one dataset; weighted by ``weights`` or, with
+    ``None``, by token counts), over at most ``max_rows`` rows per prefix. ``None`` when a prefix
+    cannot be read or holds less than one row."""
+    fractions, shares = [], []
+    for i, prefix in enumerate(prefixes):
+        try:
+            lengths = dataset_document_lengths(str(prefix))
+            fraction, _ = packed_attention_fraction(lengths, seq_length, seed, max_rows)
+        except (OSError, ValueError, AssertionError):
+            return None
+        fractions.append(fraction)
+        shares.append(float(weights[i]) if weights is not None else float(lengths.sum()))
+    return float(np.dot(fractions, shares) / np.sum(shares)) if fractions else None
