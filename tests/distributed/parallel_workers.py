@@ -8,6 +8,8 @@ DistributedDataParallel, its forward/backward schedule and finalize_model_grads 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -33,13 +35,17 @@ def shard_batch(batch: dict, dp_rank: int, dp_size: int, cp_rank: int, cp_size: 
 
 
 def loss_and_grads(model_cfg: ModelConfig, positional: PositionalConfig, full_state: dict, batch: dict,
-                   tp: int = 1, cp: int = 1, sp: bool = False) -> dict:
-    """One forward/backward at layout (tp, cp, sp); DP fills the rest of the world."""
+                   tp: int = 1, cp: int = 1, sp: bool = False, per_head_rope: str | None = None) -> dict:
+    """One forward/backward at layout (tp, cp, sp); DP fills the rest of the world. A batch with
+    ``document_ids`` runs the model with document masking; ``per_head_rope`` overrides the RoPE path."""
+    if per_head_rope is not None:
+        positional = dataclasses.replace(positional, per_head_rope=per_head_rope)
     with megatron_parallel(tp=tp, cp=cp):
         par = ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp, sequence_parallel=sp)
         cfg = transformer_config(model_cfg, par, use_cpu_initialization=True, calculate_per_token_loss=True)
         seq_len = batch["tokens"].size(1)
-        model = build_model(model_cfg, positional, cfg, max_sequence_length=seq_len)
+        model = build_model(model_cfg, positional, cfg, max_sequence_length=seq_len,
+                            document_masking="document_ids" in batch)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -71,13 +77,16 @@ def all_layouts(model_cfg, positional, full_state, batch, layouts: list[dict]) -
     return [loss_and_grads(model_cfg, positional, full_state, batch, **layout) for layout in layouts]
 
 
-def cp_attention_vs_one_rank(seq: int, heads: int, groups: int, head_dim: int, seed: int = 0) -> float:
+def cp_attention_vs_one_rank(seq: int, heads: int, groups: int, head_dim: int, seed: int = 0,
+                             documents: list[int] | None = None) -> float:
     """Max |diff| of zigzag-CP attention (output and q/k/v grads) against one-rank attention.
 
     Runs on a process group whose CP size is the world size; every rank builds the same global
-    tensors from ``seed`` and checks its own share.
+    tensors from ``seed`` and checks its own share. ``documents``: document lengths (summing to
+    ``seq``) for attention causal within documents, on both sides.
     """
     from harpe_megatron.model.attention import causal_attention, context_parallel_causal_attention
+    from harpe_megatron.model.document_attention import masked_document_attention
 
     cp_group = parallel_state.get_context_parallel_group()
     cp_rank, cp = cp_group.rank(), cp_group.size()
@@ -88,12 +97,18 @@ def cp_attention_vs_one_rank(seq: int, heads: int, groups: int, head_dim: int, s
     upstream = torch.randn(2, heads, seq, head_dim, generator=gen)
     scale = head_dim ** -0.5
 
+    ids = None
+    if documents is not None:
+        ids = torch.repeat_interleave(torch.arange(len(documents)), torch.tensor(documents)).expand(2, seq)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = causal_attention(*(t.permute(1, 2, 0, 3) for t in full), scale)
+    if ids is None:
+        ref = causal_attention(*(t.permute(1, 2, 0, 3) for t in full), scale)
+    else:
+        ref = masked_document_attention(*(t.permute(1, 2, 0, 3) for t in full), ids, scale)
     ref.backward(upstream)
 
     local = [slice_for_cp_rank(t, 0, cp_rank, cp).clone().requires_grad_() for t in (q, k, v)]
-    out = context_parallel_causal_attention(*local, scale, cp_group)
+    out = context_parallel_causal_attention(*local, scale, cp_group, documents=ids)
     out.backward(slice_for_cp_rank(upstream, 2, cp_rank, cp))
 
     diffs = [(out - slice_for_cp_rank(ref.detach(), 2, cp_rank, cp)).abs().max()]
@@ -102,9 +117,18 @@ def cp_attention_vs_one_rank(seq: int, heads: int, groups: int, head_dim: int, s
     return max(d.item() for d in diffs)
 
 
-def layouts_and_cp_attention(model_cfg, positional, full_state, batch, layouts, attention_case: dict) -> dict:
-    """Several model layouts, then CP attention alone with CP = world size (one spawn for all)."""
+def layouts_and_cp_attention(model_cfg, positional, full_state, batch, layouts, attention_case: dict,
+                             masked: tuple | None = None) -> dict:
+    """Several model layouts, then CP attention alone with CP = world size (one spawn for all).
+
+    ``masked``: ``(positional, batch, layouts)`` of a document-masked problem, run in the same
+    spawn; the CP attention check then also runs with ``attention_case["documents"]``.
+    """
     results = all_layouts(model_cfg, positional, full_state, batch, layouts)
+    masked_results = all_layouts(model_cfg, masked[0], full_state, masked[1], masked[2]) if masked else []
     with megatron_parallel(cp=dist.get_world_size()):
+        documents = attention_case.pop("documents", None)
         attention_diff = cp_attention_vs_one_rank(**attention_case)
-    return {"layouts": results, "cp_attention_max_diff": attention_diff}
+        if documents is not None:
+            attention_diff = max(attention_diff, cp_attention_vs_one_rank(**attention_case, documents=documents))
+    return {"layouts": results, "masked_layouts": masked_results, "cp_attention_max_diff": attention_diff}
