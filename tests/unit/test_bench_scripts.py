@@ -49,3 +49,15 @@ def test_train_step_bench_tiny(tmp_path):
     # paths agree on the first loss (same bases, same weights), the single base differs
     harpe, table = rows[1], rows[2]
     assert abs(harpe["first_loss"] - table["first_loss"]) < 1e-5
+
+
+def test_doc_attention_bench_tiny(tmp_path):
+    out = tmp_path / "doc.json"
+    _run("doc_attention.py", "--tiny", "--json", str(out))
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["causal"]["pairs"] == 256 * 257 / 2
+    assert rows["document"]["kernel"] == "masked"  # CPU: the block-mask kernel
+    # the CP ranks' chunks together are the whole row's attended pairs
+    assert rows["document cp rank 0"]["pairs"] + rows["document cp rank 1"]["pairs"] == rows["document"]["pairs"]
+    assert 0 < result["saving"]["fraction"] < 1
