@@ -17,13 +17,17 @@ carries its document boundaries to the attention, which then stops at them
   first token, which it cannot see under document masking. That prediction is excluded
   (``loss_mask = 0`` where the input token is EOD, megatron's ``eod_mask_loss``), so a row of k
   documents trains exactly the k documents' own next-token predictions, as if each ran alone.
+* ``token_index`` ``[b, s]`` int64: each token's position in its row (``0 .. s-1`` before the CP
+  cut; afterwards it tells the model which row positions a CP rank holds).
 * ``attention_keys`` ``[b, s]`` (float32): how many keys each token's query attends, i.e. its
   position in its document + 1. Summed over the tokens of a step (the trainer does it through
   the loss report), it is the step's number of attended (query, key) pairs: the attention FLOPs
   that the MFU line counts (training/metrics.py).
 
-All tensors here are per-token ``[b, s]`` and are cut for context parallelism exactly like the
-tokens (:func:`~harpe_megatron.data.dataset.slice_batch_for_cp`).
+All tensors here are per-token ``[b, s]``. For context parallelism a document-masked batch is not
+cut in zigzag but in the layout balanced by ``attention_keys`` (:func:`cp_share`,
+:mod:`harpe_megatron.parallel.cp_layout`), every per-token tensor alike, plus ``token_index``
+(each token's position in its row), from which the model restores row order.
 
 Attention work of a document-length distribution (the FLOPs document masking saves):
 :func:`packed_attention_fraction` packs documents of given lengths into rows of ``seq_length``
@@ -42,9 +46,11 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch import Tensor
 
+from harpe_megatron.parallel.cp_layout import balanced_layout, rank_work, zigzag_layout
+
 __all__ = ["document_ids", "document_positions", "apply_document_masking", "attended_pairs",
            "packed_attention_fraction", "packed_rows", "dataset_document_lengths", "cp_rank_pairs",
-           "data_attention_fraction"]
+           "data_attention_fraction", "cp_share"]
 
 
 def document_ids(tokens: Tensor, eod: int) -> Tensor:
@@ -71,6 +77,7 @@ def apply_document_masking(batch: Mapping[str, Tensor], eod: int, reset_position
     ids = document_ids(tokens, eod)
     positions = document_positions(ids)
     out["document_ids"] = ids
+    out["token_index"] = torch.arange(tokens.size(-1), dtype=torch.int64, device=tokens.device).expand_as(ids).contiguous()
     out["attention_keys"] = (positions + 1).to(torch.float32)
     out["loss_mask"] = batch["loss_mask"] * (tokens != eod).to(batch["loss_mask"].dtype)
     if reset_position_ids:
@@ -116,15 +123,30 @@ def packed_attention_fraction(doc_lengths: Sequence[int], seq_length: int, seed:
     return masked / (len(rows) * attended_pairs([seq_length])), len(rows)
 
 
-def cp_rank_pairs(pieces: np.ndarray, cp_size: int) -> np.ndarray:
-    """Attended pairs of each CP rank's queries for one row of document ``pieces`` under the zigzag
-    layout (rank ``r`` holds chunks ``r`` and ``2 cp - 1 - r``): the attention work per rank."""
-    seq_length = int(np.sum(pieces))
-    if seq_length % (2 * cp_size):
-        raise ValueError(f"row length {seq_length} is not divisible by 2 x cp_size = {2 * cp_size}")
+def cp_rank_pairs(pieces: np.ndarray, cp_size: int, layout: str = "balanced") -> np.ndarray:
+    """Attended pairs of each CP rank's queries (``[cp]``) for one row of document ``pieces`` under
+    the ``"zigzag"`` or the ``"balanced"`` layout (:mod:`harpe_megatron.parallel.cp_layout`)."""
     keys = np.concatenate([np.arange(1, p + 1, dtype=np.float64) for p in pieces])  # position in document + 1
-    per_chunk = keys.reshape(2 * cp_size, -1).sum(axis=1)
-    return np.array([per_chunk[r] + per_chunk[2 * cp_size - 1 - r] for r in range(cp_size)])
+    if layout == "zigzag":
+        index = zigzag_layout(keys.size, cp_size)
+    elif layout == "balanced":
+        index = balanced_layout(keys, cp_size)
+    else:
+        raise ValueError(f"layout must be 'zigzag' or 'balanced', got {layout!r}")
+    return rank_work(index, keys)
+
+
+def cp_share(batch: Mapping[str, Tensor], cp_rank: int, cp_size: int) -> dict[str, Tensor]:
+    """This CP rank's share of a document-masked ``batch`` (full rows, after
+    :func:`apply_document_masking`): the balanced layout of the micro-batch (one for all its rows,
+    from their summed ``attention_keys``), every ``[b, s, ...]`` tensor cut with it (so
+    ``token_index`` names each kept token's position in the row). ``cp_size == 1`` keeps the rows
+    whole."""
+    keys = batch["attention_keys"]
+    if cp_size == 1:
+        return dict(batch)
+    index = torch.from_numpy(balanced_layout(keys.sum(0).double().cpu().numpy(), cp_size)[cp_rank]).to(keys.device)
+    return {name: t.index_select(1, index) for name, t in batch.items()}
 
 
 def dataset_document_lengths(prefix: str) -> np.ndarray:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -55,7 +56,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 from harpe_megatron.compat import is_fake
 from harpe_megatron.model.document_attention import document_attention
-from harpe_megatron.parallel.zigzag import gathered_to_natural_order, zigzag_chunk_ids
+from harpe_megatron.parallel.cp_layout import runs, zigzag_layout
+from harpe_megatron.parallel.zigzag import zigzag_chunk_ids
 
 __all__ = [
     "SDPAttention", "causal_attention", "context_parallel_causal_attention", "require_fused_sdpa",
@@ -159,8 +161,23 @@ def _block_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: f
     causal, or causal within documents when ``documents`` ``[b, L]`` is given."""
     if documents is None:
         return _lower_right_causal(q, k, v, scale, dropout_p, k.size(1) != q.size(1))
-    return document_attention(q, k, v, documents, scale, dropout_p,
+    return document_attention(q, k, v, documents.to(q.device), scale, dropout_p,
                               fake_causal=lambda *qkv: _fake_flash(*qkv, scale, dropout_p), max_dense=SMALL_SEQUENCE)
+
+
+def _query_runs(layout: Optional[Tensor], cp_rank: int, cp_size: int, local_len: int) -> tuple[Tensor, list]:
+    """``(row order of the gathered slots, this rank's query runs)`` for a layout (see
+    :func:`context_parallel_causal_attention`); zigzag without one, or on fake tensors. Host work."""
+    if layout is None or is_fake(layout):  # zigzag: one run per chunk (also at CP 1: two chunks)
+        index, c = zigzag_layout(local_len * cp_size, cp_size), local_len // 2
+        chunks = zigzag_chunk_ids(cp_rank, cp_size)
+        return torch.from_numpy(np.argsort(index.reshape(-1), kind="stable")), [
+            (chunk * c, c, i * c) for i, chunk in enumerate(chunks)]
+    slots = layout[:, 1].numpy()
+    if (slots != slots[:1]).any():
+        raise ValueError("the rows of a micro-batch must share one CP layout (data/documents.py: cp_share)")
+    index = slots[0].reshape(cp_size, local_len)
+    return torch.from_numpy(np.argsort(index.reshape(-1), kind="stable")), runs(index[cp_rank])
 
 
 def context_parallel_causal_attention(
@@ -170,29 +187,33 @@ def context_parallel_causal_attention(
     scale: float,
     cp_group: torch.distributed.ProcessGroup,
     dropout_p: float = 0.0,
-    documents: Optional[Tensor] = None,
+    layout: Optional[Tensor] = None,
 ) -> Tensor:
-    """Exact causal attention for zigzag-sharded ``[s_local, b, h, d]`` inputs (see module doc).
+    """Exact causal attention for context-parallel ``[s_local, b, h, d]`` inputs (see module doc).
 
-    ``documents``: ``None`` (causal), or the document ids ``[b, S]`` of the whole row in natural
-    order (every CP rank's tokens) for attention causal within documents
+    ``layout``: ``None``: zigzag shares, causal attention. Else document masking
+    (model/gpt.py makes it): ``[b, 2, S]`` (host), ``[:, 0]`` the row's document ids in row order,
+    ``[:, 1]`` the row position of every all-gathered slot (rank-major; a balanced layout,
+    parallel/cp_layout.py, one for all rows), attention causal within documents
     (:mod:`~harpe_megatron.model.document_attention`). Returns ``[b, h, s_local, d]`` for this
-    rank's two query chunks, in local (zigzag) order.
+    rank's queries, in local order.
     """
     cp_size = cp_group.size()
     cp_rank = cp_group.rank()
-    c = q.size(0) // 2
     k_all = gather_from_sequence_parallel_region(k, tensor_parallel_output_grad=True, group=cp_group)
     v_all = gather_from_sequence_parallel_region(v, tensor_parallel_output_grad=True, group=cp_group)
-    k_all = gathered_to_natural_order(k_all, 0, cp_size).permute(1, 2, 0, 3)
-    v_all = gathered_to_natural_order(v_all, 0, cp_size).permute(1, 2, 0, 3)
+    order, query_runs = _query_runs(layout, cp_rank, cp_size, q.size(0))
+    order = order.to(k_all.device)
+    k_all = k_all.index_select(0, order).permute(1, 2, 0, 3)
+    v_all = v_all.index_select(0, order).permute(1, 2, 0, 3)
     q = q.permute(1, 2, 0, 3)
+    documents = layout[:, 0] if layout is not None else None
     outs = []
-    for local_idx, chunk in enumerate(zigzag_chunk_ids(cp_rank, cp_size)):
-        q_chunk = q[:, :, local_idx * c : (local_idx + 1) * c]
-        kv_len = (chunk + 1) * c
-        docs = documents[:, :kv_len] if documents is not None else None
-        outs.append(_block_attention(q_chunk, k_all[:, :, :kv_len], v_all[:, :, :kv_len], scale, dropout_p, docs))
+    for start, length, offset in query_runs:  # row start, length, local offset: the rank's chunks in local order
+        end = start + length
+        docs = documents[:, :end] if documents is not None else None
+        outs.append(_block_attention(q[:, :, offset:offset + length], k_all[:, :, :end], v_all[:, :, :end],
+                                     scale, dropout_p, docs))
     return torch.cat(outs, dim=2)
 
 
@@ -200,9 +221,10 @@ class SDPAttention(MegatronModule):
     """megatron-core core-attention module (``submodules.core_attention`` of ``SelfAttention``).
 
     ``document_masking`` (set in the layer spec, model/spec.py) fixes what ``attention_mask``
-    is: ``False``: ``None`` only (causal attention); ``True``: the document ids ``[b, S]`` of the
-    whole row in natural order (all CP ranks' tokens; HarpeGPTModel.forward gathers them once per
-    forward), attention causal within documents (model/document_attention.py).
+    is: ``False``: ``None`` only (causal attention); ``True``: the row's document layout
+    ``[b, 2, S]`` (all CP ranks' tokens; HarpeGPTModel.forward gathers it once per forward, see
+    :func:`context_parallel_causal_attention`), attention causal within documents
+    (model/document_attention.py).
     """
 
     def __init__(
@@ -260,21 +282,21 @@ class SDPAttention(MegatronModule):
             if documents is None:
                 out = causal_attention(q, k, v, self.softmax_scale, dropout_p)
             else:
-                out = _block_attention(q, k, v, self.softmax_scale, dropout_p, documents)
+                out = _block_attention(q, k, v, self.softmax_scale, dropout_p, documents[:, 0])
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
     def _documents(self, attention_mask: Optional[Tensor], query: Tensor) -> Optional[Tensor]:
-        """The document ids this layer was built for (class doc), checked."""
+        """The document layout this layer was built for (class doc), checked."""
         if not self.document_masking:
             if attention_mask is not None:
                 raise ValueError("SDPAttention was built without document masking (causal by construction) and "
                                  "takes no attention_mask; set data.document_masking: true to mask documents")
             return None
         cp = self.cp_group.size() if self.cp_group is not None else 1
-        expected = (query.size(1), query.size(0) * cp)
+        expected = (query.size(1), 2, query.size(0) * cp)
         if attention_mask is None or attention_mask.dtype.is_floating_point or tuple(attention_mask.shape) != expected:
             got = None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)
-            raise ValueError(f"SDPAttention with document masking needs the row's document ids [batch, seq] = "
-                             f"{list(expected)} (integer) as attention_mask, got {got}")
+            raise ValueError(f"SDPAttention with document masking needs the row's document layout [batch, 2, seq] = "
+                             f"{list(expected)} (integer; model/gpt.py) as attention_mask, got {got}")
         return attention_mask

@@ -11,10 +11,14 @@ for GQA) for megatron's unfused ``apply_rotary_pos_emb``. The layers are built f
 decoder, output layer, vocab-parallel loss, sharded state dict) is megatron's.
 
 Document masking (``document_masking=True``, ``data.document_masking``): ``forward``'s
-``attention_mask`` argument is this rank's document ids ``[b, s_local]`` (the data pipeline's
-``document_ids``, zigzag-sliced like the tokens); the model all-gathers them over the CP group
-once per forward and hands every layer the row's ids ``[b, S]`` in natural order, with which
-its ``SDPAttention`` attends causally within documents (model/document_attention.py).
+``attention_mask`` argument is this rank's document layout ``[b, 2, s_local]``: the document id
+and the row position of each of its tokens (the data pipeline's ``document_ids`` and
+``token_index``, cut in the CP layout balanced by attention work, parallel/cp_layout.py). The
+model all-gathers it over the CP group once per forward, moves it to the host once, and hands
+every layer ``[b, 2, S]``: the row's document ids in row order and the row position of every
+all-gathered slot, with which its ``SDPAttention`` restores row order and attends causally
+within documents (model/attention.py, model/document_attention.py). Positions then always come
+from the batch (``position_ids``: ``0 .. S-1`` or per-document, cut like the tokens).
 
 Architectural choices (Llama-2): pre-norm RMSNorm (eps 1e-5), SwiGLU MLP, no linear biases,
 rotate-half RoPE applied to q and k with one base per query head (shared inside a KV group),
@@ -35,7 +39,6 @@ from torch import Tensor
 
 from harpe_megatron.compat import check_megatron
 from harpe_megatron.model.self_attention import HarpeSelfAttention
-from harpe_megatron.parallel.zigzag import gathered_to_natural_order
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
 
 check_megatron()  # supported megatron-core, internals we subclass present (compat.py)
@@ -133,26 +136,32 @@ class HarpeGPTModel(GPTModel):
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 *args, **kwargs):
         """megatron's ``GPTModel.forward``; ``attention_mask`` is ``None`` or, with document masking,
-        this rank's document ids ``[b, s_local]`` (module docstring)."""
+        this rank's document layout ``[b, 2, s_local]`` (module docstring)."""
         return super().forward(input_ids, position_ids, self._layer_documents(attention_mask), *args, **kwargs)
 
-    def _layer_documents(self, documents: Optional[Tensor]) -> Optional[Tensor]:
-        """The layers' ``attention_mask``: the row's document ids ``[b, S]``, natural order."""
+    def _layer_documents(self, layout: Optional[Tensor]) -> Optional[Tensor]:
+        """The layers' ``attention_mask``: ``[b, 2, S]`` on the host, ``[:, 0]`` the row's document
+        ids in row order, ``[:, 1]`` the row position of every all-gathered slot (rank-major)."""
         if not self.document_masking:
-            if documents is not None:
+            if layout is not None:
                 raise ValueError("HarpeGPTModel was built without document masking and takes no attention_mask "
                                  "(causal attention); set data.document_masking: true to mask documents")
             return None
-        if documents is None or documents.dim() != 2 or documents.dtype.is_floating_point:
-            raise ValueError("HarpeGPTModel with document masking needs this rank's document ids [batch, seq] "
-                             f"(integer) as attention_mask, got {None if documents is None else documents.dtype}")
+        if layout is None or layout.dim() != 3 or layout.size(1) != 2 or layout.dtype.is_floating_point:
+            raise ValueError("HarpeGPTModel with document masking needs this rank's document ids and token "
+                             "positions [batch, 2, seq] (integer) as attention_mask, got "
+                             f"{None if layout is None else (tuple(layout.shape), layout.dtype)}")
         cp = self.pg_collection.cp
-        if cp is None or cp.size() == 1:
-            return documents
-        local = documents.t().contiguous()  # [s_local, b]: gather along the sequence
-        gathered = torch.empty((local.size(0) * cp.size(), local.size(1)), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local, group=cp)
-        return gathered_to_natural_order(gathered, 0, cp.size()).t()
+        if cp is not None and cp.size() > 1:
+            local = layout.permute(2, 0, 1).contiguous()  # [s_local, b, 2]: gather along the sequence
+            gathered = torch.empty((local.size(0) * cp.size(),) + local.shape[1:], dtype=local.dtype,
+                                   device=local.device)
+            dist.all_gather_into_tensor(gathered, local, group=cp)
+            layout = gathered.permute(1, 2, 0)  # [b, 2, S], slots rank-major
+        layout = layout.cpu()  # once per forward: the attention cuts its work on the host
+        ids, slots = layout[:, 0], layout[:, 1]
+        row_order = torch.empty_like(ids).scatter_(1, slots, ids)
+        return torch.stack((row_order, slots), dim=1)
 
     def _preprocess(
         self,
@@ -183,9 +192,12 @@ class HarpeGPTModel(GPTModel):
         if self.config.sequence_parallel:
             local_len *= self.config.tensor_model_parallel_size
         seq_len = local_len * self.config.context_parallel_size
-        if self.position_ids_mode == "from_batch":
+        if self.position_ids_mode == "from_batch" or self.document_masking:
+            # (document masking: a CP rank's tokens follow the balanced layout, not zigzag, so even
+            # sequential positions come from the batch, which cuts them like the tokens)
             if position_ids is None:
-                raise ValueError("position_ids_mode='from_batch' needs position_ids [batch, seq] in forward()")
+                raise ValueError("position_ids_mode='from_batch' and document masking need position_ids "
+                                 "[batch, seq] in forward()")
         else:
             position_ids = None
         if self.per_head_rope == "fused":

@@ -7,8 +7,9 @@ sequence. With a position scheme (CREAM, PoSE) samples are packed at the scheme'
 and cut to the window with sampled positions. With ``data.document_masking`` each full row gets its
 document ids, per-token attended-key counts and boundary loss mask (and, with
 ``data.reset_position_ids``, per-document positions; data/documents.py). Each micro-batch is then
-split along the sequence for this CP rank (zigzag, every per-token tensor alike). Pipeline stages
-all read the iterator so that they stay in step.
+split along the sequence for this CP rank, every per-token tensor alike: zigzag, or under document
+masking the layout balanced by attention work (parallel/cp_layout.py). Pipeline stages all read
+the iterator so that they stay in step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from megatron.core import parallel_state
 
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.data.dataset import MicroBatchSampler, build_gpt_datasets, slice_batch_for_cp, to_batch
-from harpe_megatron.data.documents import apply_document_masking
+from harpe_megatron.data.documents import apply_document_masking, cp_share
 from harpe_megatron.data.position_sampling import apply_position_scheme
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 from harpe_megatron.distributed.bringup import current_device
@@ -72,7 +73,9 @@ class TrainingData:
                                               self.cfg.training.seed)
             if self.cfg.data.document_masking:
                 batch = apply_document_masking(batch, self.tokenizer.eod, self.cfg.data.reset_position_ids)
-            batch = slice_batch_for_cp(batch, self.cp_rank, self.cp_size)
+                batch = cp_share(batch, self.cp_rank, self.cp_size)  # the CP layout balanced by attention work
+            else:
+                batch = slice_batch_for_cp(batch, self.cp_rank, self.cp_size)
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def train_iterator(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -241,6 +241,7 @@ def _batch(cfg: RunConfig, vocab: int) -> dict[str, torch.Tensor]:
              "position_ids": torch.arange(shape[1], device=device).expand(shape).contiguous()}
     if cfg.data.document_masking:  # one document per row (module docstring)
         batch["document_ids"] = torch.zeros(shape, dtype=torch.int64, device=device)
+        batch["token_index"] = batch["position_ids"].clone()
         batch["attention_keys"] = (batch["position_ids"] + 1).to(torch.float32)
     return batch
 

@@ -7,8 +7,8 @@ loss is averaged over tokens, not over chunks or ranks, whatever the parallel la
 
 Batch layout (one micro-batch, already on this rank's CP share in zigzag order):
 ``tokens``, ``labels``, ``loss_mask``: ``[b, s_local]``; ``position_ids``: ``[b, s_local]``; with
-document masking also ``document_ids`` (handed to the model as its ``attention_mask``) and
-``attention_keys`` (keys each query attends; their sum is reported as ``"attention pairs"`` so
+document masking also ``document_ids`` and ``token_index`` (stacked ``[b, 2, s_local]``, handed to
+the model as its ``attention_mask``) and ``attention_keys`` (keys each query attends; their sum is reported as ``"attention pairs"`` so
 that the trainer counts the attention FLOPs actually done, data/documents.py).
 """
 
@@ -40,5 +40,8 @@ def token_loss_sum(loss_mask: Tensor, output_tensor: Tensor,
 def forward_step(data_iterator: Iterator[dict[str, Tensor]], model: Any):
     """megatron ``forward_step_func``: run the model on the next micro-batch."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"])
+    layout = None
+    if "document_ids" in batch:  # document masking: ids and row positions of this rank's tokens (model/gpt.py)
+        layout = torch.stack((batch["document_ids"], batch["token_index"]), dim=1)
+    output = model(batch["tokens"], batch["position_ids"], layout, labels=batch["labels"])
     return output, partial(token_loss_sum, batch["loss_mask"], attention_keys=batch.get("attention_keys"))

@@ -6,7 +6,8 @@ finalize_model_grads with per-token loss normalisation.
 
 The same holds under document masking (data/documents.py: document ids, per-document positions,
 boundary loss mask) with documents that straddle the zigzag chunks, a stretch of one-token
-documents, and one CP rank (of CP 2) whose tokens all have loss mask 0; the same bounds apply.
+documents, and one CP rank (of CP 2) whose tokens all have loss mask 0, cut for CP in the layout
+balanced by attention work (not zigzag); the same bounds apply.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import pytest
 import torch
 
 from harpe_megatron.config.model import ParallelConfig, PositionalConfig
-from harpe_megatron.data.documents import apply_document_masking
+from harpe_megatron.data.documents import apply_document_masking, cp_share
 from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model.builder import build_model, transformer_config
+from harpe_megatron.parallel.zigzag import zigzag_positions
 from harpe_megatron.positional.bases import UniformBases
 from tests.distributed.parallel_workers import layouts_and_cp_attention, loss_and_grads
 from tests.helpers import tiny_model_config
@@ -67,6 +69,8 @@ def masked_problem(problem):
     loss_mask[0, 8:24] = 0  # ... and rank 1 (tokens 8-23) has no token with a loss in row 0 either
     masked = apply_document_masking(dict(tokens=tokens, labels=batch["labels"], loss_mask=loss_mask,
                                          position_ids=batch["position_ids"]), EOD, reset_position_ids=True)
+    # the CP layouts below are the balanced ones (parallel/cp_layout.py), not zigzag
+    assert cp_share(masked, 0, 2)["token_index"][0].tolist() != zigzag_positions(SEQ, 0, 2).tolist()
     reference = loss_and_grads(m, MASKED_POSITIONAL, full_state, masked)
     unmasked = loss_and_grads(m, MASKED_POSITIONAL, full_state, {k: v for k, v in masked.items()
                                                                  if k not in ("document_ids", "attention_keys")})

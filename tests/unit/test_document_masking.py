@@ -51,9 +51,11 @@ def _models(positional, masked_too=True):
     return plain, masked
 
 
-def _loss_and_grads(model, tokens, labels, mask, positions, documents):
+def _loss_and_grads(model, tokens, labels, mask, positions, batch=None):
+    """Per-token losses and gradients; ``batch``: the document-masked batch whose layout to pass."""
     model.zero_grad()
-    losses = model(tokens, positions, documents, labels=labels)
+    layout = torch.stack((batch["document_ids"], batch["token_index"]), dim=1) if batch is not None else None
+    losses = model(tokens, positions, layout, labels=labels)
     (losses * mask).sum().backward()
     return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -72,14 +74,14 @@ def test_row_of_documents_equals_documents_run_separately(single_rank, per_head_
             {"tokens": row, "labels": torch.cat([row[0, 1:], next_first])[None], "loss_mask": torch.ones(1, 32),
              "position_ids": torch.arange(32)[None]}, EOD, reset_position_ids=True)
         packed_losses, packed_grads = _loss_and_grads(masked, batch["tokens"], batch["labels"], batch["loss_mask"],
-                                                      batch["position_ids"], batch["document_ids"])
+                                                      batch["position_ids"], batch)
         alone_grads, start = None, 0
         for doc in docs:
             n = doc.numel()
             mask = torch.ones(1, n)
             mask[0, -1] = 0  # the EOD predicts nothing inside its own document
             labels = torch.cat([doc[1:], doc[:1]])[None]
-            losses, grads = _loss_and_grads(plain, doc[None], labels, mask, None, None)
+            losses, grads = _loss_and_grads(plain, doc[None], labels, mask, None)
             span = batch["loss_mask"][0, start:start + n].bool()
             assert span.tolist() == mask[0].bool().tolist()
             torch.testing.assert_close(packed_losses[0, start:start + n][span], losses[0][span], rtol=1e-6, atol=1e-6)
@@ -89,7 +91,7 @@ def test_row_of_documents_equals_documents_run_separately(single_rank, per_head_
             # fp32, other summation order (one backward vs four): measured <= 1.5e-6 of the largest entry
             assert (packed_grads[name] - g).abs().max() <= 4e-6 * g.abs().max(), name
         # not vacuous: the same row without document masking gives other losses
-        unmasked, _ = _loss_and_grads(plain, batch["tokens"], batch["labels"], batch["loss_mask"], None, None)
+        unmasked, _ = _loss_and_grads(plain, batch["tokens"], batch["labels"], batch["loss_mask"], None)
         assert (unmasked - packed_losses)[batch["loss_mask"].bool()].abs().max() > 1e-2
 
 
@@ -105,12 +107,11 @@ def test_without_reset_positions_only_rope_rounding_differs(single_rank):
              "position_ids": torch.arange(32)[None]}, EOD, reset_position_ids=False)
         assert batch["position_ids"].tolist() == [list(range(32))]
         packed, _ = _loss_and_grads(masked, batch["tokens"], batch["labels"], batch["loss_mask"],
-                                    batch["position_ids"], batch["document_ids"])
+                                    batch["position_ids"], batch)
         start = 0
         for doc in docs:
             n = doc.numel()
-            losses, _ = _loss_and_grads(plain, doc[None], torch.cat([doc[1:], doc[:1]])[None], torch.ones(1, n), None,
-                                        None)
+            losses, _ = _loss_and_grads(plain, doc[None], torch.cat([doc[1:], doc[:1]])[None], torch.ones(1, n), None)
             torch.testing.assert_close(packed[0, start:start + n - 1], losses[0, :-1], rtol=0, atol=1e-4)
             start += n
 
@@ -120,9 +121,10 @@ def test_model_refuses_a_missing_or_unexpected_mask(single_rank):
         plain, masked = _models(PositionalConfig(bases=BASES))
         tokens = torch.randint(3, 256, (1, 8))
         with pytest.raises(ValueError, match="built without document masking"):
-            plain(tokens, None, torch.zeros(1, 8, dtype=torch.long))
-        with pytest.raises(ValueError, match="needs this rank's document ids"):
-            masked(tokens, torch.arange(8)[None], None)
+            plain(tokens, None, torch.zeros(1, 2, 8, dtype=torch.long))
+        for bad in (None, torch.zeros(1, 8, dtype=torch.long)):
+            with pytest.raises(ValueError, match="needs this rank's document ids and token positions"):
+                masked(tokens, torch.arange(8)[None], bad)
 
 
 # data side ------------------------------------------------------------------------------------
