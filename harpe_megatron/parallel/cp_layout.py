@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from harpe_megatron.parallel.zigzag import zigzag_positions
+from harpe_megatron.parallel.zigzag import zigzag_chunk_ids
 
 __all__ = ["chunk_count", "zigzag_layout", "balanced_layout", "runs", "rank_work"]
 
@@ -44,8 +44,13 @@ def chunk_count(seq_len: int, cp_size: int) -> int:
 
 
 def zigzag_layout(seq_len: int, cp_size: int) -> np.ndarray:
-    """The zigzag layout as ``[cp, S / cp]`` row positions."""
-    return np.stack([zigzag_positions(seq_len, r, cp_size).numpy() for r in range(cp_size)])
+    """The zigzag layout (parallel/zigzag.py) as ``[cp, S / cp]`` row positions (numpy: host
+    arithmetic, also inside the planner's fake-tensor mode)."""
+    if cp_size == 1:
+        return np.arange(seq_len, dtype=np.int64)[None]
+    c = seq_len // (2 * cp_size)
+    chunks = [zigzag_chunk_ids(r, cp_size) for r in range(cp_size)]
+    return np.stack([np.concatenate([np.arange(j * c, (j + 1) * c) for j in pair]) for pair in chunks]).astype(np.int64)
 
 
 def rank_work(index: np.ndarray, work: np.ndarray) -> np.ndarray:
