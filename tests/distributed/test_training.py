@@ -61,6 +61,21 @@ def test_parallel_layout_matches_one_rank(setup, layout):
         _close(r.losses, reference, range(1, STEPS + 1), name)
 
 
+def test_document_masked_training_matches_one_rank_under_cp_and_pp(setup):
+    """data.document_masking + reset_position_ids end to end: the trainer's data pipeline (EOD
+    boundaries, balanced CP layout), the model, the loss report; CP 2 and PP 2 equal one rank."""
+    config, base, root, _ = setup
+    masked = base + ["data.document_masking=true", "data.reset_position_ids=true", "positional.position_ids=from_batch",
+                     "training.train_iters=6"]
+    one = run_distributed(train_with, 1, config, masked + ["parallel.tensor_model_parallel_size=1",
+                                                           f"run_dir={root / 'docs_ref'}"])[0]
+    for name, layout in (("cp2", ["parallel.context_parallel_size=2"]), ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
+        result = run_distributed(train_with, 2, config, masked + layout + ["parallel.tensor_model_parallel_size=1",
+                                                                           f"run_dir={root / ('docs_' + name)}"])
+        for r in result:
+            _close(r.losses, one, range(1, 7), f"document-masked {name}")
+
+
 def test_stop_and_resume_equals_uninterrupted(setup):
     config, base, root, reference = setup
     run = [f"run_dir={root / 'resume'}", "parallel.tensor_model_parallel_size=1"]
