@@ -12,9 +12,10 @@ Saving (``fraction``): the corpus' documents are shuffled, concatenated and cut 
 ``--seq-length`` tokens as the GPT dataset does (data/documents.py, :func:`packed_rows`); the
 attended (query, key) pairs under document masking (``sum s_i (s_i + 1) / 2`` over each row's
 document pieces) are divided by causal attention's (``S (S + 1) / 2`` per row). Attention FLOPs
-scale with that fraction; the rest of the model does not change. CP balance: the zigzag layout's
-attended pairs per CP rank (data/documents.py, :func:`cp_rank_pairs`), max / mean over ranks,
-per row.
+scale with that fraction; the rest of the model does not change. CP balance: the attended pairs
+per CP rank (data/documents.py, :func:`cp_rank_pairs`) of the zigzag layout and of the layout
+balanced by attention work that document-masked training uses (parallel/cp_layout.py), the
+busiest rank over the mean, per row.
 
 Kernels (``--time``), each timed in this process on the same q/k/v ``[1, h, S, d]``:
 
@@ -23,8 +24,8 @@ Kernels (``--time``), each timed in this process on the same q/k/v ``[1, h, S, d
 * ``document``: :func:`harpe_megatron.model.document_attention.document_attention` with the row's
   document ids (the kernel the rule picks: flash varlen on CUDA in bf16/fp16, the block mask on
   CPU; the ``kernel`` column says);
-* with ``--cp N``: ``document cp rank r``: rank r's two zigzag chunks against their key prefixes,
-  as the model's CP attention runs them (K/V gathered beforehand, not timed).
+* with ``--cp N``: ``document cp rank r``: rank r's query runs in the balanced layout against
+  their key prefixes, as the model's CP attention runs them (K/V gathered beforehand, not timed).
 
 TFLOP/s count 4 n d FLOPs per attended pair forward and 2x that backward (the MFU convention of
 training/metrics.py), each variant with its own pairs.
@@ -55,7 +56,7 @@ from harpe_megatron.data.documents import (  # noqa: E402
     packed_rows,
 )
 from harpe_megatron.model.document_attention import document_attention, document_kernel  # noqa: E402
-from harpe_megatron.parallel.zigzag import zigzag_chunk_ids  # noqa: E402
+from harpe_megatron.parallel.cp_layout import balanced_layout, runs  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -70,9 +71,11 @@ def saving(lengths: np.ndarray, seq_length: int, cp: int, seed: int, max_rows: i
            "attention_flops_saved": 1 - fraction,
            "pieces_per_row_mean": float(np.mean([len(p) for p in pieces]))}
     if cp > 1 and seq_length % (2 * cp) == 0:
-        imbalance = [float(r.max() / r.mean()) for r in (cp_rank_pairs(p, cp) for p in pieces)]
-        out.update(cp=cp, cp_max_over_mean_worst=max(imbalance), cp_max_over_mean_median=float(np.median(imbalance)),
-                   cp_max_over_mean_mean=float(np.mean(imbalance)))
+        out["cp"] = cp
+        for layout in ("zigzag", "balanced"):
+            imbalance = [float(r.max() / r.mean()) for r in (cp_rank_pairs(p, cp, layout) for p in pieces)]
+            out[f"cp_{layout}_max_over_mean"] = {"median": float(np.median(imbalance)),
+                                                 "mean": float(np.mean(imbalance)), "worst": max(imbalance)}
     return out
 
 
@@ -114,15 +117,15 @@ def time_kernels(pieces: np.ndarray, heads: int, kv_heads: int, dim: int, dtype,
     add("causal", "sdpa is_causal", causal, attended_pairs([seq]))
     add("document", kernel, masked(q, k, v, ids, grad), attended_pairs(pieces))
     if cp > 1:
-        c = seq // (2 * cp)
-        keys = np.concatenate([np.arange(1, p + 1) for p in pieces])
+        keys = np.concatenate([np.arange(1, p + 1) for p in pieces]).astype(np.float64)
+        index = balanced_layout(keys, cp)
         for r in range(cp):
             fns, pairs = [], 0.0
-            for chunk in zigzag_chunk_ids(r, cp):
-                end = (chunk + 1) * c
-                qb = q[:, :, chunk * c:end]
-                fns.append(masked(qb, k[:, :, :end], v[:, :, :end], ids[:, :end], grad[:, :, chunk * c:end]))
-                pairs += float(keys[chunk * c:end].sum())
+            for start, length, _ in runs(index[r]):
+                end = start + length
+                fns.append(masked(q[:, :, start:end], k[:, :, :end], v[:, :, :end], ids[:, :end],
+                                  grad[:, :, start:end]))
+                pairs += float(keys[start:end].sum())
             add(f"document cp rank {r}", kernel, lambda fns=fns: [f() for f in fns], pairs, {"cp": cp, "cp_rank": r})
     return rows
 
@@ -172,9 +175,11 @@ def main(argv=None) -> int:
           f"document pieces per row")
     print(f"attended pairs with document masking / causal = {s['fraction']:.4f}: attention FLOPs saved "
           f"{100 * s['attention_flops_saved']:.1f}%")
-    if "cp" in s:
-        print(f"zigzag CP {s['cp']}: attended pairs per rank, max / mean per row: median {s['cp_max_over_mean_median']:.3f}, "
-              f"mean {s['cp_max_over_mean_mean']:.3f}, worst {s['cp_max_over_mean_worst']:.3f}")
+    for layout in ("zigzag", "balanced"):
+        if f"cp_{layout}_max_over_mean" in s:
+            b = s[f"cp_{layout}_max_over_mean"]
+            print(f"CP {s['cp']}, {layout} layout: attended pairs of the busiest rank / mean, per row: median "
+                  f"{b['median']:.3f}, mean {b['mean']:.3f}, worst {b['worst']:.3f}")
     if args.time:
         pieces = packed_rows(lengths, args.seq_length, args.seed, 1)[0]
         rows = time_kernels(pieces, args.heads, args.kv_heads or args.heads, args.head_dim, _DTYPES[args.dtype],
