@@ -50,7 +50,7 @@ from harpe_megatron.parallel.cp_layout import balanced_layout, rank_work, zigzag
 
 __all__ = ["document_ids", "document_positions", "apply_document_masking", "attended_pairs",
            "packed_attention_fraction", "packed_rows", "dataset_document_lengths", "cp_rank_pairs",
-           "data_attention_fraction", "cp_share"]
+           "data_attention_fraction", "cp_share", "first_document_without_eod"]
 
 
 def document_ids(tokens: Tensor, eod: int) -> Tensor:
@@ -173,3 +173,24 @@ def data_attention_fraction(prefixes: Sequence[str], weights: Optional[Sequence[
         fractions.append(fraction)
         shares.append(float(weights[i]) if weights is not None else float(lengths.sum()))
     return float(np.dot(fractions, shares) / np.sum(shares)) if fractions else None
+
+
+def first_document_without_eod(bin_path: str, dtype: np.dtype, lengths: np.ndarray, pointers: np.ndarray,
+                               boundaries: np.ndarray, eod: int, ranges: Sequence[tuple[int, int]],
+                               chunk: int = 1 << 20) -> Optional[int]:
+    """The first document, among the document index ``ranges`` of an indexed dataset (its
+    ``.idx`` arrays), whose last token is not ``eod``; ``None`` when all end with it (empty
+    documents are skipped). Document masking finds boundaries by EOD tokens only."""
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    for lo, hi in ranges:
+        for start in range(lo, hi, chunk):
+            docs = np.arange(start, min(hi, start + chunk))
+            last = np.asarray(boundaries[docs + 1]) - 1
+            nonempty = last >= np.asarray(boundaries[docs])
+            last = np.where(nonempty, last, 0)
+            nonempty &= np.asarray(lengths[last]) > 0
+            ends = np.asarray(pointers[last]) // dtype.itemsize + np.asarray(lengths[last]) - 1
+            bad = nonempty & (tokens[np.where(nonempty, ends, 0)] != eod)
+            if bad.any():
+                return int(docs[np.argmax(bad)])
+    return None
