@@ -22,7 +22,7 @@ carries its document boundaries to the attention, which then stops at them
 * ``attention_keys`` ``[b, s]`` (float32): how many keys each token's query attends, i.e. its
   position in its document + 1. Summed over the tokens of a step (the trainer does it through
   the loss report), it is the step's number of attended (query, key) pairs: the attention FLOPs
-  that the MFU line counts (training/metrics.py).
+  that the MFU line counts (step/metrics.py).
 
 All tensors here are per-token ``[b, s]``. For context parallelism a document-masked batch is not
 cut in zigzag but in the layout balanced by ``attention_keys`` (:func:`cp_share`,

@@ -33,7 +33,7 @@ Kernels, chosen per call by :func:`document_kernel` (the stated rule):
 * ``"fake"`` -- fake tensors (the memory planner): a FakeTensor has no ids to cut, so the
   planner runs the causal flash op of the chunk, i.e. the bound of one document per row (the
   same saved tensors as the varlen kernel: output and log-sum-exp); its FLOPs are then scaled by
-  the data's document lengths in the planner (training/plan.py).
+  the data's document lengths in the planner (planner/plan.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Kernels (``--time``), each timed in this process on the same q/k/v ``[1, h, S, d
   their key prefixes, as the model's CP attention runs them (K/V gathered beforehand, not timed).
 
 TFLOP/s count 4 n d FLOPs per attended pair forward and 2x that backward (the MFU convention of
-training/metrics.py), each variant with its own pairs.
+step/metrics.py), each variant with its own pairs.
 """
 
 from __future__ import annotations

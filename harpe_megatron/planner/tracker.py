@@ -1,7 +1,7 @@
 """What the memory planner counts: every live storage by category, its peak, and FLOPs by phase.
 
 :class:`AllocationTracker` is a ``TorchDispatchMode`` that sees every op of a planned micro-step
-(:mod:`harpe_megatron.training.plan`); on fake tensors it measures what the real run would
+(:mod:`harpe_megatron.planner.plan`); on fake tensors it measures what the real run would
 allocate, on real tensors the same code measures the real run (the planner's agreement tests).
 """
 
@@ -48,7 +48,7 @@ class AllocationTracker(TorchDispatchMode):
     ``forward`` outside autograd's backward, ``recompute`` inside megatron's checkpoint functions'
     backward (activation recomputation re-runs the forward there) and for the attention kernels'
     own recomputation of ``Q K^T`` in their backward, ``backward`` otherwise. ``attention_flops``
-    holds the attention kernels' share of each (what document masking scales, training/plan.py).
+    holds the attention kernels' share of each (what document masking scales, planner/plan.py).
     """
 
     def __init__(self, vocab_local: Optional[int] = None):
