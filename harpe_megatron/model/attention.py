@@ -12,7 +12,7 @@ Conventions
   SDPA's ``enable_gqa`` does. Output is ``[sq, b, np * hn]``.
 * Causal self-attention (``attn_mask_type=causal``). Built with ``document_masking=True``
   (``data.document_masking``), causal *within documents*: ``attention_mask`` is then the row's
-  document ids, see :class:`SDPAttention` and :mod:`~harpe_megatron.model.document_attention`
+  document layout, see :class:`SDPAttention` and :mod:`~harpe_megatron.model.document_attention`
   (the kernels: flash varlen on CUDA, a boolean block mask elsewhere). Without it an explicit
   ``attention_mask`` is rejected rather than silently ignored.
 * Context parallelism (zigzag, see :mod:`harpe_megatron.parallel.zigzag`): each CP rank holds
@@ -23,7 +23,10 @@ Conventions
   SDPA use its fused kernels. The result is exact against one-rank attention; no S x S score
   tensor is built by this code. This is the "all_gather" CP scheme (as in Llama 3 and TE's
   ``cp_comm_type="all_gather"``): it trades K/V memory for simplicity; communication is one
-  all-gather of K and V per layer (``2 * S * ng * hn`` elements) and overlaps nothing.
+  all-gather of K and V per layer (``2 * S * ng * hn`` elements) and overlaps nothing. Under
+  document masking the shares are not zigzag but balanced by attention work
+  (:mod:`harpe_megatron.parallel.cp_layout`): each rank's queries are runs of row positions, each
+  run attends to its key prefix the same way.
 * Never a silent math fallback (:func:`require_fused_sdpa`): on CUDA every call is checked
   before it runs; when no fused kernel (flash, cuDNN, memory-efficient; for the lower-right
   mask only flash and memory-efficient, which is what ``CausalBias`` dispatches to) accepts the
@@ -161,7 +164,7 @@ def _block_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: f
     causal, or causal within documents when ``documents`` ``[b, L]`` is given."""
     if documents is None:
         return _lower_right_causal(q, k, v, scale, dropout_p, k.size(1) != q.size(1))
-    return document_attention(q, k, v, documents.to(q.device), scale, dropout_p,
+    return document_attention(q, k, v, documents, scale, dropout_p,
                               fake_causal=lambda *qkv: _fake_flash(*qkv, scale, dropout_p), max_dense=SMALL_SEQUENCE)
 
 

@@ -129,6 +129,8 @@ def varlen_document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Tensor
 def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Tensor, scale: float, dropout_p: float,
                        fake_causal: Callable[[Tensor, Tensor, Tensor], Tensor], max_dense: int) -> Tensor:
     """Document-causal attention of the last ``c`` queries (module doc), by :func:`document_kernel`.
+    ``documents`` may live on the host (the model keeps them there: the varlen kernel cuts its
+    pieces on the host; the block mask moves them to ``q``'s device).
 
     ``fake_causal(q, k, v)``: the planner's causal op for fake tensors; ``max_dense``: longest
     ``"masked"`` call allowed on CUDA.
@@ -146,4 +148,4 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Tensor, scale
             f"for q {tuple(q.shape)} {q.dtype}, head_dim {q.size(-1)}, dropout {dropout_p}: the flash varlen kernel "
             "needs bf16 or fp16 (training.precision), head_dim a multiple of 8 and <= 256 and attention dropout 0; "
             "see docs/document_masking.md")
-    return masked_document_attention(q, k, v, documents, scale, dropout_p)
+    return masked_document_attention(q, k, v, documents.to(q.device), scale, dropout_p)
