@@ -149,24 +149,35 @@ def cp_share(batch: Mapping[str, Tensor], cp_rank: int, cp_size: int) -> dict[st
     return {name: t.index_select(1, index) for name, t in batch.items()}
 
 
-def dataset_document_lengths(prefix: str) -> np.ndarray:
-    """Token count of every document of the indexed dataset ``prefix`` (``.bin``/``.idx``)."""
+def dataset_document_lengths(prefix: str, max_documents: Optional[int] = None, seed: int = 1234) -> np.ndarray:
+    """Token count of every document of the indexed dataset ``prefix`` (``.bin``/``.idx``), or of
+    ``max_documents`` of them drawn at random (seeded, with replacement) when it holds more: an
+    estimate of the distribution that reads O(max_documents) of a corpus of any size."""
     dataset = IndexedDataset(prefix)
-    ends = np.concatenate(([0], np.cumsum(np.asarray(dataset.sequence_lengths, dtype=np.int64))))
+    sequence_lengths = dataset.sequence_lengths
     bounds = np.asarray(dataset.document_indices, dtype=np.int64)
-    return ends[bounds[1:]] - ends[bounds[:-1]]
+    n = bounds.size - 1
+    if max_documents is None or n <= max_documents:
+        ends = np.concatenate(([0], np.cumsum(np.asarray(sequence_lengths, dtype=np.int64))))
+        return ends[bounds[1:]] - ends[bounds[:-1]]
+    docs = np.random.default_rng(seed).integers(0, n, size=max_documents)
+    starts, stops = bounds[docs], bounds[docs + 1]
+    if np.all(stops - starts == 1):  # one sequence per document (what the preprocessors write)
+        return np.asarray(sequence_lengths[starts], dtype=np.int64)
+    return np.array([int(np.sum(sequence_lengths[a:b])) for a, b in zip(starts, stops)], dtype=np.int64)
 
 
 def data_attention_fraction(prefixes: Sequence[str], weights: Optional[Sequence[float]], seq_length: int,
-                            seed: int = 1234, max_rows: int = 4096) -> Optional[float]:
+                            seed: int = 1234, max_rows: int = 4096, max_documents: int = 1 << 20) -> Optional[float]:
     """:func:`packed_attention_fraction` of a blend of indexed datasets (each prefix packed on its
     own, as megatron's blend draws every row from one dataset; weighted by ``weights`` or, with
-    ``None``, by token counts), over at most ``max_rows`` rows per prefix. ``None`` when a prefix
-    cannot be read or holds less than one row."""
+    ``None``, by token counts), over at most ``max_rows`` rows of at most ``max_documents``
+    documents per prefix (:func:`dataset_document_lengths`). ``None`` when a prefix cannot be
+    read or holds less than one row."""
     fractions, shares = [], []
     for i, prefix in enumerate(prefixes):
         try:
-            lengths = dataset_document_lengths(str(prefix))
+            lengths = dataset_document_lengths(str(prefix), max_documents, seed)
             fraction, _ = packed_attention_fraction(lengths, seq_length, seed, max_rows)
         except (OSError, ValueError, AssertionError):
             return None

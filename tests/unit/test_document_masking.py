@@ -208,3 +208,26 @@ def test_te_spec_refuses_document_masking():
     with pytest.raises(ConfigError, match=r"data\.document_masking needs model\.transformer_impl: local"):
         config_from_dict({"model": {"preset": "llama2-7b", "transformer_impl": "te"}, "training": {"train_iters": 1},
                           "data": {"document_masking": True}})
+
+
+def test_document_lengths_of_an_indexed_dataset(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from harpe_megatron.data.documents import dataset_document_lengths, first_document_without_eod
+
+    prefix = str(tmp_path / "d")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    docs = [[[5, 6, EOD]], [[7, 8], [9, EOD]], [[EOD]], [[3] * 10 + [EOD]]]  # document 1: two sequences
+    for doc in docs:
+        for seq in doc:
+            builder.add_item(torch.tensor(seq))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    assert dataset_document_lengths(prefix).tolist() == [3, 4, 1, 11]
+    sampled = dataset_document_lengths(prefix, max_documents=2, seed=0)
+    assert sampled.size == 2 and set(sampled.tolist()) <= {3, 4, 1, 11}
+    lengths = np.array([3, 2, 2, 1, 11], dtype=np.int32)  # the sequences' lengths, as the .idx holds them
+    pointers = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64) * 2
+    args = (prefix + ".bin", np.dtype(np.uint16), lengths, pointers, np.array([0, 1, 3, 4, 5]))
+    assert first_document_without_eod(*args, EOD, [(0, 4)]) is None
+    assert first_document_without_eod(*args, 9, [(0, 4)]) == 0
