@@ -21,8 +21,9 @@ Kernels, chosen per call by :func:`document_kernel` (the stated rule):
   (:func:`torch.nn.attention.varlen.varlen_attn`). Each row's query block is cut where the
   document changes; piece ``p`` attends to its document's keys from the document's start to the
   piece's last query, causal aligned bottom-right. Within one block the pieces' key ranges are
-  adjacent, so one call per row covers the block with ``q`` and a *view* of the key prefix
-  starting at the first piece's document start: no copy of K/V, no masked-out block computed.
+  adjacent, so one call per row covers the block with ``q`` and the key prefix starting at the
+  first piece's document start (a view for one-row micro-batches, the 128k case; a copy per row
+  otherwise): no tile outside a document's causal triangle is computed.
   The pieces are computed on the host from the ids (:func:`document_pieces`; one small
   device-to-host copy per row and layer).
 * ``"masked"`` -- everything else (CPU, fp32): one ``scaled_dot_product_attention`` with the
