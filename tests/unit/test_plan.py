@@ -184,7 +184,7 @@ def test_document_masking_counts_the_attention_it_leaves(demo_data, tmp_path):
     overrides = [f"data.paths=[{demo_data['prefix']}]", f"data.tokenizer_model={demo_data['tokenizer']}",
                  "model.vocab_size=512", "data.seq_length=2048", "data.document_masking=true",
                  "training.precision=bf16", "parallel.context_parallel_size=2"]
-    subprocess.run([sys.executable, "-m", "tests.unit.plan_worker", TINY, str(out), "4", *overrides],
+    subprocess.run([sys.executable, "-m", "tests.unit.plan_worker", TINY, str(out), "4", "--fake-only", *overrides],
                    check=True, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     plan = json.loads(out.read_text())["planned"]
     cfg = load_config(TINY, overrides)
