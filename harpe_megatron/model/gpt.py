@@ -196,7 +196,7 @@ class HarpeGPTModel(GPTModel):
             # (document masking: a CP rank's tokens follow the balanced layout, not zigzag, so even
             # sequential positions come from the batch, which cuts them like the tokens)
             if position_ids is None:
-                raise ValueError("position_ids_mode='from_batch' and document masking need position_ids "
+                raise ValueError("position_ids_mode='from_batch' (or document masking) needs position_ids "
                                  "[batch, seq] in forward()")
         else:
             position_ids = None
