@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["UnsafeCheckpointError", "check_megatron_checkpoint", "load_dcp_metadata"]
+__all__ = ["UnsafeCheckpointError", "check_megatron_checkpoint", "load_dcp_metadata", "read_common_state"]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -134,3 +134,14 @@ def check_megatron_checkpoint(ckpt_dir: str | os.PathLike) -> None:
     common = ckpt / "common.pt"
     if common.is_file():
         _weights_only(common, str(common))
+
+
+def read_common_state(ckpt_dir: str | os.PathLike) -> dict:
+    """The plain entries of a checkpoint's common state (``iteration``, ``consumed_samples``,
+    ``config_yaml``, ...), without its tensors, after :func:`check_megatron_checkpoint` (kilobytes
+    read). Raises :class:`UnsafeCheckpointError` or what the read raises."""
+    from megatron.core import dist_checkpointing
+
+    check_megatron_checkpoint(ckpt_dir)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    return {k: v for k, v in common.items() if k not in ("model", "optimizer", "scheduler")}

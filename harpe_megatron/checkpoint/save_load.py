@@ -275,9 +275,10 @@ def _first_failure(failure: Optional[str]) -> Optional[str]:
 
 
 def _write_shards(tmp: Path, step: int, model_chunks: list, optimizer, scheduler, consumed_samples: int,
-                  config_yaml: str, hooks: "SaveHooks") -> None:
+                  config_yaml: str, hooks: "SaveHooks", common: Optional[dict]) -> None:
     rank = dist.get_rank()
     state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state.update(common or {})
     state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
                  scheduler=scheduler.state_dict() if scheduler is not None else None)
     dist_checkpointing.save(state, str(tmp))
@@ -293,12 +294,13 @@ def _checksum_share(directory: Path) -> dict[str, str]:
 
 
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, optimizer, scheduler,
-                    consumed_samples: int, config_yaml: str, keep_last: int, hooks: Optional["SaveHooks"] = None
-                    ) -> Path:
+                    consumed_samples: int, config_yaml: str, keep_last: int, hooks: Optional["SaveHooks"] = None,
+                    common: Optional[dict] = None) -> Path:
     """Save a complete checkpoint for ``step`` (collective: every rank calls it).
 
     ``hooks`` (default: none) is called between phases; the reliability tests' fault injection
-    (training/faults.py) is the one user.
+    (training/faults.py) is the one user. ``common``: further plain entries (numbers, strings,
+    lists, dicts) of the checkpoint's common state, e.g. the trainer's data fingerprint.
 
     Any error on any rank raises :class:`CheckpointError` on every rank (one line: checkpoint,
     failing rank and cause, what ``latest`` still names); ``iter_N.tmp`` is removed, ``latest``
@@ -349,7 +351,7 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
         if failure is None:
             failure = _first_failure(_attempt(
                 lambda: _write_shards(tmp, step, model_chunks, optimizer, scheduler, consumed_samples, config_yaml,
-                                      hooks)))
+                                      hooks, common)))
         if failure is None:
             failure = checksum()  # all ranks' files are written: agreed just above
         if failure is None:

@@ -49,11 +49,12 @@ from harpe_megatron.checkpoint.save_load import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from harpe_megatron.config.loader import config_to_dict, save_config
+from harpe_megatron.config.loader import config_to_dict
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.distributed.bringup import current_device
 from harpe_megatron.log import get_logger
 from harpe_megatron.training.build import build_optimizer, build_training_model
+from harpe_megatron.training.config_history import record_config
 from harpe_megatron.training.data import TrainingData
 from harpe_megatron.training.exit_codes import PEER_FAILURE_EXIT_CODE, NonFiniteAbort
 from harpe_megatron.training.faults import NoFaults, faults_from_env
@@ -68,6 +69,13 @@ from harpe_megatron.training.metrics import (
 )
 from harpe_megatron.training.plan import Builders, preflight
 from harpe_megatron.training.preemption import NoPreemption, Preemption
+from harpe_megatron.training.resume_checks import (
+    ResumePlan,
+    config_settings_kept,
+    data_fingerprint,
+    plan_resume,
+    read_saved_state,
+)
 from harpe_megatron.training.run_lock import RunDirInUse, hold_run_dir
 from harpe_megatron.training.step import forward_step
 from harpe_megatron.training.watchdog import (
@@ -192,6 +200,7 @@ class Trainer:
         self.step, self.consumed = 0, 0
         self.first_step = 1
         self.resume_from: Optional[Path] = None
+        self.resume: Optional[ResumePlan] = None  # what a resume continues with (training/resume_checks.py)
         self.last_saved: Optional[Path] = None
         self.losses: dict[int, float] = {}
         self.eval_losses: dict[int, float] = {}
@@ -202,11 +211,15 @@ class Trainer:
 
     # set-up ------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Model, optimizer and scheduler; the state to resume from or the initial weights; data and sinks."""
+        """The resume checks; model, optimizer and scheduler; the state to resume from or the initial
+        weights; data; the run's config record (only now: a failed start leaves it as it was); sinks."""
+        self.resume_from = _resume_point(Path(self.cfg.checkpoint.load or self.save_dir))
+        if self.resume_from is not None:  # compared before anything is built (ConfigError if refused)
+            saved = read_saved_state(self.resume_from, self.rank == 0, _from_rank0)
+            self.resume = plan_resume(self.cfg, self.resume_from, saved)
+            self.cfg = self.resume.cfg
         cfg, t = self.cfg, self.cfg.training
         self.config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
         # memory plan, nothing allocated
         preflight(cfg, self.world, Builders(build_training_model, build_optimizer), log=_log.info)
         self.model_chunks, self.tconfig = build_training_model(cfg)
@@ -215,13 +228,21 @@ class Trainer:
         self.first_step = self.step + 1
         self.data = TrainingData(cfg, self.world, consumed_train_samples=self.consumed,
                                  total_train_steps=self.train_iters)
+        if self.resume is not None:
+            self.resume.check_data_order(self.data.train)
         self.train_iter = self.data.train_iterator()
+        if self.rank == 0:
+            record_config(self.run_dir, self.config_yaml, self.first_step)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = peak_tflops(t.precision, cfg.logging.peak_tflops)
         self.sinks = MetricSinks(enabled=self.rank == 0, run_dir=str(self.run_dir),
                                  tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                                  wandb_mode=cfg.logging.wandb_mode, wandb_run_name=cfg.logging.wandb_run_name,
                                  config=config_to_dict(cfg))
+        for note in self.resume.notes if self.resume is not None else []:
+            (_log.warning if note.startswith("WARNING") else _log.info)(note)
+        if self.resume is not None and self.resume.changes:
+            self.sinks.record(self.step, self.resume.record())
         p = cfg.parallel
         _log.info(f"world {self.world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
                   f"x CP {p.context_parallel_size} x DP {cfg.data_parallel_size(self.world)}; "
@@ -231,11 +252,11 @@ class Trainer:
     def _load_state(self) -> None:
         """Resume from the newest complete checkpoint, or load ``checkpoint.pretrained``, or neither."""
         cfg = self.cfg
-        self.resume_from = _resume_point(Path(cfg.checkpoint.load or self.save_dir))
-        if self.resume_from is not None:
+        if self.resume is not None:
             self.watchdog.progress(self.step, "load")
-            state = load_checkpoint(self.resume_from, self.model_chunks, self.optimizer, self.scheduler)
-            self.step, self.consumed = state["iteration"], state["consumed_samples"]
+            with config_settings_kept(self.optimizer, self.scheduler):  # the config's LR, betas, ... win
+                state = load_checkpoint(self.resume_from, self.model_chunks, self.optimizer, self.scheduler)
+            self.step, self.consumed = state["iteration"], self.resume.consumed
             _log.info(f"resumed from {self.resume_from} at step {self.step} ({self.consumed} samples consumed"
                       f"{'' if state['rng_restored'] else '; RNG not restored: different world size'})")
         elif cfg.checkpoint.pretrained:
@@ -345,7 +366,8 @@ class Trainer:
         self.watchdog.progress(self.step, "save")
         c = self.cfg.checkpoint
         self.last_saved = save_checkpoint(self.save_dir, self.step, self.model_chunks, self.optimizer, self.scheduler,
-                                          self.consumed, self.config_yaml, c.keep_last, hooks=self.faults.save_hooks)
+                                          self.consumed, self.config_yaml, c.keep_last, hooks=self.faults.save_hooks,
+                                          common={"data_fingerprint": data_fingerprint(self.data.train, self.consumed)})
         _log.info(f"saved checkpoint {self.last_saved}")
         return self.last_saved
 
