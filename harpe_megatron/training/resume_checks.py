@@ -78,7 +78,7 @@ class Change:
 
 def _show(value: Any) -> str:
     if isinstance(value, (dict, list)):
-        return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
     return "null" if value is None else str(value)
 
 
