@@ -429,5 +429,9 @@ def load_model_weights(path: str | os.PathLike, model_chunks: list) -> None:
     verify_checkpoint(path)
     check_megatron_checkpoint(path)  # also when data.validate is off
     model = unwrap_model(model_chunks[0])
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"checkpoint.pretrained: loading {path} failed ({describe_checkpoint_error(exc)}); its "
+                              "model must be the one model.* of this config describes") from exc
     model.load_state_dict(loaded["model"])

@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             documents, tokenizer, args.output_prefix, upsampler=upsampler, add_bos=args.add_bos,
             workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # bad input: nothing is left behind
         print(f"preprocess_data: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("preprocess_data: interrupted; no output written (temporary files removed)", file=sys.stderr)
         return 130

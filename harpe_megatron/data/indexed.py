@@ -29,6 +29,7 @@ own ``KeyboardInterrupt`` can land inside fork's at-fork hooks, where it is igno
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import multiprocessing as mp
@@ -39,6 +40,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -212,8 +214,8 @@ def write_indexed_dataset(
     existing = [p for p in outputs.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"output exists: {', '.join(existing)} (pass overwrite=True / --overwrite to replace)")
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    created_dir = not os.path.isdir(out_dir)
+    out_dir = Path(os.path.abspath(output_prefix)).parent
+    created = [d for d in reversed([out_dir, *out_dir.parents]) if not d.exists()]  # outermost first
     os.makedirs(out_dir, exist_ok=True)
     stale = _remove_stale_tmp(output_prefix)
     if stale:
@@ -282,8 +284,9 @@ def write_indexed_dataset(
             if builder is not None and not builder.data_file.closed:
                 builder.data_file.close()
             _remove(tmp.values())
-            if created_dir and not os.listdir(out_dir):
-                os.rmdir(out_dir)
+            for folder in reversed(created):  # the folders this call made, innermost first, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
         finally:
             bar.close()

@@ -150,6 +150,10 @@ def run_tasks(generate: Generate, tokenizer, tasks: list[str], lengths: list[int
             "grids": grids, "skipped": skipped, "records": records}
 
 
+class EvalInputError(ValueError):
+    """An input that would give meaningless numbers, found by :func:`evaluate` before any task runs."""
+
+
 def write_json(result: dict, path: str | os.PathLike) -> Path:
     """Write atomically (tmp file + rename)."""
     path = Path(path)
@@ -174,6 +178,12 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
 
     source, label = model_source(model_dir)
     model, tokenizer, window = load_hf(source, device, dtype, self_extend)
+    ppl_ids = None
+    if ppl_file:  # before any task runs: a text too short for one scored token is refused
+        ppl_ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))[:ppl_max_tokens or None]
+        if ppl_ids.numel() < 2:
+            raise EvalInputError(f"--ppl-file {ppl_file}: {ppl_ids.numel()} token(s) after tokenization"
+                                 f"{' and --ppl-max-tokens' if ppl_max_tokens else ''}; a perplexity needs at least 2")
     self_extend = self_extend_of(model)   # the option, or the folder's config key
     result = run_tasks(hf_generator(model, tokenizer, device), tokenizer, tasks, lengths, depths,
                        num_samples, seed, window, progress) if tasks else {
@@ -183,10 +193,9 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
     result["self_extend"] = ({"group_size": self_extend[0], "window": self_extend[1]}
                              if self_extend else None)
     result["model_dir"] = source
-    if ppl_file:
-        ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))
+    if ppl_ids is not None:
         result["perplexity"] = perplexity_by_length(
-            model, ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
+            model, ppl_ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
             window, device, progress)
         result["perplexity_file"] = str(ppl_file)
     if heatmap_dir and result["grids"]:

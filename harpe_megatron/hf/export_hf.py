@@ -120,6 +120,8 @@ def convert_megatron_to_hf(
         raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
     head_bases = model_head_bases(m, positional)
     per_head = len(set(head_bases)) > 1
+    if max_position_embeddings is not None and max_position_embeddings < 1:
+        raise ValueError(f"max_position_embeddings must be >= 1, got {max_position_embeddings}")
     max_pos = max_position_embeddings or max(int((tree.get("data") or {}).get("seq_length") or 0),
                                              m.pretrained_context_length)
 

@@ -142,7 +142,7 @@ def convert_hf_to_megatron(
         if target is None:
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
         total_bytes = sum(reader.info(n).nbytes for n in expected)
-        with atomic_output_dir(out_dir, overwrite, protect=[hf_dir]) as tmp, megatron_cpu_session():
+        with atomic_output_dir(out_dir, overwrite, protect=[hf_dir], converted_ok=True) as tmp, megatron_cpu_session():
             model = build_full_model(m, positional, target, rows)
             params = dict(model.named_parameters())
             filled: set[str] = set()

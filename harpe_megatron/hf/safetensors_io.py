@@ -61,13 +61,18 @@ class HFCheckpointError(ValueError):
 def parse_size(text: str | int) -> int:
     """``"5GB"`` -> 5e9 bytes, ``"500MiB"`` -> 500 * 2**20, ``1024`` -> 1024."""
     if isinstance(text, int):
+        if text < 1:
+            raise ValueError(f"a size must be at least 1 byte, got {text!r}")
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
     if not match:
         raise ValueError(f"cannot parse a size from {text!r} (examples: 5GB, 500MiB, 1048576)")
     value, unit, binary = match.groups()
     power = " KMGT".index(unit.upper() or " ")
-    return int(float(value) * (1024 if binary else 1000) ** power)
+    size = int(float(value) * (1024 if binary else 1000) ** power)
+    if size < 1:
+        raise ValueError(f"a size must be at least 1 byte, got {text!r}")
+    return size
 
 
 # --------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def test_preprocess_cli(tmp_path, tokenizer, capsys):
     assert "TOTAL" in out and prefix + ".bin" in out and prefix + ".report.json" in out
     report = json.loads(Path(prefix + ".report.json").read_text())
     assert report["rule"]["short_threshold"] == 100 and set(report["sources"]) == {"x", "y"}
-    assert tool.main(args) == 1  # exists
+    assert tool.main(args) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
     assert tool.main(args + ["--overwrite", "--no-upsample"]) == 0
     assert json.loads(Path(prefix + ".report.json").read_text())["total"]["after"]["documents"] == 30
