@@ -185,6 +185,13 @@ def _remove(paths: Iterable[str]) -> None:
             pass
 
 
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed write made (given outermost first), innermost first, if empty."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def write_indexed_dataset(
     documents: Iterable[Document],
     tokenizer: SentencePieceTokenizer,
@@ -216,7 +223,12 @@ def write_indexed_dataset(
         raise FileExistsError(f"output exists: {', '.join(existing)} (pass overwrite=True / --overwrite to replace)")
     out_dir = Path(os.path.abspath(output_prefix)).parent
     created = [d for d in reversed([out_dir, *out_dir.parents]) if not d.exists()]  # outermost first
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise ValueError(f"output prefix {output_prefix}: its folder cannot be created ({exc.strerror}: "
+                         f"{exc.filename})") from None
     stale = _remove_stale_tmp(output_prefix)
     if stale:
         print(f"removed temporary files of an interrupted earlier write: {', '.join(stale)}", file=sys.stderr)
@@ -284,9 +296,7 @@ def write_indexed_dataset(
             if builder is not None and not builder.data_file.closed:
                 builder.data_file.close()
             _remove(tmp.values())
-            for folder in reversed(created):  # the folders this call made, innermost first, if still empty
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            _remove_empty(created)
             raise
         finally:
             bar.close()

@@ -188,20 +188,28 @@ class ResumePlan:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def check_data_order(self, dataset) -> None:
-        """ConfigError unless ``dataset`` holds the checkpoint's fingerprinted samples where it did."""
+        """Whether ``dataset`` holds the checkpoint's fingerprinted samples where they were: if not,
+        ConfigError, or (``on_resume_change.data=config``) an accepted, recorded change."""
         if not self.fingerprint:
             return
         for index, crc in zip(self.fingerprint["samples"], self.fingerprint["crc32"]):
-            if index >= len(dataset) or _sample_crc(dataset, index) != crc:
-                t = self.cfg.training
-                raise ConfigError(
-                    f"resuming {self.checkpoint} (step {self.step}): the training data order differs from the "
-                    f"checkpoint's (sample {index} of the train split is another one), although data.* and "
-                    "training.global_batch_size/seed are the same: megatron's dataset builder shuffles as many "
-                    f"epochs as training.train_iters x training.global_batch_size "
-                    f"({t.resolved_train_iters(self.cfg.data.seq_length)} x {t.global_batch_size} samples) needs, "
-                    "so a new length can reorder the data. Set training.on_resume_change.data=config to continue "
-                    "with the new order (samples already trained on may come again), or set the length back")
+            if index < len(dataset) and _sample_crc(dataset, index) == crc:
+                continue
+            t = self.cfg.training
+            why = (f"the training data order differs from the checkpoint's (sample {index} of the train split is "
+                   "another one), although data.* and training.global_batch_size/seed are the same: megatron's "
+                   "dataset builder shuffles as many epochs as training.train_iters x training.global_batch_size "
+                   f"({t.resolved_train_iters(self.cfg.data.seq_length)} x {t.global_batch_size} samples) needs, "
+                   "so a new length can reorder the data")
+            if t.on_resume_change.data == "config":
+                self.changes.append(Change("data", "data order", "the checkpoint's", "another"))
+                self.applied["data"] = "config"
+                self.notes.append(f"resume: {why}; continuing with the new order (training.on_resume_change.data="
+                                  "config: samples already trained on may come again)")
+                return
+            raise ConfigError(
+                f"resuming {self.checkpoint} (step {self.step}): {why}. Set training.on_resume_change.data=config "
+                "to continue with the new order (samples already trained on may come again), or set the length back")
 
     def record(self) -> dict[str, Any]:
         """What this resume applied, for ``metrics.jsonl``."""

@@ -299,3 +299,96 @@ def test_export_refuses_damaged_incomplete_and_nonfinite_checkpoints(single_rank
                                          "refusing to export them"):
         convert_megatron_to_hf(tmp_path / "nan_mg", tmp_path / "hf", progress=False)
     assert not (tmp_path / "hf").exists()
+
+
+def _fake_checkpoint(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("metadata.json", ".metadata", "__0_0.distcp"):
+        (folder / name).write_text("x")
+    return folder
+
+
+@pytest.mark.parametrize("layout,converted_ok,reason", [
+    ({"run/.harpe.lock": ""}, True, "is a training run directory (it has .harpe.lock)"),
+    ({"run/metrics.jsonl": "{}"}, True, "is a training run directory (it has metrics.jsonl)"),
+    ({"run/checkpoints/iter_0000012/x": ""}, True, "iter_0000012 is a training checkpoint"),
+    ({"run/checkpoints/iter_0000012.tmp/x": ""}, True, "iter_0000012.tmp is a training checkpoint"),
+    ({"run/iter_0000000/x": "", "run/latest": "iter_0000000"}, False, "iter_0000000 is a megatron checkpoint"),
+    ("checkpoint", True, "is a megatron checkpoint"),
+], ids=["lock", "metrics", "save_dir", "partial_save", "converted", "iter_dir"])
+def test_overwrite_never_replaces_a_checkpoint_or_a_run(tmp_path, layout, converted_ok, reason):
+    out = tmp_path / "run"
+    if layout == "checkpoint":
+        _fake_checkpoint(out)
+    else:
+        for rel, text in layout.items():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(text)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(FileExistsError, match=f"output directory {out}: --overwrite never replaces a directory holding "
+                                              f"a checkpoint or a run \\(.*{reason.replace('(', '.').replace(')', '.')}"):
+        with atomic_output_dir(out, overwrite=True, converted_ok=converted_ok):
+            pass
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_earlier_outputs_and_output_errors_name_the_argument(tmp_path):
+    """An earlier export (and, for the import, an earlier import) may be replaced; an output inside
+    the input is refused; an output that cannot be created is named as given, not by the
+    temporary folder, and the folders made for it are removed again."""
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    with atomic_output_dir(export, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{\"new\": 1}")
+    converted = tmp_path / "mg"
+    (converted / "iter_0000000").mkdir(parents=True)
+    (converted / "latest").write_text("iter_0000000\n")
+    with atomic_output_dir(converted, overwrite=True, converted_ok=True) as tmp:
+        (tmp / "latest").write_text("iter_0000000\n")
+    assert sorted(p.name for p in converted.iterdir()) == ["latest"]
+    with pytest.raises(ValueError, match=f"output directory {export / 'sub'} is inside the input {export}"):
+        with atomic_output_dir(export / "sub", protect=[export]):
+            pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"output directory {tmp_path / 'file' / 'out'} cannot be created: "):
+        with atomic_output_dir(tmp_path / "file" / "out"):
+            pass
+    with pytest.raises(RuntimeError, match="body failed"):
+        with atomic_output_dir(tmp_path / "new" / "a" / "out"):
+            raise RuntimeError("body failed")
+    assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+
+
+def test_converter_clis_refuse_meaningless_arguments(single_rank, source, tmp_path, capsys):
+    """The issue's case: exporting one checkpoint of a save directory over another with --overwrite
+    is refused (exit 2, one line) and the other is untouched; an output inside the input, zero
+    sizes and layouts are refused before any work."""
+    from harpe_megatron.cli import convert_from_hf, convert_to_hf
+
+    save = tmp_path / "save"
+    convert_hf_to_megatron(source, save, progress=False)
+    other = _fake_checkpoint(save / "iter_0000005")
+    before = sorted(p.name for p in other.iterdir())
+    capsys.readouterr()
+    cases = [
+        (convert_to_hf, [str(save / "iter_0000000"), str(other), "--overwrite"],
+         f"error: output directory {other}: --overwrite never replaces a directory holding a checkpoint or a run"),
+        (convert_to_hf, [str(save), str(save / "hf")], f"error: output directory {save / 'hf'} is inside the input"),
+        (convert_from_hf, [str(source), str(source / "sub")], f"error: output directory {source / 'sub'} is inside"),
+        (convert_to_hf, [str(save), str(tmp_path / "x"), "--max-position-embeddings", "0"],
+         "tools/convert_to_hf.py: error: argument --max-position-embeddings: expected an integer >= 1, got '0'"),
+        (convert_to_hf, [str(save), str(tmp_path / "x"), "--max-shard-size", "0"],
+         "tools/convert_to_hf.py: error: argument --max-shard-size: a size must be at least 1 byte, got '0'"),
+        (convert_from_hf, [str(source), str(tmp_path / "x"), "--tp", "0"],
+         "tools/convert_from_hf.py: error: argument --tp: expected an integer >= 1, got '0'"),
+    ]
+    for tool, argv, message in cases:
+        try:
+            code = tool.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(message) and err.count("\n") == 1, (argv, err)
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert not (tmp_path / "x").exists() and not (source / "sub").exists() and not (save / "hf").exists()

@@ -247,6 +247,10 @@ def test_the_data_order_is_checked_where_the_config_cannot_tell(small_corpus):
         plan.check_data_order(train_set(3 * per_epoch))
     assert _plan(overrides=["training.on_resume_change.data=config", "data.seq_length=512"],
                  data_fingerprint=saved).fingerprint is None  # a chosen data change is not checked
+    accepted = _plan(overrides=["training.on_resume_change.data=config"], data_fingerprint=saved)
+    accepted.check_data_order(train_set(3 * per_epoch))  # accepted by choice, and recorded
+    assert [(c["key"], c["applied"]) for c in accepted.record()["resume"]["changes"]] == [("data order", "config")]
+    assert "continuing with the new order" in accepted.notes[-1]
 
 
 def test_the_run_keeps_every_config_it_trained_under(tmp_path):
