@@ -96,7 +96,8 @@ def _items(cfg: RunConfig) -> dict[tuple[str, str], tuple[Any, Any]]:
     for key in _SCHEDULE_KEYS:
         items["schedule", f"training.{key}"] = (getattr(t, key),) * 2
     decay = t.lr_decay_steps(t.resolved_train_iters(d.seq_length))
-    items["schedule", _DECAY] = (decay, decay)
+    by_tokens = t.lr_decay_iters is None and t.train_tokens is not None
+    items["schedule", _DECAY] = (decay, f"{t.train_tokens:g} ({decay} steps)" if by_tokens else decay)
     data = {"data.seq_length": d.seq_length, "training.global_batch_size": t.global_batch_size,
             "data.paths": list(d.paths), "data.weights": d.weights, "data.split": d.split,
             "data.position_scheme": d.position_scheme.to_dict() if d.position_scheme else None,

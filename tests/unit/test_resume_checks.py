@@ -126,6 +126,13 @@ def test_the_same_bases_spelled_differently_and_a_constant_schedule_extended_are
     assert plan.changes == []  # neither the decay length nor min_lr has an effect on a constant LR
 
 
+def test_a_length_in_tokens_is_named_in_tokens():
+    tokens = ["training.train_iters=null", "training.train_tokens=6.0e5"]  # 16 x 256 tokens per step: 147 steps
+    with pytest.raises(ConfigError, match=r"training.train_tokens is 1.2e\+06 \(293 steps\) in the config but "
+                                          r"600000 \(147 steps\) in the checkpoint"):
+        _plan(tokens, tokens[:1] + ["training.train_tokens=1.2e6"])
+
+
 def test_fewer_steps_than_the_checkpoint_has_is_refused():
     with pytest.raises(ConfigError, match=r"training.train_iters is 10, below the checkpoint's step: nothing would be "
                                           r"trained. Set it to 12 or more, or use another run_dir"):
