@@ -227,7 +227,8 @@ def test_extending_a_finished_run_needs_the_schedule_override(reference):
     (exit 2, one line naming the key, both values and the override) with the run's record
     untouched; with training.on_resume_change.schedule=config steps 13-14 follow the config's
     schedule (before, they kept the checkpoint's: min_lr), metrics.jsonl says what was applied and
-    the earlier config is kept as config.1.yaml."""
+    the earlier config is kept as config.1.yaml; a longer data.seq_length (by choice) resumes at
+    the tokens already trained on."""
     base, root, ref = reference
     run = root / "extended"
     shutil.copytree(root / "reference", run, ignore=shutil.ignore_patterns("logs"))
@@ -268,6 +269,20 @@ def test_extending_a_finished_run_needs_the_schedule_override(reference):
     now = (run / "config.yaml").read_text()
     assert now.startswith("# harpe: the resolved config of this run from step 13 on")
     assert load_config(run / "config.yaml").training.train_iters == 14
+
+    # Sequences twice as long, by choice: the data position is re-timed to the tokens trained on
+    # (112 samples of 64 tokens -> 56 of 128), not kept as a sample count of other data.
+    lines = metric_lines(run)
+    longer = Ranks(CONFIG, base + [f"run_dir={run}", "training.train_iters=16", "data.seq_length=128",
+                                   "training.on_resume_change=config"], run / "logs3")
+    assert longer.wait(timeout=240) == [0, 0], longer.log(0)
+    assert steps_since(run, lines) == [15, 16]
+    resume = json.loads((run / "metrics.jsonl").read_text().splitlines()[lines])["resume"]
+    assert resume["consumed_samples"] == {"checkpoint": 112, "continued": 56}
+    assert {(c["key"], c["checkpoint"], c["config"]) for c in resume["changes"]} == {
+        ("training.train_iters", 14, 16), ("data.seq_length", 64, 128)}
+    assert "at step 14 (56 samples consumed)" in longer.log(0)
+    assert (run / "config.13.yaml").read_text() == now
 
 
 def _launch_torchrun(run: Path, log: Path, overrides: list[str], fault: Optional[str] = None) -> subprocess.Popen:
