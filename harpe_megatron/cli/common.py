@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 from harpe_megatron.config.loader import ConfigError, load_config
+from harpe_megatron.config.run import RunConfig
 
 __all__ = ["quiet_library_warnings", "parse_run_config", "OneLineParser", "at_least", "check_output_path"]
 
@@ -24,8 +24,12 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
 
 
-def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = None):
-    """``--config CONFIG [key.path=value ...]`` -> RunConfig, or an exit code 2 after printing the error."""
+def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = None) -> RunConfig:
+    """``--config CONFIG [key.path=value ...]`` -> RunConfig.
+
+    Like argparse's own errors, a config error ends the process: ``config error: <message>`` on
+    stderr and ``SystemExit(2)``.
+    """
 
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,8 +39,7 @@ def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = No
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"config error: {exc}\n")
 
 
 class OneLineParser(argparse.ArgumentParser):

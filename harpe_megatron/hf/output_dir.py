@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
+
+from harpe_megatron.checkpoint.layout import ITER_DIR, TMP_DIR
+from harpe_megatron.run_dir import LOCK_FILE, METRICS_FILE
 
 __all__ = ["atomic_output_dir"]
 
@@ -38,9 +40,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_RUN_FILES = (".harpe.lock", "metrics.jsonl")  # written only into training run directories
-_ITER_DIR = re.compile(r"iter_(\d+)(\.tmp)?")
+_RUN_FILES = (LOCK_FILE, METRICS_FILE)  # written only into training run directories
 _MAX_ENTRIES = 10_000  # an export or import holds a few dozen files
+
+
+def _iteration(name: str) -> Optional[int]:
+    """The step of a checkpoint directory name (``iter_N`` or an interrupted ``iter_N.tmp``)."""
+    match = ITER_DIR.match(name) or TMP_DIR.match(name)
+    return int(match.group(1)) if match else None
 
 
 def _kept_content(out: Path, converted_ok: bool) -> Optional[str]:
@@ -54,15 +61,13 @@ def _kept_content(out: Path, converted_ok: bool) -> Optional[str]:
         run = [f for f in _RUN_FILES if f in files]
         if run:
             return f"{here} is a training run directory (it has {run[0]})"
-        match = _ITER_DIR.fullmatch(here.name)
-        if "metadata.json" in files and ".metadata" in files and not (converted_ok and match and
-                                                                      int(match.group(1)) == 0):
+        if "metadata.json" in files and ".metadata" in files and not (converted_ok and _iteration(here.name) == 0):
             return f"{here} is a megatron checkpoint"
         for d in dirs:
-            match = _ITER_DIR.fullmatch(d)
-            if match and int(match.group(1)) > 0:
+            step = _iteration(d)
+            if step is not None and step > 0:
                 return f"{here / d} is a training checkpoint"
-            if match and not converted_ok:
+            if step is not None and not converted_ok:
                 return f"{here / d} is a megatron checkpoint"
     return None
 

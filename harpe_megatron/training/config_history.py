@@ -16,25 +16,25 @@ import re
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CONFIG_FILE", "record_config"]
+from harpe_megatron.run_dir import RunDir
 
-CONFIG_FILE = "config.yaml"
+__all__ = ["record_config"]
+
 _HEADER = "# harpe: the resolved config of this run from step {step} on (earlier ones: config.<step>.yaml)\n"
 _HEADER_RE = re.compile(r"# harpe: the resolved config of this run from step (\d+) on")
 
 
-def _free_name(run_dir: Path, stem: str) -> Path:
-    path, k = run_dir / f"{stem}.yaml", 1
+def _free_name(run_dir: RunDir, label: str) -> Path:
+    path, k = run_dir.earlier_config(label), 1
     while path.exists():
-        path, k = run_dir / f"{stem}.{k}.yaml", k + 1
+        path, k = run_dir.earlier_config(f"{label}.{k}"), k + 1
     return path
 
 
-def record_config(run_dir: str | os.PathLike, config_yaml: str, first_step: int) -> Optional[Path]:
+def record_config(run_dir: RunDir, config_yaml: str, first_step: int) -> Optional[Path]:
     """Make ``config_yaml`` the run's config from ``first_step`` on; returns where the previous
     one was kept (None: there was none, or it was the same config)."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
+    path = run_dir.config
     kept = None
     if path.is_file():
         old = path.read_text()
@@ -42,8 +42,8 @@ def record_config(run_dir: str | os.PathLike, config_yaml: str, first_step: int)
         body = old.split("\n", 1)[1] if match else old
         if body == config_yaml:
             return None
-        kept = _free_name(run_dir, f"config.{match.group(1)}" if match else f"config.before_{first_step}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        kept = _free_name(run_dir, match.group(1) if match else f"before_{first_step}")
+    run_dir.root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(_HEADER.format(step=first_step) + config_yaml)
     if kept is not None:  # the old record is in place under its new name before config.yaml is replaced

@@ -17,6 +17,7 @@ from harpe_megatron.config import ConfigError, config_to_dict, load_config
 from harpe_megatron.data.dataset import build_gpt_datasets
 from harpe_megatron.data.tokenizer import train_sentencepiece
 from harpe_megatron.positional.bases import per_query_head_bases
+from harpe_megatron.run_dir import RunDir
 from harpe_megatron.training.config_history import record_config
 from harpe_megatron.training.resume_checks import config_settings_kept, data_fingerprint, plan_resume
 from tests.helpers import TINY_CPU_CONFIG
@@ -261,15 +262,16 @@ def test_the_data_order_is_checked_where_the_config_cannot_tell(small_corpus):
 
 
 def test_the_run_keeps_every_config_it_trained_under(tmp_path):
+    run = RunDir(tmp_path)
     first = yaml.safe_dump(config_to_dict(_cfg()), sort_keys=False)
     second = yaml.safe_dump(config_to_dict(_cfg("training.train_iters=200")), sort_keys=False)
     third = yaml.safe_dump(config_to_dict(_cfg("training.train_iters=300")), sort_keys=False)
-    assert record_config(tmp_path, first, 1) is None
-    assert record_config(tmp_path, first, 13) is None  # the same config: the record says from step 1
+    assert record_config(run, first, 1) is None
+    assert record_config(run, first, 13) is None  # the same config: the record says from step 1
     assert (tmp_path / "config.yaml").read_text().startswith("# harpe: the resolved config of this run from step 1 on")
-    assert record_config(tmp_path, second, 151) == tmp_path / "config.1.yaml"
-    assert record_config(tmp_path, third, 151) == tmp_path / "config.151.yaml"  # second never trained a step
-    assert record_config(tmp_path, second, 151) == tmp_path / "config.151.1.yaml"
+    assert record_config(run, second, 151) == tmp_path / "config.1.yaml"
+    assert record_config(run, third, 151) == tmp_path / "config.151.yaml"  # second never trained a step
+    assert record_config(run, second, 151) == tmp_path / "config.151.1.yaml"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.1.yaml", "config.151.1.yaml", "config.151.yaml",
                                                           "config.yaml"]
     assert load_config(tmp_path / "config.1.yaml").training.train_iters == 150
@@ -278,4 +280,4 @@ def test_the_run_keeps_every_config_it_trained_under(tmp_path):
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "config.yaml").write_text(first)  # written before the first line existed
-    assert record_config(legacy, second, 40) == legacy / "config.before_40.yaml"
+    assert record_config(RunDir(legacy), second, 40) == legacy / "config.before_40.yaml"
