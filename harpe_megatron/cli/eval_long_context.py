@@ -11,6 +11,10 @@ Lengths beyond the model's max_position_embeddings are run and flagged ('*' in r
 --self-extend GROUP,WINDOW evaluates with Self-Extend (Jin et al. 2024; training-free): keys within
 WINDOW tokens of the query keep their positions, farther ones use positions floor-divided by GROUP
 (the paper's Llama-2-7B setting at 128k: --self-extend 32,1024). Plain Llama and harpe_llama folders.
+
+Exit codes: 0 done; 2 a one-line error, before the model is loaded, for input that would give
+meaningless numbers (depths outside 0-100 %, lengths or samples < 1, an empty or non-text
+--ppl-file, GROUP >= WINDOW, an --out that cannot be written; docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import sys
 
 from harpe_megatron.cli.common import OneLineParser, at_least, check_output_path, quiet_library_warnings
 from harpe_megatron.eval.report import make_report
-from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import self_extend_settings
 from harpe_megatron.eval.runner import EvalInputError, evaluate, model_source
 from harpe_megatron.eval.synthetic import ALL_TASKS
+from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import self_extend_settings
 
 
 def _ints(low: int):

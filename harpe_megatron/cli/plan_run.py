@@ -8,7 +8,9 @@ configured layout on ``nodes x gpus_per_node`` ranks (:mod:`harpe_megatron.plann
 model, optimizer and one forward + backward on fake tensors) and prints the predicted per-rank
 peak with its breakdown, counted FLOPs beside the MFU formula's, and whether it fits; when it
 does not, the first of (full recompute, half the micro-batch, TP x 2, CP x 2) that fits, planned
-too. Exit status 0 when every run fits, 1 when one does not, 2 for a config error.
+too. Exit status 0 when every run fits, 1 when one does not, 2 for a config error or a
+meaningless argument (zero nodes or GPUs, no memory, a --json that cannot be written: all checked
+before the planning).
 """
 
 from __future__ import annotations

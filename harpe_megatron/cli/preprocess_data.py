@@ -10,7 +10,8 @@ meta.redpajama_set_name, else the file name). The decision for document i depend
 length histogram, before/after) is printed and written to <prefix>.report.json.
 
 Outputs are written under temporary names and renamed at the end; existing outputs are refused
-without --overwrite.
+without --overwrite. Exit codes: 0 written; 2 bad input or options (one line; nothing written, no
+folder left behind); 130 interrupted.
 
 example:
   python tools/preprocess_data.py --input slimpajama/*.jsonl.gz \\

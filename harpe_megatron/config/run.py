@@ -74,7 +74,7 @@ class ResumePolicy:
     config's schedule applies from the resumed step on, as if it had been the schedule all along)
     or ``checkpoint`` (the checkpoint's schedule is kept and recorded as the run's).
     ``data`` (what the saved data position points at): ``refuse`` (default) or ``config`` (the
-    config's data from the number of tokens already trained on; see the module above).
+    config's data from the number of tokens already trained on; training/resume_checks.py).
     YAML: ``on_resume_change: refuse|config`` (both families) or ``{schedule: config, data: refuse}``.
     """
 
