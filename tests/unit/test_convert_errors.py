@@ -13,12 +13,8 @@ from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.hf.export_hf import convert_megatron_to_hf
 from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from harpe_megatron.hf.output_dir import atomic_output_dir
-from harpe_megatron.hf.safetensors_io import (
-    HFCheckpointError,
-    HFCheckpointReader,
-    SafetensorsShardWriter,
-    parse_size,
-)
+from harpe_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader, parse_size
+from harpe_megatron.hf.safetensors_write import SafetensorsShardWriter
 from harpe_megatron.hf.session import megatron_cpu_session
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
@@ -149,16 +145,19 @@ def test_non_empty_output_refused_and_untouched(single_rank, source, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(single_rank, source, tmp_path, monkeypatch):
-    real_get = HFCheckpointReader.get
+    """A read failing on the read-ahead thread after some tensors were written."""
+    from harpe_megatron.checkpoint import stream_io
+
+    real_read = stream_io.read_exactly
     calls = {"n": 0}
 
-    def flaky_get(self, name):
+    def flaky_read(*args):
         calls["n"] += 1
         if calls["n"] == 7:
             raise OSError("disk went away")
-        return real_get(self, name)
+        return real_read(*args)
 
-    monkeypatch.setattr(HFCheckpointReader, "get", flaky_get)
+    monkeypatch.setattr(stream_io, "read_exactly", flaky_read)
     with pytest.raises(OSError, match="disk went away"):
         convert_hf_to_megatron(source, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
