@@ -39,7 +39,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-__all__ = ["ALIGN", "BufferPool", "Buffer", "StreamWriter", "ReadRange", "Prefetcher", "aligned_bytes"]
+__all__ = ["ALIGN", "BufferPool", "Buffer", "StreamWriter", "ReadRange", "Prefetcher", "aligned_bytes",
+           "pipeline_memory_bound"]
 
 ALIGN = 4096  # O_DIRECT alignment of addresses, offsets and lengths (the common logical block size)
 _MIB = 1 << 20
@@ -153,8 +154,8 @@ class StreamWriter:
     ``(size, crc32)`` after the data is on disk (fsync). Errors of the background thread are
     raised by the next call. ``abort()`` stops without finishing (the caller removes the file)."""
 
-    BLOCK_BYTES = 16 * _MIB
-    BLOCKS = 3
+    BLOCK_BYTES = 8 * _MIB
+    BLOCKS = 4
     SLAB_BYTES = 4 * _MIB  # strided/cast copies: rows per step
 
     def __init__(self, path: str | os.PathLike, direct: bool = True):
@@ -400,3 +401,15 @@ def read_exactly(fd: int, into: torch.Tensor, offset: int, path: Path) -> None:
             raise EOFError(f"{path}: ends at byte {offset + done}, expected {len(mv) - done} more bytes "
                            f"(truncated file?)")
         done += n
+
+
+BOOKKEEPING_BYTES = 32 * _MIB
+"""Allowance for everything of a conversion that is not a pooled buffer or a staging block
+(metadata, the meta-device model, Python objects, torch.save headers): independent of model size."""
+
+
+def pipeline_memory_bound(*pools: BufferPool) -> int:
+    """The stated peak memory (bytes above the process's baseline) of a pipeline of ``pools`` and
+    one open :class:`StreamWriter` (staging blocks + scratch slab) plus :data:`BOOKKEEPING_BYTES`."""
+    staging = StreamWriter.BLOCKS * (StreamWriter.BLOCK_BYTES + ALIGN) + StreamWriter.SLAB_BYTES
+    return sum(p.budget for p in pools) + staging + BOOKKEEPING_BYTES

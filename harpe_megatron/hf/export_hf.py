@@ -15,7 +15,8 @@ Steps (one function each):
    the way (hf/safetensors_write.py). Every byte read is checksummed as it is read; afterwards
    the files are verified against the manifest's CRC-32s by reading only what the weights did
    not need (checkpoint/crc.py): the input is read once. Memory: the read-ahead pool (2x the
-   largest stored parameter, at least 64 MiB) + one parameter + the writer's staging blocks.
+   largest stored parameter, at least 32 MiB) + one parameter + the writer's 36 MiB of staging
+   (ConversionSummary.memory_bound_bytes states the total).
 4. :func:`_write_metadata`: ``config.json``, ``generation_config.json``, tokenizer files when a
    sentencepiece model is known, and the HARPE modeling code when heads have different bases.
    BOS/EOS/PAD ids: the exported tokenizer's; without one, those of the HF model the checkpoint
@@ -43,7 +44,7 @@ from harpe_megatron.checkpoint.crc import PieceChecksums, verify_pieces
 from harpe_megatron.checkpoint.dist_stream_read import TorchDistStream
 from harpe_megatron.checkpoint.layout import CheckpointDamaged, read_manifest, resolve_checkpoint_dir, verify_checksums
 from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
-from harpe_megatron.checkpoint.stream_io import BufferPool
+from harpe_megatron.checkpoint.stream_io import BufferPool, pipeline_memory_bound
 from harpe_megatron.config.loader import config_from_dict
 from harpe_megatron.config.model import ModelConfig, PositionalConfig
 from harpe_megatron.hf import config as hfc
@@ -60,7 +61,7 @@ from harpe_megatron.model.builder import model_head_bases
 __all__ = ["convert_megatron_to_hf", "DEFAULT_MAX_SHARD_SIZE"]
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_MIN_PREFETCH_BYTES = 64 << 20
+_MIN_PREFETCH_BYTES = 32 << 20
 _EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
@@ -166,6 +167,7 @@ def _write_weights(src: _Source, tmp: Path, out_dtype: torch.dtype, max_shard: i
     largest = layout.largest_param_bytes
     in_pool = BufferPool(max(2 * largest + (1 << 20), _MIN_PREFETCH_BYTES))
     work_pool = BufferPool(largest)
+    memory_bound = pipeline_memory_bound(in_pool, work_pool)
     sums = PieceChecksums()
     writer = SafetensorsShardWriter(tmp, plan, max_shard_bytes=max_shard)
     bar = progress_bar(writer.total_bytes, "megatron -> HF", progress)
@@ -188,7 +190,8 @@ def _write_weights(src: _Source, tmp: Path, out_dtype: torch.dtype, max_shard: i
         bar.close()
         in_pool.close()
         work_pool.close()
-    return {**index, "tensors": len(plan), "parameters": sum(math.prod(s) for _, s, _ in plan)}
+    return {**index, "tensors": len(plan), "parameters": sum(math.prod(s) for _, s, _ in plan),
+            "memory_bound": memory_bound}
 
 
 def _token_ids(src: _Source, tokenizer_ids: Optional[dict], notes: list[str]) -> dict[str, Optional[int]]:
@@ -279,5 +282,6 @@ def convert_megatron_to_hf(
                  "model_type": config["model_type"] + (" (trust_remote_code=True)" if per_head else ""),
                  "shards": str(len(set(weights["weight_map"].values()))),
                  "tokenizer": tokenizer_files},
+        memory_bound_bytes=weights["memory_bound"],
         notes=settings.notes,
     )

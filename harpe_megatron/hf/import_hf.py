@@ -13,7 +13,7 @@ megatron tensors through the name map of ``llama_names`` (q/k/v merged per KV gr
 concatenated, vocabulary padded, dtype cast: into a reused buffer; anything else used as read)
 and written one by one (checkpoint/dist_stream_write.py). Peak memory above the process's
 baseline: the read-ahead pool (2x the largest group of HF tensors that make one megatron
-tensor, at least 64 MiB) + one megatron tensor + the writer's 52 MiB of staging, whatever the
+tensor, at least 32 MiB) + one megatron tensor + the writer's 36 MiB of staging, whatever the
 model or shard size (``.bin`` inputs are mapped a shard at a time: add the largest shard).
 
 Vocabulary padding: megatron pads the vocabulary to a multiple of
@@ -40,7 +40,7 @@ import yaml
 from harpe_megatron.checkpoint.directory import begin_checkpoint, publish_checkpoint
 from harpe_megatron.checkpoint.dist_stream_write import ProducedTensor, write_torch_dist
 from harpe_megatron.checkpoint.layout import checkpoint_name
-from harpe_megatron.checkpoint.stream_io import Buffer, BufferPool
+from harpe_megatron.checkpoint.stream_io import Buffer, BufferPool, pipeline_memory_bound
 from harpe_megatron.config.loader import ConfigError, apply_overrides, config_from_dict, config_to_dict
 from harpe_megatron.config.model import ParallelConfig, padded_vocab_size, validate_model_setup
 from harpe_megatron.hf import config as hfc
@@ -53,7 +53,7 @@ from harpe_megatron.hf.summary import ConversionSummary, progress_bar
 __all__ = ["convert_hf_to_megatron"]
 
 _CONVERTED_ITERATION = 0
-_MIN_PREFETCH_BYTES = 64 << 20  # read ahead at least this much (many small tensors in a row)
+_MIN_PREFETCH_BYTES = 32 << 20  # read ahead at least this much (many small tensors in a row)
 # model.* keys an HF -> megatron conversion may override (the others come from config.json).
 _MODEL_OVERRIDABLE = ("make_vocab_size_divisible_by", "pretrained_context_length", "init_method_std")
 # Tensors of HF checkpoints that a Llama model does not use (old transformers saved inv_freq).
@@ -187,6 +187,7 @@ def convert_hf_to_megatron(
     with HFCheckpointReader(hf_dir) as reader:
         reader.check(expected, ignore)
         source_dtype = _source_dtype(reader, list(expected))
+        source_format = reader.format
         target = source_dtype if dtype == "auto" else hfc.DTYPES.get(dtype)
         if target is None:
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
@@ -212,6 +213,7 @@ def convert_hf_to_megatron(
                     "hf_config": hf_cfg,
                 },
             }
+            memory_bound = pipeline_memory_bound(in_pool, work_pool)
             written_bytes = sum(p.nbytes for p in layout.params)
             bar = progress_bar(written_bytes, "HF -> megatron", progress)
             try:
@@ -233,4 +235,6 @@ def convert_hf_to_megatron(
                            f"({len(layout.params)} megatron tensors)",
                  "parallel": f"validated for TP={tp} PP={pp}; vocabulary padded {m.vocab_size} -> {rows}",
                  "rope": json.dumps(rope)},
+        memory_bound_bytes=memory_bound,
+        memory_extra="" if source_format == "safetensors" else " (plus the largest .bin shard, memory-mapped)",
     )
