@@ -151,15 +151,16 @@ class StreamWriter:
     """Sequential writer of one file through staging blocks and a background thread (see module
     docstring). ``write`` copies bytes in (any bytes-like object or contiguous tensor);
     ``write_tensor`` also takes strided tensors and casts to ``dtype``; ``close()`` returns
-    ``(size, crc32)`` after the data is on disk (fsync). Errors of the background thread are
+    ``(size, crc32)`` after the data is on disk (fsync; crc32 is 0 with ``checksum=False``). Errors of the background thread are
     raised by the next call. ``abort()`` stops without finishing (the caller removes the file)."""
 
     BLOCK_BYTES = 8 * _MIB
     BLOCKS = 4
     SLAB_BYTES = 4 * _MIB  # strided/cast copies: rows per step
 
-    def __init__(self, path: str | os.PathLike, direct: bool = True):
+    def __init__(self, path: str | os.PathLike, direct: bool = True, checksum: bool = True):
         self.path = Path(path)
+        self._checksum = checksum
         if direct:
             self._fd, self.direct = _open_direct(self.path)
         else:
@@ -193,7 +194,8 @@ class StreamWriter:
 
     def _write_block(self, block: torch.Tensor, nbytes: int) -> None:
         mv = memoryview(block.numpy())
-        self.crc = zlib.crc32(mv[:nbytes], self.crc)
+        if self._checksum:
+            self.crc = zlib.crc32(mv[:nbytes], self.crc)
         length = -(-nbytes // ALIGN) * ALIGN if self.direct else nbytes
         done = 0
         while done < length:

@@ -90,7 +90,7 @@ class SafetensorsShardWriter:
                 header[p.name] = {"dtype": _ST_NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [p.begin, p.end]}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-        self._file = StreamWriter(self.folder / self.shard_name(shard))
+        self._file = StreamWriter(self.folder / self.shard_name(shard), checksum=False)  # no manifest here
         self._file.write(len(raw).to_bytes(8, "little"))
         self._file.write(raw)
         self._open_shard = shard
