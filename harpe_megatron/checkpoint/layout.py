@@ -12,15 +12,17 @@ Complete = ``metadata.json`` present and, where there is a manifest (every check
 saves), every listed file present with its listed size. Sizes are checked when choosing what to
 resume from (cheap: one ``stat`` per file); contents, against the manifest's CRC-32 of every file,
 when a checkpoint is loaded (:func:`verify_checksums`, ~1 s per GB per reader). Checkpoints without a
-manifest (``tools/convert_from_hf.py`` output, runs saved before manifests existed) count as
-complete when ``metadata.json`` is present; there is nothing to verify them against.
+manifest (runs saved, and ``tools/convert_from_hf.py`` outputs made, before manifests existed)
+count as complete when ``metadata.json`` is present; there is nothing to verify them against.
+Checkpoint directories are written by checkpoint/directory.py.
 
 Manifest format (JSON)::
 
     {"files": {"<relative path>": <size in bytes>, ...},
      "crc32": {"<relative path>": "<8 hex digits>", ...}}     # absent in manifests before checksums
 
-Everything here reads files only (no collectives); checkpoint/save_load.py does the saving.
+Everything here reads files only (no collectives); checkpoint/directory.py writes checkpoint
+directories (for checkpoint/save_load.py's training saves and the HF import).
 """
 
 from __future__ import annotations
