@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from harpe_megatron.run_dir import RunDir
+
 __all__ = [
     "resolve_checkpoint_dir",
     "LATEST_FILE",
@@ -43,6 +45,7 @@ __all__ = [
     "CheckpointScan",
     "checkpoint_files",
     "checkpoint_name",
+    "checkpoint_step",
     "file_crc32",
     "incomplete_reason",
     "list_checkpoints",
@@ -69,6 +72,15 @@ class CheckpointDamaged(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of checkpoint directory ``path`` (``.../iter_0000200`` -> 200); ValueError if its
+    name is not a checkpoint name."""
+    match = ITER_DIR.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint directory name (iter_ and 7 digits)")
+    return int(match.group(1))
 
 
 def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -262,7 +274,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint directory {p} does not exist")
-    for root in (p, p / "checkpoints"):
+    for root in (p, RunDir(p).checkpoints):
         if (root / LATEST_FILE).is_file():
             try:
                 chosen, messages = resolve_checkpoint(root)

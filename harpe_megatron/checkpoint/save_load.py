@@ -14,7 +14,7 @@ checkpoint, the cause and what ``latest`` still names, after rank 0 removed ``it
 that dies mid-save leaves ``iter_N.tmp`` behind; ``latest`` still names a complete checkpoint.
 
 Helper processes: megatron-core's torch_dist writer forks writer processes per save (started here
-with the preemption signals blocked, see training/preemption.py) and hands their results back
+with the preemption signals blocked, see training/reliability/preemption.py) and hands their results back
 through a queue; see :func:`_writer_results_in_process` for why that queue is made in-process.
 
 A load verifies the checksums of the checkpoint (each rank a share; resume and initial weights)
@@ -284,7 +284,7 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
     """Save a complete checkpoint for ``step`` (collective: every rank calls it).
 
     ``hooks`` (default: none) is called between phases; the reliability tests' fault injection
-    (training/faults.py) is the one user.
+    (training/reliability/faults.py) is the one user.
 
     Any error on any rank raises :class:`CheckpointError` on every rank (one line: checkpoint,
     failing rank and cause, what ``latest`` still names); ``iter_N.tmp`` is removed, ``latest``

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from typing import Optional
 
 from harpe_megatron.config.loader import ConfigError, load_config
+from harpe_megatron.config.run import RunConfig
 
 __all__ = ["quiet_library_warnings", "parse_run_config"]
 
@@ -22,8 +22,12 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
 
 
-def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = None):
-    """``--config CONFIG [key.path=value ...]`` -> RunConfig, or an exit code 2 after printing the error."""
+def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = None) -> RunConfig:
+    """``--config CONFIG [key.path=value ...]`` -> RunConfig.
+
+    Like argparse's own errors, a config error ends the process: ``config error: <message>`` on
+    stderr and ``SystemExit(2)``.
+    """
 
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,5 +37,4 @@ def parse_run_config(prog: str, description: str, argv: Optional[list[str]] = No
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"config error: {exc}\n")

@@ -4,7 +4,7 @@
                              [--gpus-per-node 8] [--margin-gib 6] [--json OUT] [--no-suggest]
 
 For each plain run the config launches (one, or one per stage) it plans one rank of the
-configured layout on ``nodes x gpus_per_node`` ranks (:mod:`harpe_megatron.training.plan`: real
+configured layout on ``nodes x gpus_per_node`` ranks (:mod:`harpe_megatron.planner.plan`: real
 model, optimizer and one forward + backward on fake tensors) and prints the predicted per-rank
 peak with its breakdown, counted FLOPs beside the MFU formula's, and whether it fits; when it
 does not, the first of (full recompute, half the micro-batch, TP x 2, CP x 2) that fits, planned
@@ -19,9 +19,9 @@ import sys
 from typing import Optional
 
 from harpe_megatron.cli.common import quiet_library_warnings
-from harpe_megatron.config.loader import ConfigError, load_config
-from harpe_megatron.training.plan import GIB, RunPlan
-from harpe_megatron.training.plan_run import plan_configs, plan_run
+from harpe_megatron.config.loader import ConfigError, load_config, plain_run_configs
+from harpe_megatron.planner.plan import GIB, RunPlan
+from harpe_megatron.planner.plan_run import plan_run
 
 __all__ = ["main"]
 
@@ -61,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         world = args.nodes * args.gpus_per_node
-        runs = plan_configs(cfg)
+        runs = plain_run_configs(cfg)
         for _, run_cfg in runs:
             run_cfg.validate_for_world(world)
     except (ConfigError, ValueError) as exc:

@@ -3,7 +3,7 @@
 Run under torchrun (or scripts/pretrain_harpe.sh) for several ranks; a plain ``python`` start is
 one rank. Overrides use dotted key paths of the YAML tree, e.g. ``training.lr=3e-5``.
 
-Exit codes (harpe_megatron/training/exit_codes.py, docs/reliability.md): 0 done, 1 error,
+Exit codes (harpe_megatron/training/reliability/exit_codes.py, docs/reliability.md): 0 done, 1 error,
 2 config error (also: the run_dir is in use by another run), 75 preempted (SIGTERM/SIGUSR1;
 checkpoint saved, start again to resume),
 76 another rank died or hung, 77 too many non-finite steps in a row.
@@ -20,16 +20,16 @@ from harpe_megatron.checkpoint.save_load import CheckpointError
 from harpe_megatron.cli.common import parse_run_config, quiet_library_warnings
 from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.log import setup_logging
-from harpe_megatron.training.exit_codes import (
+from harpe_megatron.training.reliability.exit_codes import (
     NONFINITE_EXIT_CODE,
     PEER_FAILURE_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     NonFiniteAbort,
 )
-from harpe_megatron.training.run_lock import RunDirInUse
+from harpe_megatron.training.reliability.run_lock import RunDirInUse
+from harpe_megatron.training.reliability.watchdog import PeerFailure
 from harpe_megatron.training.stages import run_stages
-from harpe_megatron.training.trainer import train
-from harpe_megatron.training.watchdog import PeerFailure
+from harpe_megatron.training.trainer import run_training
 
 
 def _close_process_group() -> None:
@@ -41,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     setup_logging()  # [harpe] on rank 0 (INFO and up), [harpe rank N] elsewhere (warnings and errors)
     cfg = parse_run_config("python -m harpe_megatron.train", __doc__, argv)
-    if isinstance(cfg, int):
-        return cfg
     try:
-        results = run_stages(cfg) if cfg.stages else [train(cfg)]
+        results = run_stages(cfg) if cfg.stages else [run_training(cfg)]
     except NonFiniteAbort as exc:  # raised on every rank at the same step
         print(f"[harpe] error: {exc}", file=sys.stderr, flush=True)
         dist.destroy_process_group()

@@ -97,7 +97,7 @@ class TrainingConfig:
     hang_timeout_s: float = 900.0  # no progress for this long in a step/eval -> exit 76 naming stale ranks; 0: off
     slow_phase_timeout_s: float = 3600.0  # the same for start-up, checkpoint load/save and the first step
     distributed_timeout_s: float = 1800.0  # init_process_group's timeout for collectives
-    # memory plan at start-up, before anything is allocated (training/plan.py): warn = print the
+    # memory plan at start-up, before anything is allocated (planner/plan.py): warn = print the
     # predicted per-rank peak (and, on CUDA, whether it fits), fail = also stop when it does not fit
     preflight: str = "warn"
     preflight_margin_gib: float = 6.0  # kept free beside the plan: CUDA context, NCCL, fragmentation

@@ -27,7 +27,7 @@ Conventions
   inputs and the sequence is longer than ``SMALL_SEQUENCE``, it raises naming dtype, shapes and
   the fix instead of materialising S x S scores (e.g. fp32 with CP > 1). Off CUDA (CPU tests) the
   kernel choice is not checked. ``_sdpa_probe`` is the capability probe (tests substitute it).
-* Fake tensors (the memory planner, training/plan.py): ``CausalBias`` cannot be wrapped by
+* Fake tensors (the memory planner, planner/plan.py): ``CausalBias`` cannot be wrapped by
   ``FakeTensorMode``, so every call runs the op SDPA and ``CausalBias`` dispatch to on GPU for
   bf16/fp16: ``aten._scaled_dot_product_flash_attention`` with ``is_causal=True`` (lower-right
   aligned for ``sq < sk``): same output shapes, same saved tensors, same memory as on the GPU.

@@ -10,7 +10,8 @@ training length ``n`` (the window, ``data.seq_length``): the sample is ``doc[tok
 positions ``position_ids`` (strictly increasing, all in ``[0, target_length(n))``).
 Deterministic for a given ``numpy.random.Generator`` state.
 
-CREAM (Wu et al., NeurIPS 2024; REFERENCE.md section 2), window ``N``, target ``L = factor * N``:
+CREAM (Wu et al., NeurIPS 2024, arXiv 2406.07138; code: github.com/wutong4012/CREAM, src/train.py),
+window ``N``, target ``L = factor * N``:
 head and tail segments of ``h`` tokens each (``h = N // 3``, "relativity", or
 ``h = 4 * factor``, "continuity", with probability 1/2), keep their true positions ``[0, h)``
 and ``[L - h, L)``; the middle ``Lm = N - 2h`` tokens are a contiguous span ending at ``end``,

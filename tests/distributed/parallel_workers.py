@@ -19,7 +19,7 @@ from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.hf.llama_names import tp_gather, tp_shard
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.parallel.zigzag import slice_for_cp_rank
-from harpe_megatron.training.step import forward_step
+from harpe_megatron.step.schedule import forward_step
 
 
 def shard_batch(batch: dict, dp_rank: int, dp_size: int, cp_rank: int, cp_size: int) -> dict:

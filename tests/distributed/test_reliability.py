@@ -2,7 +2,7 @@
 
 Every run trains the tiny TP=2 model of configs/tiny_cpu.yaml for 12 steps on the demo data; the
 faults come from signals, killed processes, truncated files and ``HARPE_FAULT_INJECT``
-(harpe_megatron/training/faults.py). What each test shows is listed in docs/reliability.md.
+(harpe_megatron/training/reliability/faults.py). What each test shows is listed in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ from typing import Optional
 import pytest
 
 from harpe_megatron.distributed.bringup import free_port
-from harpe_megatron.training.exit_codes import NONFINITE_EXIT_CODE, PEER_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from harpe_megatron.training.reliability.exit_codes import (
+    NONFINITE_EXIT_CODE,
+    PEER_FAILURE_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+)
 from tests.distributed.reliability_launch import (
     LAUNCH_MARKER,
     REPO,

@@ -17,8 +17,8 @@ import torch
 
 from harpe_megatron.cli.common import quiet_library_warnings
 from harpe_megatron.config.loader import load_config
-from harpe_megatron.training.plan import fake_world, megatron_layout, plan_layout
-from harpe_megatron.training.plan_run import _BUILDERS
+from harpe_megatron.planner.plan import fake_world, megatron_layout, plan_layout
+from harpe_megatron.planner.plan_run import _BUILDERS
 
 
 def main() -> None:

@@ -331,12 +331,12 @@ def test_megatron_would_hang_on_the_empty_split_we_refuse(tmp_path, tokenizer_pa
     fault_id_ge_vocab, fault_truncated_bin, fault_corpus_shorter_than_sample, fault_empty_valid_split)],
     ids=["id_ge_vocab", "truncated_bin", "corpus_shorter_than_sample", "empty_valid_split"])
 def test_train_fails_before_writing_anything(single_rank, tmp_path, tokenizer_path, fault, message):
-    from harpe_megatron.training.trainer import train
+    from harpe_megatron.training.trainer import run_training
 
     d, t = _make(tmp_path, tokenizer_path, fault)
     before = snapshot(tmp_path)
     with pytest.raises(DataValidationError, match=message):
-        train(config_from_dict(t))
+        run_training(config_from_dict(t))
     assert not (tmp_path / "run").exists()
     assert not (Path(d["prefix"]) / "cache").exists()
     assert snapshot(tmp_path) == before

@@ -96,7 +96,7 @@ def test_exported_model_rotates_like_the_trainer(strategy, scaling_name, tmp_pat
 
     head_bases = model_head_bases(m, positional)
     rotary = PerHeadRotaryEmbedding(head_bases, m.head_dim, m.num_query_groups, scaling=positional.scaling)
-    trainer_q, trainer_k = rotary.inverse_frequencies(torch.device("cpu"))
+    trainer_q, trainer_k = rotary.qk_inverse_frequencies(torch.device("cpu"))
     per_group = m.num_attention_heads // m.num_query_groups
     assert torch.equal(trainer_k.repeat_interleave(per_group, dim=0), trainer_q)  # GQA: a group shares its row
     softmax_scale = transformer_config(m, ParallelConfig(), positional=positional).softmax_scale

@@ -1,4 +1,4 @@
-"""The memory/FLOP planner (training/plan.py) against real runs, arithmetic and the MFU formula.
+"""The memory/FLOP planner (planner/plan.py) against real runs, arithmetic and the MFU formula.
 
 What is compared: for small configs, the planner's per-rank peak (fake tensors) and the peak of
 the *same code on real tensors* (same fake process group, so collectives move nothing but every
@@ -143,8 +143,8 @@ def test_fix_is_searched_and_checked(tmp_path):
 def test_preflight_prints_one_line_and_fail_stops(single_rank):
     """The trainer's start-up plan on the run's own process group (here one gloo rank)."""
     from harpe_megatron.distributed.bringup import megatron_parallel
-    from harpe_megatron.training.plan import Builders, PreflightError, preflight
-    from harpe_megatron.training.trainer import build_optimizer, build_training_model
+    from harpe_megatron.planner.plan import Builders, PreflightError, preflight
+    from harpe_megatron.step.build import build_optimizer, build_training_model
 
     build = Builders(build_training_model, build_optimizer)
     cfg = load_config(TINY, ["parallel.tensor_model_parallel_size=1", "training.preflight=fail"])

@@ -24,11 +24,25 @@ from harpe_megatron.checkpoint.layout import (
 )
 from harpe_megatron.checkpoint.save_load import MANIFEST_FILE, CheckpointError, resolve_checkpoint, save_checkpoint
 from harpe_megatron.distributed.signals import helpers_ignore_preemption
-from harpe_megatron.training.faults import Faults, NoFaults, SaveFaults, fault_at, faults_from_env, parse_faults
-from harpe_megatron.training.preemption import NoPreemption, Preemption
-from harpe_megatron.training.run_lock import LOCK_FILE, acquire_run_dir
-from harpe_megatron.training.step import forward_step
-from harpe_megatron.training.watchdog import NullWatchdog, PeerFailure, Watchdog, is_communication_error, make_watchdog
+from harpe_megatron.run_dir import LOCK_FILE
+from harpe_megatron.step.schedule import forward_step
+from harpe_megatron.training.reliability.faults import (
+    Faults,
+    NoFaults,
+    SaveFaults,
+    fault_at,
+    faults_from_env,
+    parse_faults,
+)
+from harpe_megatron.training.reliability.preemption import NoPreemption, Preemption
+from harpe_megatron.training.reliability.run_lock import acquire_run_dir
+from harpe_megatron.training.reliability.watchdog import (
+    NullWatchdog,
+    PeerFailure,
+    Watchdog,
+    is_communication_error,
+    make_watchdog,
+)
 
 
 def test_parse_faults():
@@ -235,7 +249,7 @@ def test_run_dir_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_pat
     record = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
     assert record["pid"] == os.getpid() and logged == []
     # another process (flock locks belong to the open file: a child process stands in for a second run)
-    probe = ("import sys; from harpe_megatron.training.run_lock import acquire_run_dir, RunDirInUse\n"
+    probe = ("import sys; from harpe_megatron.training.reliability.run_lock import acquire_run_dir, RunDirInUse\n"
              "try:\n    acquire_run_dir(sys.argv[1])\nexcept RunDirInUse as e:\n    print(e); sys.exit(3)")
     second = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], capture_output=True, text=True)
     assert second.returncode == 3, second.stderr

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from harpe_megatron.config import ConfigError, config_from_dict, config_to_dict, load_config
+from harpe_megatron.config.loader import stage_config
 from harpe_megatron.positional.bases import ConstantBase, UniformBases
 from harpe_megatron.positional.position_ids import CreamPositions
 from harpe_megatron.positional.scaling import LinearScaling, NoScaling
-from harpe_megatron.training.stages import stage_config
 from tests.helpers import TINY_CPU_CONFIG
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from harpe_megatron.log import get_logger
+from harpe_megatron.run_dir import LOCK_FILE, RunDir
 
-__all__ = ["LOCK_FILE", "RunDirInUse", "acquire_run_dir", "hold_run_dir"]
+__all__ = ["RunDirInUse", "acquire_run_dir", "hold_run_dir"]
 
-LOCK_FILE = ".harpe.lock"
 _log = get_logger(__name__)
 
 
@@ -60,7 +60,7 @@ def acquire_run_dir(run_dir: str | os.PathLike, log: Callable[[str], None] = _lo
     it (None where the filesystem cannot lock). Raises :class:`RunDirInUse` if a live run holds it."""
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_FILE
+    path = RunDir(root).lock
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

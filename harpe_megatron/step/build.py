@@ -1,6 +1,6 @@
 """The model and optimizer of a run: megatron's GPT chunk under DDP, (distributed) Adam and its LR schedule.
 
-Shared by the trainer and the memory planner (:mod:`harpe_megatron.training.plan`), which builds the
+Shared by the trainer and the memory planner (:mod:`harpe_megatron.planner.plan`), which builds the
 same objects on fake tensors.
 """
 

@@ -4,10 +4,11 @@
 trainer's ``build_training_model`` / ``build_optimizer`` and runs one training micro-step through
 megatron's forward/backward schedule (the configured recomputation, CP attention, loss) under
 ``FakeTensorMode``: every tensor has its real shape, dtype and lifetime but no storage. A
-``TorchDispatchMode`` (:class:`~harpe_megatron.training.plan_tracker.AllocationTracker`) sees every op, keeps the bytes of every live
-storage (freed when the storage dies) by category, the peak and what was live at the peak, and
+``TorchDispatchMode`` (:class:`~harpe_megatron.planner.tracker.AllocationTracker`) sees every op,
+keeps the bytes of every live storage (freed when the storage dies) by category, the peak and what
+was live at the peak, and
 counts FLOPs with torch's ``flop_counter`` formulas (causal attention counted as computed).
-Process groups: a fake backend of the full world size (:mod:`training.plan_run`,
+Process groups: a fake backend of the full world size (:mod:`planner.plan_run`,
 ``tools/plan_run.py``), or the run's own groups (the training pre-flight, :func:`preflight`:
 collectives on fake tensors move nothing).
 
@@ -46,18 +47,19 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from harpe_megatron.config.model import padded_vocab_size
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.distributed.bringup import current_device, megatron_parallel
-from harpe_megatron.training.metrics import training_flops_per_token
-from harpe_megatron.training.plan_tracker import AllocationTracker
-from harpe_megatron.training.step import forward_step
+from harpe_megatron.planner.tracker import AllocationTracker
+from harpe_megatron.step.metrics import training_flops_per_token
+from harpe_megatron.step.schedule import forward_step
 
-__all__ = ["RunPlan", "AllocationTracker", "Builders", "plan_layout", "fake_world", "megatron_layout", "preflight",
+__all__ = ["RunPlan", "Builders", "plan_layout", "fake_world", "megatron_layout", "preflight",
            "PreflightError"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Builders:
-    """The trainer's ``build_training_model`` and ``build_optimizer`` (passed in: the trainer calls
-    this module for its pre-flight, so this module cannot import the trainer)."""
+    """The trainer's ``build_training_model`` and ``build_optimizer`` (step/build.py), passed in: the
+    trainer's pre-flight builds the optimizer with megatron's gloo groups, the fake-world planner
+    (plan_run.py) without them."""
 
     model: Callable[[RunConfig], tuple[list, Any]]  # cfg -> ([DDP chunk], TransformerConfig)
     optimizer: Callable[[RunConfig, list, int], tuple[Any, Any]]  # (cfg, chunks, iters) -> (optimizer, scheduler)

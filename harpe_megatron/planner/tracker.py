@@ -1,7 +1,7 @@
 """What the memory planner counts: every live storage by category, its peak, and FLOPs by phase.
 
 :class:`AllocationTracker` is a ``TorchDispatchMode`` that sees every op of a planned micro-step
-(:mod:`harpe_megatron.training.plan`); on fake tensors it measures what the real run would
+(:mod:`harpe_megatron.planner.plan`); on fake tensors it measures what the real run would
 allocate, on real tensors the same code measures the real run (the planner's agreement tests).
 """
 

@@ -18,9 +18,9 @@ training precision (``logging.peak_tflops`` overrides the built-in table).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import resource
 import warnings
 from typing import Any, Optional
@@ -28,8 +28,10 @@ from typing import Any, Optional
 import torch
 
 from harpe_megatron.config.model import ModelConfig
+from harpe_megatron.run_dir import RunDir
 
-__all__ = ["training_flops_per_token", "peak_tflops", "memory_gib", "format_step_line", "jsonl_record", "MetricSinks"]
+__all__ = ["training_flops_per_token", "peak_tflops", "MemoryUse", "memory_gib", "format_step_line", "jsonl_record",
+           "MetricSinks"]
 
 # Dense peak TFLOP/s (no sparsity) by device-name fragment and precision.
 _PEAK_TFLOPS = {
@@ -60,17 +62,25 @@ def peak_tflops(precision: str, override: Optional[float] = None) -> Optional[fl
     return None
 
 
-def memory_gib() -> tuple[str, float]:
-    """("gpu", peak allocated GiB) on CUDA, else ("rss", peak resident set GiB of this process)."""
+@dataclasses.dataclass(frozen=True)
+class MemoryUse:
+    """A peak memory figure and what it measures."""
+
+    kind: str  # "gpu": peak allocated on the CUDA device; "rss": peak resident set of this process
+    gib: float
+
+
+def memory_gib() -> MemoryUse:
+    """The peak allocated GiB on CUDA, else the peak resident set GiB of this process."""
     if torch.cuda.is_available():
-        return "gpu", torch.cuda.max_memory_allocated() / 2**30
-    return "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return MemoryUse("gpu", torch.cuda.max_memory_allocated() / 2**30)
+    return MemoryUse("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def format_step_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     """The stable one-line-per-step console format."""
     mfu = metrics.get("mfu")
-    mem_kind, mem = metrics["memory"]
+    memory: MemoryUse = metrics["memory"]
     parts = [
         f"step {step:>6}/{total}",
         f"loss {metrics['loss']:.4f}",
@@ -79,7 +89,7 @@ def format_step_line(step: int, total: int, metrics: dict[str, Any]) -> str:
         f"tokens/s {metrics['tokens_per_s']:,.0f}",
         f"TFLOP/s/GPU {metrics['tflops_per_gpu']:.2f}",
         f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}",
-        f"mem({mem_kind}) {mem:.2f} GiB",
+        f"mem({memory.kind}) {memory.gib:.2f} GiB",
     ]
     if metrics.get("skipped"):
         parts.append(f"skipped {metrics['skipped']}")
@@ -111,11 +121,11 @@ class MetricSinks:
 
     Rank 0 can log for the whole run because the losses it is given are global: the trainer sums
     the loss over micro-batches and DP x CP on the last pipeline stage and broadcasts it from the
-    last rank to every rank (``trainer._global_loss``; evaluation likewise), so under any layout the
+    last rank to every rank (``step/schedule.py``; evaluation likewise), so under any layout the
     logged loss is the global token-weighted mean. ``memory_gib`` is rank 0's own peak.
     """
 
-    def __init__(self, enabled: bool, run_dir: str, tensorboard: bool, wandb_project: Optional[str],
+    def __init__(self, enabled: bool, run_dir: RunDir, tensorboard: bool, wandb_project: Optional[str],
                  wandb_mode: str, wandb_run_name: Optional[str], config: dict[str, Any]):
         self.enabled = enabled
         self._tb = None
@@ -123,13 +133,13 @@ class MetricSinks:
         self._jsonl = None
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir.metrics, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self._tb = SummaryWriter(str(run_dir.tensorboard))
             except ImportError:
                 warnings.warn("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install tensorboard); metrics go to metrics.jsonl only")
@@ -140,7 +150,7 @@ class MetricSinks:
                 raise RuntimeError("logging.wandb_project is set but wandb is not installed "
                                    "(pip install wandb, or set logging.wandb_project: null)") from exc
             self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, mode=wandb_mode,
-                                     dir=run_dir, config=config)
+                                     dir=str(run_dir.root), config=config)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
