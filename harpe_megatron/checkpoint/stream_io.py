@@ -94,12 +94,14 @@ class BufferPool:
         self._cond = threading.Condition()
         self._closed = False
 
-    def acquire(self, nbytes: int) -> Buffer:
+    def acquire(self, nbytes: int, stop: Optional[threading.Event] = None) -> Buffer:
+        """A buffer of at least ``nbytes`` (see class docstring); waiting ends with RuntimeError
+        when the pool is closed or ``stop`` is set."""
         want = max(_MIB, -(-int(nbytes) // _MIB) * _MIB)
         with self._cond:
             while True:
-                if self._closed:
-                    raise RuntimeError("buffer pool closed")
+                if self._closed or (stop is not None and stop.is_set()):
+                    raise RuntimeError("buffer pool closed" if self._closed else "stopped")
                 fits = [b for b in self._free if b.capacity >= nbytes]
                 if fits:
                     buf = min(fits, key=lambda b: b.capacity)
@@ -114,7 +116,7 @@ class BufferPool:
                     self._held += want
                     self.peak_bytes = max(self.peak_bytes, self._allocated)
                     return buf
-                self._cond.wait()
+                self._cond.wait(timeout=0.1 if stop is not None else None)
 
     def _drop(self, buf: Buffer) -> None:
         self._free.remove(buf)
@@ -356,7 +358,7 @@ class Prefetcher:
             for r in self._ranges:
                 if self._stop.is_set():
                     break
-                buf = self._pool.acquire(r.length)
+                buf = self._pool.acquire(r.length, stop=self._stop)
                 try:
                     read_exactly(self._fd(r.path), buf.data[: r.length], r.offset, r.path)
                     crc = zlib.crc32(memoryview(buf.data.numpy())[: r.length]) if self._checksum else None

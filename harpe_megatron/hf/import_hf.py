@@ -46,7 +46,7 @@ from harpe_megatron.config.model import ParallelConfig, padded_vocab_size, valid
 from harpe_megatron.hf import config as hfc
 from harpe_megatron.hf.llama_names import expected_hf_shapes, hf_groups, iter_hf_to_megatron
 from harpe_megatron.hf.output_dir import atomic_output_dir
-from harpe_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader
+from harpe_megatron.hf.safetensors_io import HFCheckpointReader
 from harpe_megatron.hf.session import checkpoint_layout, megatron_cpu_session
 from harpe_megatron.hf.summary import ConversionSummary, progress_bar
 
