@@ -168,7 +168,7 @@ def incomplete_reason(path: Path) -> Optional[str]:
     except ValueError as exc:
         return f"has an unreadable {MANIFEST_FILE} ({exc})"
     if manifest is None:
-        return None  # saved without a manifest (converter output, older runs): metadata.json is all we know
+        return None  # saved without a manifest (older runs and converter outputs): metadata.json is all we know
     for name, size in sorted(manifest["files"].items()):
         f = path / name
         if not f.is_file():

@@ -66,6 +66,26 @@ def test_index_entry_missing_from_its_file(source, tmp_path):
         HFCheckpointReader(hf)
 
 
+def test_truncated_and_malformed_safetensors_are_one_line_errors(source, tmp_path, capsys):
+    """The safetensors headers are parsed here (tensors are read with pread, not mapped): a
+    truncated shard or a file that is not safetensors is refused before anything is written."""
+    from tools.convert_from_hf import main as convert_from_hf_main
+
+    hf = copy_of(source, tmp_path / "hf")
+    shard = sorted(hf.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert convert_from_hf_main([str(hf), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {shard}: tensor ") and "within the file" in err
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(HFCheckpointError, match=rf"{shard}: unreadable safetensors header"):
+        HFCheckpointReader(hf)
+    shard.write_bytes(b"PK")
+    with pytest.raises(HFCheckpointError, match=rf"{shard}: not a safetensors file"):
+        HFCheckpointReader(hf)
+    assert not (tmp_path / "out").exists()
+
+
 def _rewrite_tensor(hf: Path, name: str, value, next_to: str | None = None) -> str:
     """Replace (``value``), delete (None) or add (``next_to``: into that tensor's file) one tensor."""
     index = json.loads((hf / "model.safetensors.index.json").read_text())
