@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from harpe_megatron.checkpoint.layout import MANIFEST_FILE, CheckpointDamaged
+from harpe_megatron.checkpoint.layout import CheckpointDamaged, verify_checksums
 
 __all__ = ["crc32_combine", "PieceChecksums", "verify_pieces"]
 
@@ -111,22 +111,8 @@ class PieceChecksums:
         return crc
 
 
-def verify_pieces(ckpt: Path, manifest: Optional[dict], sums: PieceChecksums) -> int:
-    """Check every file the manifest checksums against its CRC-32, combining the pieces in
-    ``sums`` and reading the rest; :class:`CheckpointDamaged` names the first mismatch. Returns
-    the number of files checked (0 without checksums in the manifest)."""
-    if manifest is None or "crc32" not in manifest:
-        return 0
-    for name in sorted(manifest["crc32"]):
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointDamaged(f"{f}: missing (listed in {ckpt / MANIFEST_FILE})")
-        size = f.stat().st_size
-        if size != manifest["files"].get(name, size):
-            raise CheckpointDamaged(f"{f}: {size} bytes, {MANIFEST_FILE} says {manifest['files'][name]} "
-                                    "(truncated or damaged)")
-        actual = f"{sums.file_crc32(f, size):08x}"
-        if actual != manifest["crc32"][name]:
-            raise CheckpointDamaged(f"{f}: damaged: its CRC-32 is {actual}, {MANIFEST_FILE} recorded "
-                                    f"{manifest['crc32'][name]} when it was saved")
-    return len(manifest["crc32"])
+def verify_pieces(ckpt: Path, sums: PieceChecksums) -> int:
+    """Check every file the manifest of ``ckpt`` checksums against its CRC-32, combining the pieces
+    in ``sums`` and reading the rest (checkpoint/layout.py's ``verify_checksums``: same messages,
+    :class:`CheckpointDamaged` naming the first mismatch). Returns the number of files checked."""
+    return verify_checksums(ckpt, crc_of=lambda f, size: f"{sums.file_crc32(f, size):08x}")

@@ -33,7 +33,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from harpe_megatron.run_dir import RunDir
 
@@ -179,12 +179,14 @@ def incomplete_reason(path: Path) -> Optional[str]:
     return None
 
 
-def verify_checksums(path: Path, names: Optional[Iterable[str]] = None) -> int:
+def verify_checksums(path: Path, names: Optional[Iterable[str]] = None,
+                     crc_of: Optional[Callable[[Path, int], str]] = None) -> int:
     """Check the files of checkpoint ``path`` (``names``, default all) against its manifest's CRC-32s.
 
     Raises :class:`CheckpointDamaged` naming the first file that is missing, of another size or
     of other contents. Returns the number of files checked (0 for a checkpoint without
-    checksums: no manifest, or one written before checksums existed).
+    checksums: no manifest, or one written before checksums existed). ``crc_of(file, size)``
+    gives a file's CRC-32 (default: read it; checkpoint/crc.py completes pieces already read).
     """
     manifest = read_manifest(path)
     if manifest is None or "crc32" not in manifest:
@@ -199,7 +201,7 @@ def verify_checksums(path: Path, names: Optional[Iterable[str]] = None) -> int:
         if size != manifest["files"].get(name, size):
             raise CheckpointDamaged(f"{f}: {size} bytes, {MANIFEST_FILE} says {manifest['files'][name]} "
                                     "(truncated or damaged)")
-        actual = file_crc32(f)
+        actual = file_crc32(f) if crc_of is None else crc_of(f, size)
         if actual != sums[name]:
             raise CheckpointDamaged(f"{f}: damaged: its CRC-32 is {actual}, {MANIFEST_FILE} recorded {sums[name]} "
                                     "when it was saved")

@@ -42,7 +42,7 @@ import yaml
 
 from harpe_megatron.checkpoint.crc import PieceChecksums, verify_pieces
 from harpe_megatron.checkpoint.dist_stream_read import TorchDistStream
-from harpe_megatron.checkpoint.layout import CheckpointDamaged, read_manifest, resolve_checkpoint_dir, verify_checksums
+from harpe_megatron.checkpoint.layout import CheckpointDamaged, resolve_checkpoint_dir, verify_checksums
 from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
 from harpe_megatron.checkpoint.stream_io import BufferPool, pipeline_memory_bound
 from harpe_megatron.config.loader import config_from_dict
@@ -184,7 +184,7 @@ def _write_weights(src: _Source, tmp: Path, out_dtype: torch.dtype, max_shard: i
             raise ValueError(f"{src.ckpt}: non-finite weights in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
                              "refusing to export them")
         index = writer.close()
-        verify_pieces(src.ckpt, read_manifest(src.ckpt), sums)  # CheckpointDamaged names a damaged file
+        verify_pieces(src.ckpt, sums)  # CheckpointDamaged names a damaged file
     finally:
         writer.abort()
         bar.close()
