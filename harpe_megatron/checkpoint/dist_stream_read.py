@@ -96,7 +96,14 @@ def decode_record(buf: torch.Tensor, sizes: tuple[int, ...], dtype: torch.dtype,
             and meta.untyped_storage().nbytes() == nbytes == located[1])
     if fast:
         offset, _ = located
-        return buf[offset: offset + nbytes].view(dtype).view(sizes) if nbytes else torch.empty(sizes, dtype=dtype)
+        if not nbytes:
+            return torch.empty(sizes, dtype=dtype)
+        raw = buf[offset: offset + nbytes]
+        if raw.data_ptr() % raw.new_empty((), dtype=dtype).element_size() == 0:
+            return raw.view(dtype).view(sizes)
+        # a record at an odd place in its file (direct reads keep file offsets modulo 4096): a view
+        # at an unaligned address, which torch's CPU kernels read with unaligned loads
+        return torch.frombuffer(memoryview(raw.numpy()), dtype=dtype).view(sizes)
     try:
         t = torch.load(_MemoryFile(mv), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -201,21 +208,22 @@ class TorchDistStream:
             for i, p in enumerate(params):
                 mine = []
                 while k < len(pieces) and pieces[k][1].param == i:
-                    r, buf, crc = next(stream)
+                    r, data, buf, crc = next(stream)
                     sums.add(r.path, r.offset, r.length, crc)
                     on_bytes(r.length)
-                    mine.append((pieces[k][1], buf, r))
+                    mine.append((pieces[k][1], data, buf, r))
                     k += 1
                 yield self._assemble(p, mine, work_pool)
         finally:
             prefetch.close()
 
-    def _assemble(self, p: ParamLayout, mine: list[tuple[_Piece, Buffer, ReadRange]], work_pool: BufferPool):
-        held: list[Buffer] = [buf for _, buf, _ in mine]
+    def _assemble(self, p: ParamLayout, mine: list[tuple[_Piece, torch.Tensor, Buffer, ReadRange]],
+                  work_pool: BufferPool):
+        held: list[Buffer] = [buf for _, _, buf, _ in mine]
         decoded = []
-        for piece, buf, r in mine:
+        for piece, data, _, r in mine:
             where = f"{r.path} (entry {piece.chunk.key!r} at {list(piece.offsets)})"
-            decoded.append((piece, decode_record(buf.data[: r.length], piece.sizes, p.dtype, where)))
+            decoded.append((piece, decode_record(data, piece.sizes, p.dtype, where)))
         if len(decoded) == 1:
             piece, t = decoded[0]
             if piece.offsets == piece.chunk.offsets and piece.sizes == piece.chunk.sizes and p.is_whole(piece.chunk):
@@ -228,7 +236,7 @@ class TorchDistStream:
             lo, size = _overlap(piece.chunk.offsets, piece.chunk.sizes, piece.offsets, piece.sizes)
             target = _narrow(dest, piece.chunk.offsets, lo, size)
             target.copy_(_narrow(t, piece.offsets, lo, size))
-        for piece, buf, _ in mine:
+        for _, _, buf, _ in mine:
             buf.release()
         held = [out_buf]
         return p, out, lambda: [b.release() for b in held]

@@ -263,8 +263,9 @@ class HFCheckpointReader:
         infos = [self.info(n) for n in names]
         prefetch = Prefetcher([ReadRange(i.file, i.offset, i.nbytes, i.name) for i in infos], pool, checksum=False)
         try:
-            for info, (r, buf, _) in zip(infos, prefetch):
-                yield info.name, buf.view(info.nbytes, info.dtype).view(info.shape), buf.release
+            for info, (_, data, buf, _) in zip(infos, prefetch):
+                tensor = data.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+                yield info.name, tensor, buf.release
         finally:
             prefetch.close()
 

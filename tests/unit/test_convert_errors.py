@@ -173,11 +173,11 @@ def test_failure_midway_leaves_nothing(single_rank, source, tmp_path, monkeypatc
     real_read = stream_io.read_exactly
     calls = {"n": 0}
 
-    def flaky_read(*args):
+    def flaky_read(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 7:
             raise OSError("disk went away")
-        return real_read(*args)
+        return real_read(*args, **kwargs)
 
     monkeypatch.setattr(stream_io, "read_exactly", flaky_read)
     with pytest.raises(OSError, match="disk went away"):
