@@ -66,28 +66,38 @@ def hf_config(shape: dict, dtype: str) -> dict:
             "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype], **shape}
 
 
-def write_source(folder: Path, shape: dict, dtype: torch.dtype, shard_bytes: int, seed: int) -> int:
-    """A random HF Llama folder, tensor by tensor (our streaming safetensors writer); returns bytes."""
+def source_tensors(shape: dict, dtype: torch.dtype, seed: int):
+    """``(name, tensor)`` of the random source model, in file order, one at a time (deterministic:
+    the round-trip check regenerates them instead of keeping the source on disk)."""
     from harpe_megatron.config.model import ModelConfig
     from harpe_megatron.hf.llama_names import expected_hf_shapes
-    from harpe_megatron.hf.safetensors_write import SafetensorsShardWriter
 
     m = ModelConfig(num_layers=shape["num_hidden_layers"], hidden_size=shape["hidden_size"],
                     num_attention_heads=shape["num_attention_heads"], num_query_groups=shape["num_key_value_heads"],
                     ffn_hidden_size=shape["intermediate_size"], vocab_size=shape["vocab_size"],
                     untie_embeddings_and_output_weights=not shape["tie_word_embeddings"])
-    shapes = expected_hf_shapes(m)
-    folder.mkdir(parents=True)
-    writer = SafetensorsShardWriter(folder, [(n, s, dtype) for n, s in shapes.items()], max_shard_bytes=shard_bytes)
     gen = torch.Generator().manual_seed(seed)
-    for name, s in shapes.items():
-        writer.write(name, torch.randn(s, generator=gen, dtype=torch.float32).to(dtype) if math.prod(s) < 1 << 22
-                     else _randn_rows(s, gen, dtype))
+    for name, s in expected_hf_shapes(m).items():
+        yield name, _randn_rows(s, gen, dtype)
+
+
+def write_source(folder: Path, shape: dict, dtype: torch.dtype, shard_bytes: int, seed: int) -> int:
+    """A random HF Llama folder, tensor by tensor (our streaming safetensors writer); returns bytes."""
+    from harpe_megatron.hf.safetensors_write import SafetensorsShardWriter
+
+    shapes = [(n, tuple(t.shape), dtype) for n, t in source_tensors(shape, torch.bool, seed)]
+    folder.mkdir(parents=True)
+    writer = SafetensorsShardWriter(folder, shapes, max_shard_bytes=shard_bytes)
+    for name, t in source_tensors(shape, dtype, seed):
+        writer.write(name, t)
     writer.close()
     return writer.total_bytes
 
 
 def _randn_rows(shape, gen, dtype) -> torch.Tensor:
+    """Normal random values (``dtype`` bool: shape only, for planning)."""
+    if dtype == torch.bool:
+        return torch.empty(shape, dtype=dtype, device="meta")
     out = torch.empty(shape, dtype=dtype)
     rows = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
     for i in range(0, shape[0], rows):
@@ -152,18 +162,24 @@ def run_tool(argv: list[str], cache: str, logs: Path) -> dict:
             "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def compare(source: Path, exported: Path) -> int:
-    """Every source tensor equals the exported one bit for bit (one tensor in memory at a time)."""
+def compare(tensors, exported: Path) -> int:
+    """Every source tensor (``(name, tensor)`` pairs) equals the exported one bit for bit (one
+    tensor in memory at a time)."""
     from harpe_megatron.hf.safetensors_io import HFCheckpointReader
 
-    with HFCheckpointReader(source) as a, HFCheckpointReader(exported) as b:
-        if set(a.names()) != set(b.names()):
-            raise AssertionError(f"tensor names differ: {sorted(set(a.names()) ^ set(b.names()))[:6]}")
-        for name in a.names():
-            x, y = a.get(name), b.get(name)
-            if x.dtype != y.dtype or not torch.equal(x.view(torch.uint8) if x.dtype.itemsize == 1 else x, y):
+    count = 0
+    with HFCheckpointReader(exported) as b:
+        names = set(b.names())
+        for name, x in tensors:
+            y = b.get(name)
+            if x.dtype != y.dtype or not torch.equal(x.view(torch.int16) if x.itemsize == 2 else x,
+                                                    y.view(torch.int16) if y.itemsize == 2 else y):
                 raise AssertionError(f"{name}: exported tensor differs from the source")
-        return len(a.names())
+            names.discard(name)
+            count += 1
+        if names:
+            raise AssertionError(f"exported tensors not in the source: {sorted(names)[:6]}")
+    return count
 
 
 def machine_state() -> dict:
@@ -187,6 +203,9 @@ def main(argv=None) -> int:
                    help="drop the whole page cache before each step (root) instead of evicting the input files")
     p.add_argument("--warm", action="store_true", help="leave the inputs in the page cache (warm-cache figures)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (smoke run)")
+    p.add_argument("--low-disk", action="store_true",
+                   help="delete the source after the import (two checkpoints on disk at a time, not three); "
+                        "the round trip is then checked against the regenerated source tensors")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
@@ -210,8 +229,10 @@ def main(argv=None) -> int:
         (src / "config.json").write_text(json.dumps(hf_config(shape, args.dtype), indent=2))
         gen_s = time.perf_counter() - t0
         free = shutil.disk_usage(work).free
-        if free < 2.2 * nbytes:
-            raise SystemExit(f"error: {work} has {free / 1e9:.1f} GB free; the run needs about {2.2 * nbytes / 1e9:.1f} GB more")
+        need = (1.2 if args.low_disk else 2.2) * nbytes
+        if free < need:
+            raise SystemExit(f"error: {work} has {free / 1e9:.1f} GB free; the run needs about {need / 1e9:.1f} GB more "
+                             "(--low-disk needs less)")
         evict(src, args.drop_caches)
         disk = disk_bandwidth(src, work / "dd_scratch")
         results = {}
@@ -220,13 +241,21 @@ def main(argv=None) -> int:
                 ("megatron_to_hf", mg, ["tools/convert_to_hf.py", str(mg), str(out)])):
             cache = "warm (not evicted)" if args.warm else evict(source, args.drop_caches)
             r = run_tool(argv, cache, work / direction)
+            if args.low_disk and direction == "hf_to_megatron":
+                shutil.rmtree(src)
             r["bytes_per_s_wall"] = nbytes / r["wall_s"]
             r["ratio_to_disk_read_wall"] = r["bytes_per_s_wall"] / disk["read_bytes_per_s"]
             if r["converter_s"]:
                 r["bytes_per_s_converter"] = nbytes / r["converter_s"]
                 r["ratio_to_disk_read_converter"] = r["bytes_per_s_converter"] / disk["read_bytes_per_s"]
             results[direction] = r
-        tensors = compare(src, out)
+        if src.exists():
+            from harpe_megatron.hf.safetensors_io import HFCheckpointReader
+
+            with HFCheckpointReader(src) as reader:
+                tensors = compare(((n, reader.get(n)) for n in reader.names()), out)
+        else:
+            tensors = compare(source_tensors(shape, DTYPES[args.dtype], seed=0), out)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True) if not args.workdir else [shutil.rmtree(d, ignore_errors=True)
