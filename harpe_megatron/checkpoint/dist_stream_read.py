@@ -32,7 +32,8 @@ import torch
 from harpe_megatron.checkpoint.crc import PieceChecksums
 from harpe_megatron.checkpoint.safety import load_dcp_metadata
 from harpe_megatron.checkpoint.sharded_layout import ParamLayout, StoredChunk
-from harpe_megatron.checkpoint.stream_io import Buffer, BufferPool, Prefetcher, ReadRange
+from harpe_megatron.checkpoint.prefetch import Prefetcher, ReadRange
+from harpe_megatron.checkpoint.stream_io import Buffer, BufferPool
 
 __all__ = ["TorchDistStream", "decode_record"]
 

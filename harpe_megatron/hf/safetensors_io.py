@@ -30,7 +30,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from harpe_megatron.checkpoint.stream_io import BufferPool, Prefetcher, ReadRange, read_exactly
+from harpe_megatron.checkpoint.prefetch import Prefetcher, ReadRange, read_exactly
+from harpe_megatron.checkpoint.stream_io import BufferPool
 
 __all__ = [
     "HFCheckpointError",

@@ -168,9 +168,9 @@ def test_non_empty_output_refused_and_untouched(single_rank, source, tmp_path):
 
 def test_failure_midway_leaves_nothing(single_rank, source, tmp_path, monkeypatch):
     """A read failing on the read-ahead thread after some tensors were written."""
-    from harpe_megatron.checkpoint import stream_io
+    from harpe_megatron.checkpoint import prefetch
 
-    real_read = stream_io.read_exactly
+    real_read = prefetch.read_exactly
     calls = {"n": 0}
 
     def flaky_read(*args, **kwargs):
@@ -179,7 +179,7 @@ def test_failure_midway_leaves_nothing(single_rank, source, tmp_path, monkeypatc
             raise OSError("disk went away")
         return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(stream_io, "read_exactly", flaky_read)
+    monkeypatch.setattr(prefetch, "read_exactly", flaky_read)
     with pytest.raises(OSError, match="disk went away"):
         convert_hf_to_megatron(source, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
