@@ -50,7 +50,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def at_least(low: float, kind: Callable = int, what: str = "an integer", strict: bool = False) -> Callable[[str], float]:
+def at_least(low: float, kind: Callable = int, what: str = "an integer",
+             strict: bool = False) -> Callable[[str], float]:
     """An argparse ``type`` accepting ``kind`` values >= ``low`` (> ``low`` if ``strict``); one-line error otherwise."""
     bound = f"{'>' if strict else '>='} {low:g}"
 

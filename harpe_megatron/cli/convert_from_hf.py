@@ -43,7 +43,8 @@ def _normalise(argv: list[str]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(
-        prog="tools/convert_from_hf.py", description="Convert a Hugging Face Llama checkpoint into a megatron distributed checkpoint.",
+        prog="tools/convert_from_hf.py",
+        description="Convert a Hugging Face Llama checkpoint into a megatron distributed checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: python tools/convert_from_hf.py /models/Llama-2-7b-hf ckpt/llama2_mcore --tp 2 "
                "'positional.bases={strategy: paper}'",
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides: positional.* and model.{make_vocab_size_divisible_by,"
                              "pretrained_context_length,init_method_std}")
-    parser.add_argument("--tp", type=at_least(1), default=1, help="tensor-parallel size to validate and pad the vocabulary for")
+    parser.add_argument("--tp", type=at_least(1), default=1,
+                        help="tensor-parallel size to validate and pad the vocabulary for")
     parser.add_argument("--pp", type=at_least(1), default=1, help="pipeline-parallel size to validate")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="stored parameter dtype (auto: that of the HF tensors)")

@@ -38,7 +38,8 @@ def _size(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(prog="tools/convert_to_hf.py", description="Export a megatron checkpoint to a Hugging Face folder.")
+    parser = OneLineParser(prog="tools/convert_to_hf.py",
+                           description="Export a megatron checkpoint to a Hugging Face folder.")
     parser.add_argument("ckpt_dir", help="training save dir (uses 'latest'), run dir, or an iter_* directory")
     parser.add_argument("out_dir", help="output directory (created; must be empty unless --overwrite)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,

@@ -4,13 +4,16 @@
         [--tasks passkey,needle,niah_single,...|all] [--lengths 1024,2048,4096] [--depths 0,0.25,0.5,0.75,1]
         [--samples N] [--seed S] [--name LABEL] [--device cpu|cuda] [--dtype bf16|fp16|fp32]
         [--heatmap-dir DIR] [--ppl-file TEXT --ppl-lengths 1024,4096 --ppl-stride N | --ppl-stride-fraction 0.5
-         --ppl-max-tokens N] [--self-extend GROUP,WINDOW] [--no-progress]
+         --ppl-max-tokens N] [--self-extend GROUP,WINDOW] [--tokenizer PATH_OR_DIR] [--no-progress]
     python tools/eval_long_context.py report results/harpe.json results/abf.json --out report.md [--heatmap report.png]
 
 Lengths beyond the model's max_position_embeddings are run and flagged ('*' in reports).
 --self-extend GROUP,WINDOW evaluates with Self-Extend (Jin et al. 2024; training-free): keys within
 WINDOW tokens of the query keep their positions, farther ones use positions floor-divided by GROUP
 (the paper's Llama-2-7B setting at 128k: --self-extend 32,1024). Plain Llama and harpe_llama folders.
+--tokenizer PATH_OR_DIR takes the tokenizer from a folder with tokenizer files, a SentencePiece .model
+file or a Hub id instead of HF_DIR (which then needs none); a folder without a tokenizer and no
+--tokenizer is a one-line error (exit 2).
 
 Exit codes: 0 done; 2 a one-line error, before the model is loaded, for input that would give
 meaningless numbers (depths outside 0-100 %, lengths or samples < 1, an empty or non-text
@@ -21,12 +24,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 from harpe_megatron.cli.common import OneLineParser, at_least, check_output_path, quiet_library_warnings
 from harpe_megatron.eval.report import make_report
-from harpe_megatron.eval.runner import EvalInputError, evaluate, model_source
+from harpe_megatron.eval.runner import EvalInputError, evaluate, model_source, tokenizer_source
 from harpe_megatron.eval.synthetic import ALL_TASKS
 from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import self_extend_settings
+from harpe_megatron.hf.tokenizer_export import export_tokenizer
 
 
 def _ints(low: int):
@@ -130,6 +137,8 @@ def parse_args(argv=None):
     r.add_argument("--ppl-max-tokens", type=at_least(2), default=None)
     r.add_argument("--self-extend", type=_self_extend, default=None, metavar="GROUP,WINDOW",
                    help="Self-Extend: group size and neighbour window (e.g. 32,1024)")
+    r.add_argument("--tokenizer", default=None, metavar="PATH_OR_DIR",
+                   help="tokenizer folder, SentencePiece .model file or Hub id (default: the model folder's)")
     r.add_argument("--no-progress", action="store_true")
     rep = sub.add_parser("report", help="Markdown table comparing result files per length")
     rep.add_argument("results", nargs="+")
@@ -142,6 +151,18 @@ def parse_args(argv=None):
         if unknown:
             p.error(f"unknown tasks {unknown}; known: {','.join(ALL_TASKS)}")
     return args
+
+
+def _tokenizer_folder(tokenizer: Optional[str], scratch: Path) -> Optional[str]:
+    """``tokenizer``, or for a SentencePiece ``.model`` file the folder of tokenizer files an export
+    would ship for it (``hf/tokenizer_export.py``), written into ``scratch``."""
+    if tokenizer is None or not tokenizer.endswith(".model") or not Path(tokenizer).is_file():
+        return tokenizer
+    try:
+        export_tokenizer(Path(tokenizer), scratch, int(1e30), notes=[])
+    except Exception as exc:  # sentencepiece's own message says what is wrong with the file
+        raise ValueError(f"--tokenizer {tokenizer}: not a SentencePiece model ({exc})") from None
+    return str(scratch)
 
 
 def main(argv=None) -> int:
@@ -160,18 +181,24 @@ def main(argv=None) -> int:
     quiet_library_warnings()
     try:
         check_run_args(args)
-        model_source(args.model_dir)  # a folder with config.json or a Hub id; one-line error otherwise
-    except (FileNotFoundError, ValueError) as exc:
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        res = evaluate(args.model_dir, args.out, args.tasks, args.lengths, args.depths, args.samples, args.seed,
-                       args.name, args.device, args.dtype, args.ppl_file, args.ppl_lengths, args.ppl_stride,
-                       args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress,
-                       args.self_extend)
-    except EvalInputError as exc:  # found once the tokenizer is loaded, before any task ran
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="eval_tokenizer_") as scratch:
+        try:  # a folder with config.json or a Hub id, and a tokenizer; one-line errors otherwise
+            tokenizer = _tokenizer_folder(args.tokenizer, Path(scratch))
+            tokenizer_source(model_source(args.model_dir)[0], tokenizer)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            res = evaluate(args.model_dir, args.out, args.tasks, args.lengths, args.depths, args.samples, args.seed,
+                           args.name, args.device, args.dtype, args.ppl_file, args.ppl_lengths, args.ppl_stride,
+                           args.ppl_stride_fraction, args.ppl_max_tokens, args.heatmap_dir, not args.no_progress,
+                           args.self_extend, tokenizer, args.tokenizer)
+        except EvalInputError as exc:  # found once the tokenizer is loaded, before any task ran
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     for task, d in res["per_length"].items():
         print(f"{task:20s} " + "  ".join(f"{L}:{v:.1f}" for L, v in d.items()))
     for row in res.get("perplexity", []):

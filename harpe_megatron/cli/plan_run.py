@@ -47,7 +47,8 @@ def _report(plan: RunPlan) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = OneLineParser(prog="tools/plan_run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="tools/plan_run.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
     p.add_argument("--gpu-memory-gib", type=at_least(0.0, float, "a number", strict=True), default=80.0,
                    help="memory of one GPU (default 80)")
@@ -60,7 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.micro_batch_size=2")
     args = p.parse_args(argv)
     if args.margin_gib >= args.gpu_memory_gib:
-        p.error(f"--margin-gib {args.margin_gib:g} leaves nothing of --gpu-memory-gib {args.gpu_memory_gib:g} for the run")
+        p.error(f"--margin-gib {args.margin_gib:g} leaves nothing of --gpu-memory-gib {args.gpu_memory_gib:g} "
+                "for the run")
     quiet_library_warnings()
 
     try:

@@ -234,7 +234,8 @@ def _refusal(checkpoint: Path, step: int, blocking: list[Change], consumed: int)
     families = {c.family for c in blocking}
     back = f"set {first.key} back to {_show(first.checkpoint)}" + (" (and the others)" if rest else "")
     if "model" in families:
-        ways = f"{back}; or train a new run (another run_dir) from these weights with checkpoint.pretrained={checkpoint.parent}"
+        ways = (f"{back}; or train a new run (another run_dir) from these weights with "
+                f"checkpoint.pretrained={checkpoint.parent}")
     else:
         policy = []
         if "schedule" in families:

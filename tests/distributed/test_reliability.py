@@ -206,7 +206,8 @@ def test_truncated_checkpoint_file_falls_back_to_previous(reference):
         f.seek(damaged.stat().st_size // 2)
         f.write(chunk)
     record = (run / "config.yaml").read_text()
-    failed = Ranks(CONFIG, overrides + ["logging.log_interval=2"], run / "logs2")  # a config change the load would record
+    # a config change a successful load would record
+    failed = Ranks(CONFIG, overrides + ["logging.log_interval=2"], run / "logs2")
     assert failed.wait(timeout=240) == [1, 1], failed.log(0)
     for r in (0, 1):
         log = failed.log(r)

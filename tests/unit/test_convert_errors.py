@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,8 @@ from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.hf.export_hf import convert_megatron_to_hf
 from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from harpe_megatron.hf.output_dir import atomic_output_dir
-from harpe_megatron.hf.safetensors_io import (
-    HFCheckpointError,
-    HFCheckpointReader,
-    SafetensorsShardWriter,
-    parse_size,
-)
+from harpe_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader, parse_size
+from harpe_megatron.hf.safetensors_write import SafetensorsShardWriter
 from harpe_megatron.hf.session import megatron_cpu_session
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
@@ -70,6 +67,26 @@ def test_index_entry_missing_from_its_file(source, tmp_path):
         HFCheckpointReader(hf)
 
 
+def test_truncated_and_malformed_safetensors_are_one_line_errors(source, tmp_path, capsys):
+    """The safetensors headers are parsed here (tensors are read with pread, not mapped): a
+    truncated shard or a file that is not safetensors is refused before anything is written."""
+    from tools.convert_from_hf import main as convert_from_hf_main
+
+    hf = copy_of(source, tmp_path / "hf")
+    shard = sorted(hf.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert convert_from_hf_main([str(hf), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {shard}: tensor ") and "within the file" in err
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(HFCheckpointError, match=rf"{shard}: unreadable safetensors header"):
+        HFCheckpointReader(hf)
+    shard.write_bytes(b"PK")
+    with pytest.raises(HFCheckpointError, match=rf"{shard}: not a safetensors file"):
+        HFCheckpointReader(hf)
+    assert not (tmp_path / "out").exists()
+
+
 def _rewrite_tensor(hf: Path, name: str, value, next_to: str | None = None) -> str:
     """Replace (``value``), delete (None) or add (``next_to``: into that tensor's file) one tensor."""
     index = json.loads((hf / "model.safetensors.index.json").read_text())
@@ -111,7 +128,9 @@ def test_missing_and_unexpected_tensors(source, tmp_path):
     ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'.* not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "'llama3'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+     r"rope_parameters.low_freq_factor is missing \(llama3 RoPE scaling needs it\)"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_type='longrope'.* not supported"),
     ({"attention_bias": True}, "attention_bias=true is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"head_dim": 32}, "head_dim=32 differs"),
@@ -149,16 +168,19 @@ def test_non_empty_output_refused_and_untouched(single_rank, source, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(single_rank, source, tmp_path, monkeypatch):
-    real_get = HFCheckpointReader.get
+    """A read failing on the read-ahead thread after some tensors were written."""
+    from harpe_megatron.checkpoint import prefetch
+
+    real_read = prefetch.read_exactly
     calls = {"n": 0}
 
-    def flaky_get(self, name):
+    def flaky_read(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 7:
             raise OSError("disk went away")
-        return real_get(self, name)
+        return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(HFCheckpointReader, "get", flaky_get)
+    monkeypatch.setattr(prefetch, "read_exactly", flaky_read)
     with pytest.raises(OSError, match="disk went away"):
         convert_hf_to_megatron(source, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -325,8 +347,9 @@ def test_overwrite_never_replaces_a_checkpoint_or_a_run(tmp_path, layout, conver
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / rel).write_text(text)
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    with pytest.raises(FileExistsError, match=f"output directory {out}: --overwrite never replaces a directory holding "
-                                              f"a checkpoint or a run \\(.*{reason.replace('(', '.').replace(')', '.')}"):
+    pattern = re.escape(f"output directory {out}: --overwrite never replaces a directory holding a checkpoint or a "
+                        "run (") + ".*" + re.escape(reason)
+    with pytest.raises(FileExistsError, match=pattern):
         with atomic_output_dir(out, overwrite=True, converted_ok=converted_ok):
             pass
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

@@ -109,6 +109,45 @@ def test_self_extend_option(tmp_path, exported_model):
     assert from_key["perplexity"][0]["ppl"] == pytest.approx(wide["perplexity"][0]["ppl"], rel=1e-6)
 
 
+def test_tokenizer_option(tmp_path, exported_model, demo_data, capsys):
+    """--tokenizer PATH_OR_DIR: a folder or the SentencePiece .model the export was made from give the
+    same tokens (so the same perplexity) as the folder's own tokenizer; a folder without a tokenizer
+    and no --tokenizer is one line naming the folder and the option, exit 2, nothing written."""
+    import shutil
+
+    from harpe_megatron.cli import eval_long_context as cli
+    from harpe_megatron.eval.runner import TOKENIZER_FILES
+
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:2000])
+    bare = tmp_path / "bare"
+    shutil.copytree(exported_model, bare, ignore=shutil.ignore_patterns(*TOKENIZER_FILES, "special_tokens_map.json"))
+
+    def run(folder, out, *extra):
+        return cli.main(["run", str(folder), "--out", str(tmp_path / out), "--tasks", "", "--lengths", "192",
+                         "--ppl-file", str(text), "--no-progress", *extra])
+
+    capsys.readouterr()
+    assert run(bare, "none.json") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bare) in err[0] and "--tokenizer PATH_OR_DIR" in err[0], err
+    assert not (tmp_path / "none.json").exists()
+    garbage = tmp_path / "garbage.model"
+    garbage.write_text("not a sentencepiece model")
+    for bad in (tmp_path / "missing_dir" / "x", text, garbage):
+        assert run(bare, "bad.json", "--tokenizer", str(bad)) == 2
+        assert f"--tokenizer {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+    assert run(exported_model, "own.json") == 0
+    assert run(bare, "dir.json", "--tokenizer", str(exported_model)) == 0
+    assert run(bare, "sp.json", "--tokenizer", str(demo_data["tokenizer"])) == 0
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("own", "dir", "sp")}
+    assert results["dir"]["tokenizer"] == str(exported_model)
+    assert results["sp"]["tokenizer"] == str(demo_data["tokenizer"])  # the file named, not the scratch folder
+    ppl = {name: r["perplexity"][0]["ppl"] for name, r in results.items()}
+    assert ppl["dir"] == ppl["own"] and ppl["sp"] == ppl["own"], ppl
+
+
 def _cli(argv: list[str]) -> int:
     from harpe_megatron.cli import eval_long_context as cli
 
@@ -134,7 +173,8 @@ BAD_RUN = [  # (arguments, the start of the one line printed)
     (["--ppl-stride", "8"], "error: --ppl-lengths/--ppl-stride/--ppl-stride-fraction/--ppl-max-tokens need --ppl-file"),
     (["--ppl-file", "{empty}"], "error: --ppl-file {empty}: the file is empty; a perplexity needs text"),
     (["--ppl-file", "{binary}"], "error: --ppl-file {binary}: not a text file (it holds NUL bytes)"),
-    (["--ppl-file", "{latin1}"], "error: --ppl-file {latin1}: not a UTF-8 text file (byte 0: invalid continuation byte)"),
+    (["--ppl-file", "{latin1}"],
+     "error: --ppl-file {latin1}: not a UTF-8 text file (byte 0: invalid continuation byte)"),
     (["--ppl-file", "{missing}"], "error: --ppl-file {missing}: cannot be read (No such file or directory)"),
     (["--out", "{binary}/x.json"], "error: --out {binary}/x.json: cannot be created: {binary} is not a directory"),
     (["--out", "{dir}"], "error: --out {dir}: is a directory"),

@@ -99,9 +99,12 @@ def test_several_families_name_every_key_and_every_override():
     with pytest.raises(ConfigError) as err:
         _plan(overrides=["training.train_iters=200", "data.seq_length=512"])
     msg = str(err.value)
-    assert "training.train_iters is 200 in the config but 150 in the checkpoint (also: data.seq_length 256 -> 512)" in msg
-    assert "training.on_resume_change.schedule=config" in msg and "; and set training.on_resume_change.data=config" in msg
-    with pytest.raises(ConfigError, match=r"model.num_layers is 2 .* \(also: training.lr 0.003 -> 0.01\): a run cannot"):
+    assert ("training.train_iters is 200 in the config but 150 in the checkpoint "
+            "(also: data.seq_length 256 -> 512)") in msg
+    assert "training.on_resume_change.schedule=config" in msg
+    assert "; and set training.on_resume_change.data=config" in msg
+    with pytest.raises(ConfigError,
+                       match=r"model.num_layers is 2 .* \(also: training.lr 0.003 -> 0.01\): a run cannot"):
         _plan(overrides=["training.lr=1e-2", "model.num_layers=2"])  # a model change first: no override helps
 
 
@@ -141,7 +144,8 @@ def test_fewer_steps_than_the_checkpoint_has_is_refused():
 
 
 def test_schedule_config_applies_the_new_schedule_and_says_so():
-    plan = _plan(overrides=["training.train_iters=200", "training.lr=1.0e-2", "training.on_resume_change.schedule=config"])
+    plan = _plan(overrides=["training.train_iters=200", "training.lr=1.0e-2",
+                            "training.on_resume_change.schedule=config"])
     assert plan.cfg.training.lr == 1.0e-2 and plan.cfg.training.lr_decay_steps(200) == 200
     assert [(c.key, c.checkpoint, c.config) for c in plan.changes] == [
         ("training.lr", 0.003, 0.01), ("training.train_iters", 150, 200)]
@@ -192,7 +196,8 @@ def test_config_settings_kept_through_a_load():
     def optimizer(lr, beta2):
         p = torch.nn.Parameter(torch.ones(2))
         opt = torch.optim.Adam([{"params": [p], "max_lr": lr, "min_lr": lr / 10, "wd_mult": 1.0}], betas=(0.9, beta2))
-        sched = OptimizerParamScheduler(opt, init_lr=lr, max_lr=lr, min_lr=lr / 10, lr_warmup_steps=0, lr_decay_steps=20,
+        sched = OptimizerParamScheduler(opt, init_lr=lr, max_lr=lr, min_lr=lr / 10, lr_warmup_steps=0,
+                                        lr_decay_steps=20,
                                         lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=20,
                                         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
                                         override_opt_param_scheduler=True)
