@@ -313,7 +313,8 @@ def plan_resume(cfg: RunConfig, checkpoint: Path, saved_state: dict[str, Any]) -
         if plan.applied[c.family] == "config":
             how = "the config's applies"
         elif c.key.startswith("training.train_"):  # only the decay length is the checkpoint's
-            how = f"the checkpoint's LR decay length is kept (training.lr_decay_iters={c.checkpoint})"
+            kept = plan.cfg.training.lr_decay_iters
+            how = f"the checkpoint's LR decay length is kept (training.lr_decay_iters={kept})"
         else:
             how = "the checkpoint's is kept (training.on_resume_change.schedule=checkpoint)"
         plan.notes.append(f"resume: {c.key} is {_show(c.config)} in the config, {_show(c.checkpoint)} in the "

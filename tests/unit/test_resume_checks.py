@@ -137,6 +137,13 @@ def test_a_length_in_tokens_is_named_in_tokens():
         _plan(tokens, tokens[:1] + ["training.train_tokens=1.2e6"])
 
 
+def test_schedule_checkpoint_with_a_length_in_tokens():
+    tokens = ["training.train_iters=null", "training.train_tokens=6.0e5"]
+    plan = _plan(tokens, tokens[:1] + ["training.train_tokens=1.2e6", "training.on_resume_change.schedule=checkpoint"])
+    assert plan.cfg.training.lr_decay_iters == 147 and plan.cfg.training.train_tokens == 1.2e6
+    assert "the checkpoint's LR decay length is kept (training.lr_decay_iters=147)" in plan.notes[0]
+
+
 def test_fewer_steps_than_the_checkpoint_has_is_refused():
     with pytest.raises(ConfigError, match=r"training.train_iters is 10, below the checkpoint's step: nothing would be "
                                           r"trained. Set it to 12 or more, or use another run_dir"):
