@@ -175,6 +175,13 @@ class MetricSinks:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def record(self, step: int, event: dict[str, Any]) -> None:
+        """A line of ``metrics.jsonl`` that is not a metric (e.g. what a resume applied: ``{"step":
+        12, "resume": {...}}``); rows without ``loss`` are not training steps."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": step, **event}, allow_nan=False) + "\n")
+            self._jsonl.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
