@@ -2,7 +2,9 @@
 
 ::
 
-    <run_dir>/config.yaml      the resolved config of the run (rank 0 writes it at start)
+    <run_dir>/config.yaml      the resolved config the run trains under (rank 0 writes it once the
+                               resume checks and the checkpoint load succeeded; training/config_history.py)
+    <run_dir>/config.<N>.yaml  an earlier one, in effect from step N (kept when the config changed)
     <run_dir>/metrics.jsonl    one strict-JSON object per step (step/metrics.py)
     <run_dir>/tensorboard/     TensorBoard event files (``logging.tensorboard``)
     <run_dir>/wandb/           W&B's own files (``logging.wandb_project``; W&B names this folder)
@@ -55,6 +57,11 @@ class RunDir:
     def config(self) -> Path:
         """The resolved config of the run."""
         return self.root / CONFIG_FILE
+
+    def earlier_config(self, label: str) -> Path:
+        """An earlier resolved config of the run, ``config.<label>.yaml`` (label: the first step it
+        applied to)."""
+        return self.root / f"config.{label}.yaml"
 
     @property
     def metrics(self) -> Path:

@@ -29,6 +29,7 @@ own ``KeyboardInterrupt`` can land inside fork's at-fork hooks, where it is igno
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import multiprocessing as mp
@@ -39,6 +40,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -183,6 +185,13 @@ def _remove(paths: Iterable[str]) -> None:
             pass
 
 
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed write made (given outermost first), innermost first, if empty."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def write_indexed_dataset(
     documents: Iterable[Document],
     tokenizer: SentencePieceTokenizer,
@@ -212,9 +221,14 @@ def write_indexed_dataset(
     existing = [p for p in outputs.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"output exists: {', '.join(existing)} (pass overwrite=True / --overwrite to replace)")
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    created_dir = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = Path(os.path.abspath(output_prefix)).parent
+    created = [d for d in reversed([out_dir, *out_dir.parents]) if not d.exists()]  # outermost first
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise ValueError(f"output prefix {output_prefix}: its folder cannot be created ({exc.strerror}: "
+                         f"{exc.filename})") from None
     stale = _remove_stale_tmp(output_prefix)
     if stale:
         print(f"removed temporary files of an interrupted earlier write: {', '.join(stale)}", file=sys.stderr)
@@ -282,8 +296,7 @@ def write_indexed_dataset(
             if builder is not None and not builder.data_file.closed:
                 builder.data_file.close()
             _remove(tmp.values())
-            if created_dir and not os.listdir(out_dir):
-                os.rmdir(out_dir)
+            _remove_empty(created)
             raise
         finally:
             bar.close()

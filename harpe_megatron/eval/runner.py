@@ -189,6 +189,10 @@ def run_tasks(generate: Generate, tokenizer, tasks: list[str], lengths: list[int
             "grids": grids, "skipped": skipped, "records": records}
 
 
+class EvalInputError(ValueError):
+    """An input that would give meaningless numbers, found by :func:`evaluate` before any task runs."""
+
+
 def write_json(result: dict, path: str | os.PathLike) -> Path:
     """Write atomically (tmp file + rename)."""
     path = Path(path)
@@ -217,6 +221,12 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
     source, label = model_source(model_dir)
     tok_source = tokenizer_source(source, tokenizer)
     model, tokenizer, window = load_hf(source, device, dtype, self_extend, tok_source)
+    ppl_ids = None
+    if ppl_file:  # before any task runs: a text too short for one scored token is refused
+        ppl_ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))[:ppl_max_tokens or None]
+        if ppl_ids.numel() < 2:
+            raise EvalInputError(f"--ppl-file {ppl_file}: {ppl_ids.numel()} token(s) after tokenization"
+                                 f"{' and --ppl-max-tokens' if ppl_max_tokens else ''}; a perplexity needs at least 2")
     self_extend = self_extend_of(model)   # the option, or the folder's config key
     result = run_tasks(hf_generator(model, tokenizer, device), tokenizer, tasks, lengths, depths,
                        num_samples, seed, window, progress) if tasks else {
@@ -227,10 +237,9 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
                              if self_extend else None)
     result["model_dir"] = source
     result["tokenizer"] = tokenizer_label or tok_source
-    if ppl_file:
-        ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))
+    if ppl_ids is not None:
         result["perplexity"] = perplexity_by_length(
-            model, ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
+            model, ppl_ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
             window, device, progress)
         result["perplexity_file"] = str(ppl_file)
     if heatmap_dir and result["grids"]:

@@ -1,15 +1,20 @@
 """Throughput accounting (FLOPs, MFU), the console line and the metric sinks.
 
-Model FLOPs per token, Llama decoder (forward), for sequence length s, hidden h, layers L,
-query heads n, KV groups g, head dim d, FFN f, vocabulary V:
+Model FLOPs, Llama decoder (forward), hidden h, layers L, query heads n, KV groups g, head dim d,
+FFN f, vocabulary V, for T tokens whose queries attend P (query, key) pairs in all:
 
-    per layer:  2h(nd + 2gd)     QKV projections
-              + 2h(nd)           attention output projection
-              + 2 * s * n * d    QK^T and PV with a causal mask, *as computed*: a causal
-                                 kernel skips the upper triangle, so each token attends on
-                                 average to s/2 keys: 2 matmuls x 2 FLOPs x (s/2) x n x d
-              + 6hf              SwiGLU (gate, up, down)
-    once:       2hV              output layer
+    per layer:  T * 2h(nd + 2gd)     QKV projections
+              + T * 2h(nd)           attention output projection
+              + P * 4nd              QK^T and PV, *as computed*: 2 matmuls x 2 FLOPs per pair
+              + T * 6hf              SwiGLU (gate, up, down)
+    once:       T * 2hV              output layer
+
+Causal attention over rows of s tokens counts P = T * s / 2 (each query sees s/2 keys on
+average: :func:`training_flops_per_token`). With document masking each query sees only its own
+document's earlier keys, P = sum over the documents of a row of s_i (s_i + 1) / 2: the trainer
+takes the exact P of every step from the batches (data/documents.py, ``attention_keys``), so
+the TFLOP/s and MFU of a masked run count only attention that was done. (The two conventions
+differ by T/2 pairs, half a key per query.)
 
 Training = 3x forward (backward costs two forwards). Recomputation is not counted (MFU is model
 FLOPs utilisation). MFU = achieved FLOP/s per GPU / peak dense FLOP/s of the device for the
@@ -30,7 +35,7 @@ import torch
 from harpe_megatron.config.model import ModelConfig
 from harpe_megatron.run_dir import RunDir
 
-__all__ = ["training_flops_per_token", "peak_tflops", "MemoryUse", "memory_gib", "format_step_line", "jsonl_record",
+__all__ = ["training_flops", "training_flops_per_token", "peak_tflops", "MemoryUse", "memory_gib", "format_step_line", "jsonl_record",
            "MetricSinks"]
 
 # Dense peak TFLOP/s (no sparsity) by device-name fragment and precision.
@@ -41,12 +46,18 @@ _PEAK_TFLOPS = {
 }
 
 
-def training_flops_per_token(m: ModelConfig, seq_length: int) -> float:
-    """Model FLOPs per trained token (forward + backward), see the module docstring."""
+def training_flops(m: ModelConfig, tokens: float, attention_pairs: float) -> float:
+    """Model FLOPs (forward + backward) of ``tokens`` tokens attending ``attention_pairs`` pairs."""
     h, d, n, g = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_query_groups
-    per_layer = 2 * h * (n * d + 2 * g * d) + 2 * h * n * d + 2 * seq_length * n * d + 6 * h * m.ffn_hidden_size
-    forward = m.num_layers * per_layer + 2 * h * m.vocab_size
+    dense = 2 * h * (n * d + 2 * g * d) + 2 * h * n * d + 6 * h * m.ffn_hidden_size
+    forward = m.num_layers * (dense * tokens + 4 * n * d * attention_pairs) + 2 * h * m.vocab_size * tokens
     return 3.0 * forward
+
+
+def training_flops_per_token(m: ModelConfig, seq_length: int) -> float:
+    """Model FLOPs per trained token (forward + backward) with causal attention over rows of
+    ``seq_length`` tokens, see the module docstring."""
+    return training_flops(m, 1.0, seq_length / 2)
 
 
 def peak_tflops(precision: str, override: Optional[float] = None) -> Optional[float]:
@@ -163,6 +174,13 @@ class MetricSinks:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+
+    def record(self, step: int, event: dict[str, Any]) -> None:
+        """A line of ``metrics.jsonl`` that is not a metric (e.g. what a resume applied: ``{"step":
+        12, "resume": {...}}``); rows without ``loss`` are not training steps."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": step, **event}, allow_nan=False) + "\n")
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -48,15 +48,17 @@ from megatron.core.transformer import TransformerConfig
 
 from harpe_megatron.checkpoint.layout import resolve_checkpoint
 from harpe_megatron.checkpoint.save_load import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
-from harpe_megatron.config.loader import config_to_dict, save_config
+from harpe_megatron.config.loader import config_to_dict
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.distributed.bringup import current_device
 from harpe_megatron.log import get_logger
 from harpe_megatron.planner.plan import Builders, preflight
 from harpe_megatron.run_dir import RunDir
 from harpe_megatron.step.build import build_optimizer, build_training_model
-from harpe_megatron.step.metrics import MetricSinks, format_step_line, memory_gib, peak_tflops, training_flops_per_token
+from harpe_megatron.step.metrics import (MetricSinks, format_step_line, memory_gib, peak_tflops, training_flops,
+                                         training_flops_per_token)
 from harpe_megatron.step.schedule import run_schedule
+from harpe_megatron.training.config_history import record_config
 from harpe_megatron.training.data import TrainingData
 from harpe_megatron.training.initialize import distributed_run
 from harpe_megatron.training.input_checks import validate_run_inputs
@@ -64,6 +66,13 @@ from harpe_megatron.training.reliability.exit_codes import PEER_FAILURE_EXIT_COD
 from harpe_megatron.training.reliability.faults import FaultInjection, faults_from_env
 from harpe_megatron.training.reliability.preemption import NoPreemption, Preemption, PreemptionSignal
 from harpe_megatron.training.reliability.run_lock import RunDirInUse, hold_run_dir
+from harpe_megatron.training.resume_checks import (
+    ResumePlan,
+    config_settings_kept,
+    data_fingerprint,
+    plan_resume,
+    read_saved_state,
+)
 from harpe_megatron.training.reliability.watchdog import (
     NullWatchdog,
     PeerFailure,
@@ -139,9 +148,10 @@ def _from_rank0(value):
 class Trainer:
     """One plain run on the current process group and parallel state, its run_dir held.
 
-    Constructing it builds every component, in this order: the resolved config written to the run
-    dir, the memory pre-flight (nothing allocated before it), model and optimizer, the state to
-    resume from or the initial weights, data and metric sinks. ``run()`` then trains from where
+    Constructing it builds every component, in this order: the resume checks against the
+    checkpoint to resume from (training/resume_checks.py), the memory pre-flight (nothing allocated
+    before it), model and optimizer, the state to resume from or the initial weights, data, the
+    resolved config recorded in the run dir (config_history.py), metric sinks. ``run()`` then trains from where
     the run stands to ``training.train_iters`` (or ``exit_interval``). The optional parts
     (``watchdog``, ``preemption``, ``faults``) are typed by what the trainer asks of them and
     default to their no-op stand-ins.
@@ -168,7 +178,7 @@ class Trainer:
         # progress of the run
         self.step, self.consumed = 0, 0
         self.first_step = 1
-        self.resume_from: Optional[Path] = None
+        self.resume_from: Optional[Path] = None  # set with the resume checks below
         self.last_saved: Optional[Path] = None
         self.losses: dict[int, float] = {}
         self.eval_losses: dict[int, float] = {}
@@ -176,9 +186,15 @@ class Trainer:
         self.skipped: list[int] = []
         self.streak = 0  # consecutive non-finite steps
         self.preempt = False  # all ranks agreed to stop after this step
-        # components
-        if self.rank == 0:
-            save_config(cfg, self.run_dir.config)
+        # components. The resume checks first (training/resume_checks.py): a refused change writes
+        # nothing and builds nothing; schedule=checkpoint puts the checkpoint's schedule into cfg.
+        self.resume: Optional[ResumePlan] = None
+        self.resume_from = _resume_point(Path(cfg.checkpoint.load or self.save_dir))
+        if self.resume_from is not None:
+            saved = read_saved_state(self.resume_from, self.rank == 0, _from_rank0)
+            self.resume = plan_resume(cfg, self.resume_from, saved)
+            self.cfg = cfg = self.resume.cfg
+            self.config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
         # memory plan, nothing allocated
         preflight(cfg, self.world, Builders(build_training_model, build_optimizer), log=_log.info)
         self.model_chunks: list[DistributedDataParallel]
@@ -191,13 +207,21 @@ class Trainer:
         self.first_step = self.step + 1
         self.data = TrainingData(cfg, self.world, consumed_train_samples=self.consumed,
                                  total_train_steps=self.train_iters)
+        if self.resume is not None:
+            self.resume.check_data_order(self.data.train)
         self.train_iter: Iterator[dict[str, torch.Tensor]] = self.data.train_iterator()
+        if self.rank == 0:  # the run's record, only now: a start that failed before leaves it as it was
+            record_config(self.run_dir, self.config_yaml, self.first_step)
         self.flops_per_token: float = training_flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak: Optional[float] = peak_tflops(t.precision, cfg.logging.peak_tflops)
         self.sinks = MetricSinks(enabled=self.rank == 0, run_dir=self.run_dir,
                                  tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                                  wandb_mode=cfg.logging.wandb_mode, wandb_run_name=cfg.logging.wandb_run_name,
                                  config=config_to_dict(cfg))
+        for note in self.resume.notes if self.resume is not None else []:
+            (_log.warning if note.startswith("WARNING") else _log.info)(note)
+        if self.resume is not None and self.resume.changes:
+            self.sinks.record(self.step, self.resume.record())
         p = cfg.parallel
         _log.info(f"world {self.world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
                   f"x CP {p.context_parallel_size} x DP {cfg.data_parallel_size(self.world)}; "
@@ -207,11 +231,11 @@ class Trainer:
     def _load_state(self) -> None:
         """Resume from the newest complete checkpoint, or load ``checkpoint.pretrained``, or neither."""
         cfg = self.cfg
-        self.resume_from = _resume_point(Path(cfg.checkpoint.load or self.save_dir))
-        if self.resume_from is not None:
+        if self.resume is not None:
             self.watchdog.progress(self.step, "load")
-            state = load_checkpoint(self.resume_from, self.model_chunks, self.optimizer, self.scheduler)
-            self.step, self.consumed = state["iteration"], state["consumed_samples"]
+            with config_settings_kept(self.optimizer, self.scheduler):  # the config's LR, betas, ... win
+                state = load_checkpoint(self.resume_from, self.model_chunks, self.optimizer, self.scheduler)
+            self.step, self.consumed = state["iteration"], self.resume.consumed
             _log.info(f"resumed from {self.resume_from} at step {self.step} ({self.consumed} samples consumed"
                       f"{'' if state['rng_restored'] else '; RNG not restored: different world size'})")
         elif cfg.checkpoint.pretrained:
@@ -249,7 +273,10 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / elapsed
         if step > 1 or self.resume_from is not None:
             self.speeds.append(tokens_per_s)
-        tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
+        pairs = total[2].item()  # attended pairs, counted from the batches under document masking
+        step_flops = (training_flops(self.cfg.model, self.tokens_per_step, pairs) if pairs
+                      else self.flops_per_token * self.tokens_per_step)
+        tflops = step_flops / elapsed / self.world / 1e12
         return {
             "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -305,7 +332,7 @@ class Trainer:
         """The global loss over ``training.eval_iters`` validation batches (the same ones every time)."""
         for m in self.model_chunks:
             m.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             valid_iter = self.data.valid_iterator()
             for _ in range(self.cfg.training.eval_iters):
@@ -321,7 +348,8 @@ class Trainer:
         self.watchdog.progress(self.step, "save")
         c = self.cfg.checkpoint
         self.last_saved = save_checkpoint(self.save_dir, self.step, self.model_chunks, self.optimizer, self.scheduler,
-                                          self.consumed, self.config_yaml, c.keep_last, hooks=self.faults.save_hooks)
+                                          self.consumed, self.config_yaml, c.keep_last, hooks=self.faults.save_hooks,
+                                          common={"data_fingerprint": data_fingerprint(self.data.train, self.consumed)})
         _log.info(f"saved checkpoint {self.last_saved}")
         return self.last_saved
 

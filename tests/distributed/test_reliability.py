@@ -18,6 +18,7 @@ from typing import Optional
 
 import pytest
 
+from harpe_megatron.config import load_config
 from harpe_megatron.distributed.bringup import free_port
 from harpe_megatron.training.reliability.exit_codes import (
     NONFINITE_EXIT_CODE,
@@ -205,12 +206,89 @@ def test_truncated_checkpoint_file_falls_back_to_previous(reference):
             chunk[i] ^= 0x3C
         f.seek(damaged.stat().st_size // 2)
         f.write(chunk)
-    failed = Ranks(CONFIG, overrides + ["training.train_iters=13"], run / "logs2")
+    record = (run / "config.yaml").read_text()
+    # a config change a successful load would record
+    failed = Ranks(CONFIG, overrides + ["logging.log_interval=2"], run / "logs2")
     assert failed.wait(timeout=240) == [1, 1], failed.log(0)
     for r in (0, 1):
         log = failed.log(r)
         assert (f"[harpe] error: checkpoint {newest} is damaged: {damaged}: damaged: its CRC-32 is ") in log, log
         assert f"Move {newest.name} out of {newest.parent}" in log and "Traceback" not in log
+    assert (run / "config.yaml").read_text() == record  # a failed load leaves the run's record as it was
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml"]
+
+
+def _cosine_lr(cfg, step: int, decay_steps: int) -> float:
+    """The LR the step line reports after ``step`` (megatron's scheduler has then taken ``step``
+    steps): linear warm-up, then cosine from ``training.lr`` to ``min_lr`` over ``decay_steps``."""
+    t = cfg.training
+    if step <= t.lr_warmup_iters:
+        return t.lr * step / t.lr_warmup_iters
+    ratio = (step - t.lr_warmup_iters) / (decay_steps - t.lr_warmup_iters)
+    return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1 + math.cos(math.pi * min(ratio, 1.0)))
+
+
+def test_extending_a_finished_run_needs_the_schedule_override(reference):
+    """A finished 12-step cosine run resumed with training.train_iters=14: refused on every rank
+    (exit 2, one line naming the key, both values and the override) with the run's record
+    untouched; with training.on_resume_change.schedule=config steps 13-14 follow the config's
+    schedule (before, they kept the checkpoint's: min_lr), metrics.jsonl says what was applied and
+    the earlier config is kept as config.1.yaml; a longer data.seq_length (by choice) resumes at
+    the tokens already trained on."""
+    base, root, ref = reference
+    run = root / "extended"
+    shutil.copytree(root / "reference", run, ignore=shutil.ignore_patterns("logs"))
+    ckpt = run / "checkpoints" / "iter_0000012"
+    record, lines = (run / "config.yaml").read_text(), metric_lines(run)
+    assert record.startswith("# harpe: the resolved config of this run from step 1 on")
+    cfg = load_config(CONFIG, base)
+    assert cfg.training.lr_decay_style == "cosine" and cfg.training.lr_decay_iters is None
+    assert ref[12]["lr"] == pytest.approx(_cosine_lr(cfg, 12, 12), rel=1e-9) == cfg.training.min_lr
+
+    refused = Ranks(CONFIG, base + [f"run_dir={run}", "training.train_iters=14"], run / "logs1")
+    assert refused.wait(timeout=240) == [2, 2], refused.log(0)
+    for r in (0, 1):
+        log = refused.log(r)
+        assert (f"config error: resuming {ckpt} (step 12): training.train_iters is 14 in the config but 12 in the "
+                "checkpoint: the learning-rate schedule or optimizer settings of the continued run would change. To "
+                "go on, set training.on_resume_change.schedule=config") in log, log[-3000:]
+        assert "Traceback" not in log
+    assert (run / "config.yaml").read_text() == record and metric_lines(run) == lines
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml"]
+
+    extended = Ranks(CONFIG, base + [f"run_dir={run}", "training.train_iters=14",
+                                     "training.on_resume_change.schedule=config"], run / "logs2")
+    assert extended.wait(timeout=240) == [0, 0], extended.log(0)
+    assert steps_since(run, lines) == [13, 14]
+    metrics = read_metrics(run)
+    for s in (13, 14):
+        assert metrics[s]["lr"] == pytest.approx(_cosine_lr(cfg, s, 14), rel=1e-9), s
+    assert metrics[13]["lr"] > cfg.training.min_lr * 1.1
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[lines:]]
+    assert rows[0] == {"step": 12, "resume": {
+        "checkpoint": str(ckpt), "step": 12, "consumed_samples": {"checkpoint": 96, "continued": 96},
+        "changes": [{"key": "training.train_iters", "family": "schedule", "checkpoint": 12, "config": 14,
+                     "applied": "config"}]}}
+    assert ("resume: training.train_iters is 14 in the config, 12 in the checkpoint: the config's applies from "
+            "step 13") in extended.log(0)
+    assert (run / "config.1.yaml").read_text() == record
+    now = (run / "config.yaml").read_text()
+    assert now.startswith("# harpe: the resolved config of this run from step 13 on")
+    assert load_config(run / "config.yaml").training.train_iters == 14
+
+    # Sequences twice as long, by choice: the data position is re-timed to the tokens trained on
+    # (112 samples of 64 tokens -> 56 of 128), not kept as a sample count of other data.
+    lines = metric_lines(run)
+    longer = Ranks(CONFIG, base + [f"run_dir={run}", "training.train_iters=16", "data.seq_length=128",
+                                   "training.on_resume_change=config"], run / "logs3")
+    assert longer.wait(timeout=240) == [0, 0], longer.log(0)
+    assert steps_since(run, lines) == [15, 16]
+    resume = json.loads((run / "metrics.jsonl").read_text().splitlines()[lines])["resume"]
+    assert resume["consumed_samples"] == {"checkpoint": 112, "continued": 56}
+    assert {(c["key"], c["checkpoint"], c["config"]) for c in resume["changes"]} == {
+        ("training.train_iters", 14, 16), ("data.seq_length", 64, 128)}
+    assert "at step 14 (56 samples consumed)" in longer.log(0)
+    assert (run / "config.13.yaml").read_text() == now
 
 
 def _launch_torchrun(run: Path, log: Path, overrides: list[str], fault: Optional[str] = None) -> subprocess.Popen:

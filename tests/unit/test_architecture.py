@@ -39,20 +39,21 @@ DEPENDENCIES: dict[str, set[str]] = {
     "run_dir": set(),
     "parallel": set(),
     "hf.harpe_llama": set(),  # the shipped HF code: self-contained, it imports nothing of ours
-    "positional": {"parallel"},
+    "positional": {"compat", "parallel"},
     "distributed": {"log"},
     "config": {"positional", "run_dir"},
     "data": {"compat", "log", "parallel", "positional"},
     "model": {"compat", "log", "parallel", "positional", "config"},
     "checkpoint": {"compat", "run_dir", "distributed"},
     "step": {"run_dir", "distributed", "config", "model"},
-    "planner": {"distributed", "config", "step"},
-    "training.reliability": {"log", "run_dir", "distributed", "checkpoint", "step"},
-    "training": {"log", "run_dir", "distributed", "checkpoint", "config", "data", "step", "planner",
+    "planner": {"distributed", "config", "data", "step"},  # data: the document lengths (document masking)
+    "training.reliability": {"log", "run_dir", "distributed", "config", "checkpoint", "step"},
+    "training": {"log", "run_dir", "positional", "distributed", "checkpoint", "config", "data", "step", "planner",
                  "training.reliability"},
-    "hf": {"hf.harpe_llama", "distributed", "positional", "checkpoint", "config", "model"},
+    "hf": {"hf.harpe_llama", "run_dir", "distributed", "positional", "checkpoint", "config", "model"},
     "eval": {"hf.harpe_llama"},
-    "cli": {"log", "checkpoint", "config", "data", "eval", "hf", "planner", "training", "training.reliability"},
+    "cli": {"log", "checkpoint", "config", "data", "eval", "hf", "hf.harpe_llama", "planner", "training",
+            "training.reliability"},
     "train": {"cli"},  # the ``python -m harpe_megatron.train`` command
 }
 # (importing module, imported module): function-local because the dependency is optional

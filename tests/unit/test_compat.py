@@ -29,7 +29,7 @@ def test_megatron_inside_range_is_accepted(version):
 
 def test_every_listed_internal_resolves_with_our_arguments():
     compat.check_internals()  # the installed version: every entry present, every argument accepted
-    assert {i.where for i in compat.INTERNALS} >= {"model/gpt.py", "model/attention.py", "checkpoint/save_load.py"}
+    assert {i.where for i in compat.INTERNALS} >= {"model/gpt.py", "model/self_attention.py", "checkpoint/save_load.py"}
 
 
 def test_missing_or_changed_internal_is_named():

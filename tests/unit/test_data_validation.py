@@ -185,6 +185,11 @@ def fault_empty_paths(d, t):
     t["data"]["paths"] = []
 
 
+def fault_document_without_eod(d, t):
+    _patch(d["prefix"] + ".bin", (7 * 31 + 30) * 2, np.uint16(5).tobytes())  # document 7's last token
+    t["data"]["document_masking"] = True
+
+
 def fault_pickled_cache_file(d, t):
     cache = Path(d["prefix"]) / "cache" / "GPTDataset_indices"
     cache.mkdir(parents=True)
@@ -223,6 +228,8 @@ FAULTS = [  # (damage, expected message (regex))
     (fault_eval_without_valid_share, r"training\.eval_interval is 5 but data\.split '100,0,0' leaves no validation share"),
     (fault_no_train_share, r"data\.split: '0,100,0' gives the train split no share"),
     (fault_empty_paths, r"data\.paths is empty: expected at least one indexed-dataset prefix"),
+    (fault_document_without_eod, r"data\.paths\[0\]: .*d\.bin: document 7 does not end with the tokenizer's EOD "
+                                 r"\(id 2\); data\.document_masking finds document boundaries by EOD tokens"),
     (fault_pickled_cache_file, r"data\.cache_dir: .*0123-GPTDataset-train-document_index\.npy holds Python objects "
                                r"\(dtype object\), not an index; .*refused"),
 ]
@@ -249,6 +256,8 @@ def test_good_inputs_pass_with_a_summary(tmp_path, tokenizer_path, caplog):
     assert (p.documents, p.tokens, p.scanned_tokens, p.dtype) == (40, 40 * 31, 40 * 31, "uint16")
     assert p.split_documents == {"train": 36, "valid": 4} and p.max_id < VOCAB
     assert lines and lines[0].startswith("data checks (full) passed: 1 prefix(es), 1,240 tokens")
+    t["data"]["document_masking"] = True  # every document ends with EOD: passes
+    validate_training_inputs(config_from_dict(t))
 
 
 @pytest.mark.parametrize("fault,message", FAULTS, ids=[f.__name__[len("fault_"):] for f, _ in FAULTS])

@@ -35,6 +35,7 @@ from harpe_megatron.positional.bases import (
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
 from harpe_megatron.positional.scaling import (
     ROPE_SCALINGS,
+    Llama3Scaling,
     LinearScaling,
     NoScaling,
     NTKScaling,
@@ -48,6 +49,9 @@ SCALINGS = {
     "linear": LinearScaling(factor=FACTOR),
     "ntk": NTKScaling(factor=FACTOR),
     "yarn": YarnScaling(factor=FACTOR, original_max_position_embeddings=ORIGINAL),
+    # ORIGINAL / high = 64 and ORIGINAL / low = 256 put every strategy's heads in all three bands
+    "llama3": Llama3Scaling(factor=FACTOR, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=ORIGINAL),
 }
 STRATEGIES = {
     "paper": PaperBases(),  # the 32-head Llama-2-7B table: needs 32 KV groups

@@ -262,6 +262,40 @@ def test_run_dir_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_pat
     os.close(fd)
 
 
+def test_run_dir_that_is_a_file_and_a_failed_start_leave_nothing(tmp_path):
+    """run_dir naming a regular file is a config error naming run_dir (it was a lock-file error);
+    a start that fails in a run_dir it created removes it again; run dirs that existed, or that
+    got more than the lock file, stay."""
+    from harpe_megatron.config import ConfigError
+    from harpe_megatron.training.reliability.run_lock import hold_run_dir
+
+    def share(error):
+        return error
+
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=f"^run_dir: {afile} exists and is not a directory"):
+        with hold_run_dir(afile, True, share):
+            pass
+    new = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="setup failed"):
+        with hold_run_dir(new, True, share):
+            assert (new / LOCK_FILE).is_file()
+            raise RuntimeError("setup failed")
+    assert not new.exists()
+    with pytest.raises(RuntimeError):
+        with hold_run_dir(new, True, share):
+            (new / "metrics.jsonl").write_text("{}")
+            raise RuntimeError("failed after it trained")
+    assert (new / "metrics.jsonl").is_file()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(RuntimeError):
+        with hold_run_dir(existing, True, share):
+            raise RuntimeError("setup failed")
+    assert [p.name for p in existing.iterdir()] == [LOCK_FILE]
+
+
 class DictStore:
     """The three store calls the watchdog makes."""
 
@@ -340,6 +374,9 @@ def test_watchdog_explain_failure_returns_when_every_peer_is_alive():
     ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by must be positive, got 0"),
     ("training.train_iters=-5", "training.train_iters must be positive, got -5"),
     ("training.eval_iters=0", "training.eval_iters must be positive, got 0"),
+    # issue 28: a negative lr blamed training.min_lr
+    ("training.lr=-1e-3", r"tiny_cpu.yaml \(with overrides .*\): training.lr must be >= 0, got -0.001$"),
+    ("training.min_lr=1.0", r"training.min_lr must be in \[0, training.lr \(0.003\)\], got 1.0"),
 ])
 def test_reliability_config_errors(override, message):
     from pathlib import Path

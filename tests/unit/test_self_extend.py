@@ -229,7 +229,7 @@ def test_config_key_builds_self_extend_and_survives_save(tmp_path):
 
 
 def test_bad_settings_and_caches_are_refused():
-    for bad in [(0, 8), (4, 0), (2.5, 8), {"group_size": 4}, {"group_size": 4, "window": 8, "x": 1}]:
+    for bad in [(0, 8), (4, 0), (2.5, 8), (8, 8), (16, 8), {"group_size": 4}, {"group_size": 4, "window": 8, "x": 1}]:
         with pytest.raises(ValueError):
             self_extend_settings(bad)
     model = tiny_llama({"rope_type": "dynamic", "factor": 2.0})

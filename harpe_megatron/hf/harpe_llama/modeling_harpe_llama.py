@@ -20,8 +20,8 @@ are Llama's; only the rotary position embedding differs:
 * :class:`HarpeLlamaRotaryEmbedding` returns ``(cos, sin)`` of shape ``[batch, kv_heads, seq,
   head_dim]``: one row per KV group, with the group's base (``config.harpe_rope_bases`` lists one
   base per query head; the heads of a group share it). Frequencies ``base^(-2i/d)`` -- scaled per
-  head when ``rope_parameters`` says ``linear`` (position interpolation) or ``yarn`` (with YaRN's
-  attention factor on cos/sin, as in Llama) -- and angles are computed in fp32 and cast to the
+  head when ``rope_parameters`` says ``linear`` (position interpolation), ``yarn`` (with YaRN's
+  attention factor on cos/sin, as in Llama) or ``llama3`` (Llama 3.1's bands) -- and angles are computed in fp32 and cast to the
   activations' dtype. They are plain tensors, not buffers: casting the model to bf16 or loading
   it on the meta device leaves them alone.
 * ``HarpeLlamaAttention`` (``layers_harpe_llama.py``) applies them rotate-half style: keys
@@ -96,9 +96,23 @@ def _yarn_correction_range(base: float, head_dim: int, spec: dict) -> tuple[floa
     return max(low, 0), min(high, head_dim - 1)
 
 
+def _llama3_scaled(inv_freq: torch.Tensor, spec: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent scaling of ``inv_freq`` (rows: bases), transformers' formula
+    and operation order: wavelengths below ``original / high_freq_factor`` kept, above
+    ``original / low_freq_factor`` divided by ``factor``, a smooth blend in between."""
+    factor, low, high = float(spec["factor"]), float(spec["low_freq_factor"]), float(spec["high_freq_factor"])
+    old_context_len = spec["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context_len / high) * ~(wavelen > old_context_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
 def harpe_inverse_frequencies(bases: list[float], head_dim: int, spec: dict) -> tuple[torch.Tensor, float]:
     """``([len(bases), d/2] fp32 inverse frequencies, attention factor)`` for RoPE type
-    ``default``, ``linear`` (position interpolation) or ``yarn``, each base on its own."""
+    ``default``, ``linear`` (position interpolation), ``yarn`` or ``llama3``, each base on its own."""
     cpu = torch.device("cpu")  # explicit: models are often constructed under a meta-device context
     b = torch.tensor(bases, dtype=torch.float32, device=cpu).reshape(-1, 1)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=cpu).to(torch.float32) / head_dim
@@ -109,6 +123,8 @@ def harpe_inverse_frequencies(bases: list[float], head_dim: int, spec: dict) -> 
     factor = float(spec["factor"])
     if kind == "linear":
         return plain / factor, 1.0
+    if kind == "llama3":
+        return _llama3_scaled(plain, spec), 1.0
     if kind == "yarn":
         rows = []
         for row, base in zip(plain, bases):
@@ -122,7 +138,7 @@ def harpe_inverse_frequencies(bases: list[float], head_dim: int, spec: dict) -> 
         if attention is None:
             attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
         return torch.stack(rows), float(attention)
-    raise ValueError(f"harpe_llama: RoPE type {kind!r} is not supported (default, linear, yarn)")
+    raise ValueError(f"harpe_llama: RoPE type {kind!r} is not supported (default, linear, yarn, llama3)")
 
 
 class HarpeLlamaRotaryEmbedding(nn.Module):

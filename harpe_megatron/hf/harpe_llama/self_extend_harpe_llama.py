@@ -38,7 +38,8 @@ __all__ = [
 
 def self_extend_settings(value) -> Optional[tuple[int, int]]:
     """``(group_size, window)`` from ``{"group_size": G, "window": W}`` or a ``(G, W)`` pair, validated;
-    ``None`` for ``None``. Both must be integers >= 1."""
+    ``None`` for ``None``. Both must be integers >= 1, the group smaller than the window (keys
+    within the window keep their positions, farther ones are grouped)."""
     if value is None:
         return None
     if isinstance(value, dict):
@@ -50,6 +51,9 @@ def self_extend_settings(value) -> Optional[tuple[int, int]]:
     for name, v in (("group_size", group_size), ("window", window)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"self_extend {name} must be an integer >= 1, got {v!r}")
+    if group_size >= window:
+        raise ValueError(f"self_extend group_size ({group_size}) must be smaller than window ({window}): keys within "
+                         "the window keep their positions, farther ones are grouped (e.g. 32 and 1024)")
     return group_size, window
 
 
