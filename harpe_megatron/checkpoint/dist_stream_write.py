@@ -11,7 +11,9 @@ handed over one at a time, so memory holds one tensor (plus the staging blocks o
 * ``.metadata``: built and written by torch's own DCP ``save`` (public API: a ``SavePlanner``
   whose local plan lists our write items, a ``FileSystemWriter`` whose ``write_data`` streams
   them): global shapes, chunks, dtypes, where each record sits;
-* ``common.pt`` (``torch.save`` of the non-tensor state, like megatron's common strategy) and
+* ``common.pt`` (``torch.save`` of the non-tensor state, like megatron-core 0.16's common
+  strategy; 0.19 saves it as a ``common_state`` object inside the ``.distcp`` files instead and
+  still reads ``common.pt`` through ``load_common_state_dict``) and
   ``metadata.json`` (megatron's ``save_config`` with its default torch_dist backend/version).
 
 The layout (keys, chunks) comes from the model itself (checkpoint/sharded_layout.py); megatron's

@@ -134,8 +134,10 @@ def test_nan_loss_skipped_then_abort(reference):
     assert [s for s in m if m[s]["loss"] is None] == [3, 6, 7, 8]
     for s in (1, 2):
         assert m[s]["loss"] == pytest.approx(ref[s]["loss"], abs=LOSS_ATOL)
-    for s in (4, 5):  # finite, and still on the reference's curve (one update fewer)
-        assert math.isfinite(m[s]["loss"]) and abs(m[s]["loss"] - ref[s]["loss"]) < 0.2
+    for s in (4, 5):  # finite, and on the reference's curve one update behind: between its losses
+        # at steps s-1 and s, within 0.1 (measured: 6.116 at step 4 against 6.133 and 5.955)
+        lo, hi = sorted((ref[s - 1]["loss"], ref[s]["loss"]))
+        assert math.isfinite(m[s]["loss"]) and lo - 0.1 < m[s]["loss"] < hi + 0.1, (s, m[s]["loss"], lo, hi)
         assert math.isfinite(m[s]["grad_norm"])
     # the LR schedule did not advance at the skipped step: step 4 runs at step 3's LR
     assert m[4]["lr"] == pytest.approx(ref[3]["lr"]) and m[3]["lr"] == pytest.approx(ref[2]["lr"])

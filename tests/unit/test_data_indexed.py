@@ -283,3 +283,31 @@ def test_ctrl_c_with_workers_stops_promptly_and_leaves_nothing(tmp_path, tokeniz
             except OSError:
                 continue
         assert left == [], f"attempt {attempt}: processes left: {left}"
+
+
+class _ExplodingTokenizer:
+    """Tokenizes by characters; a text "die" ends its worker process, "bad" raises."""
+
+    def tokenize(self, text: str) -> list[int]:
+        if text == "die":
+            os._exit(3)
+        if text == "bad":
+            raise ValueError("cannot tokenize 'bad'")
+        return [ord(c) for c in text]
+
+
+@pytest.mark.parametrize("poison, error", [("die", "died with exit code 3"), ("bad", "cannot tokenize 'bad'")])
+def test_a_failing_worker_is_an_error_not_a_hang(poison, error):
+    """A worker that dies (killed, out of memory) or raises ends the iteration with an error naming it;
+    documents before it come out in order, and no worker is left behind."""
+    import multiprocessing
+
+    from harpe_megatron.data.tokenize_workers import tokenized_documents
+
+    docs = [Document(index=i, text=t, source="s", path="in", line=i + 1) for i, t in enumerate(["ab", "c", poison, "d"])]
+    got = []
+    with pytest.raises((RuntimeError, ValueError), match=error):
+        for doc, ids in tokenized_documents(docs, _ExplodingTokenizer(), workers=2, batch_size=1):
+            got.append((doc.text, ids.tolist()))
+    assert got == [("ab", [97, 98]), ("c", [99])]
+    assert multiprocessing.active_children() == []
