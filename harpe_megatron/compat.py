@@ -11,6 +11,10 @@ Supported: 0.16.1 (the newest release for Python 3.11) to 0.19.x (Python 3.12); 
 tested in CI (README, "Dependencies and support matrix"). Public API (``GPTModel``'s constructor,
 ``TransformerConfig``, ``dist_checkpointing.save/load``, the schedules, DDP, the optimizer, the
 datasets) is not listed: a break there is megatron's own deprecation cycle, seen by the tests.
+
+One private *torch* helper is wrapped here too, so that it has one caller-facing name:
+:func:`is_fake` (``torch._subclasses.fake_tensor.is_fake``), which the memory planner's fake-tensor
+paths of the RoPE kernel and the attention ask.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import inspect
 import re
 from dataclasses import dataclass
 
+from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
+
 __all__ = ["SUPPORTED_MEGATRON", "INTERNALS", "Internal", "MegatronVersionError", "check_megatron",
-           "megatron_version"]
+           "megatron_version", "is_fake"]
 
 #: Lowest (major, minor, patch) and highest (major, minor) megatron-core release supported.
 SUPPORTED_MEGATRON = ((0, 16, 1), (0, 19))
@@ -49,12 +55,19 @@ INTERNALS: tuple[Internal, ...] = (
              "model/gpt.py",
              ("input_ids", "position_ids", "decoder_input", "inference_context", "packed_seq_params",
               "padding_mask")),
-    Internal("megatron.core.transformer.attention:SelfAttention.get_query_key_value_tensors",
-             "overridden: per-head RoPE is applied to q and k right after the QKV projection",
-             "model/attention.py"),
     Internal("megatron.core.transformer.attention:SelfAttention.forward",
-             "overridden: takes our rotary input form and hands megatron None or a (q, k) table pair",
-             "model/attention.py", ("hidden_states", "attention_mask", "rotary_pos_emb")),
+             "replaced by our training forward; TransformerLayer calls it with these arguments",
+             "model/self_attention.py",
+             ("hidden_states", "attention_mask", "rotary_pos_emb", "packed_seq_params", "inference_context")),
+    Internal("megatron.core.transformer.attention:SelfAttention.get_query_key_value_tensors",
+             "called by our forward: the QKV projection (and q/k norms) of this TP rank's heads",
+             "model/self_attention.py", ("hidden_states", "key_value_states")),
+    Internal("megatron.core.transformer.attention:Attention._checkpointed_attention_forward",
+             "called by our forward for selective recomputation of the core attention",
+             "model/self_attention.py", ("query", "key", "value", "attention_mask", "attn_mask_type")),
+    Internal("megatron.core.models.common.embeddings.rope_utils:apply_rotary_pos_emb",
+             "applies our per-head angle tables (per_head_rope: table) with megatron's unfused path",
+             "model/self_attention.py", ("t", "freqs", "config", "cp_group")),
     Internal("megatron.core.transformer.transformer_block:get_num_layers_to_build",
              "layer count of this pipeline stage when building the layer specs", "model/spec.py",
              ("config", "vp_stage", "pp_rank")),
@@ -138,3 +151,8 @@ def check_megatron() -> str:
     check_version(version)
     check_internals(version=version)
     return version
+
+
+def is_fake(t) -> bool:
+    """Whether ``t`` is a FakeTensor (the memory planner's tensors: shapes without storage)."""
+    return _torch_is_fake(t)

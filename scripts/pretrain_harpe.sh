@@ -2,9 +2,13 @@
 # Launch harpe-megatron pretraining. Three ways, all equivalent:
 #
 #   bash scripts/pretrain_harpe.sh [key.path=value ...]
-#       Starts torchrun itself (GPUS_PER_NODE ranks on this node, NNODES nodes in all).
+#       Starts torchrun itself (GPUS_PER_NODE ranks on this node, NNODES nodes in all) and exits
+#       with the job's code: 0 done, 2 config/data error or run_dir in use, 75 preempted (checkpoint
+#       saved: start again to resume), 76 a rank was lost, 77 non-finite abort, 1 anything else.
+#       Several nodes: run it on each with NNODES=N NODE_RANK=i MASTER_ADDR=<node 0's address>.
 #   torchrun --nproc-per-node 8 ... scripts/pretrain_harpe.sh [key.path=value ...]
 #       torchrun runs this file with Python, once per rank: the Python part at the end runs.
+#       torchrun exits 1 for any failure; the job's code is in <run_dir>/exit_code (rank 0 writes it).
 #   torchrun --nproc-per-node 8 ... --no-python scripts/pretrain_harpe.sh [key.path=value ...]
 #       Already a rank under torchrun (RANK/LOCAL_RANK set): runs that one rank.
 #
@@ -74,7 +78,10 @@ export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIG
 export TORCHELASTIC_SIGNALS_TO_HANDLE="$PET_SIGNALS_TO_HANDLE"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-600}"
 trap '' USR1
-exec "$PYTHON" -m torch.distributed.run \
+# torchrun through harpe_megatron/cli/launch.py: the same torchrun, but this script exits with the
+# job's code (0 done, 2 bad input / run_dir in use, 75 preempted, 76 lost rank, 77 non-finite, 1
+# else; docs/reliability.md) where torchrun alone would exit 1 for every failure.
+exec "$PYTHON" -m harpe_megatron.cli.launch \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   -m harpe_megatron.train --config "$CONFIG" "$@"

@@ -9,8 +9,9 @@
 #   PYTHON         the interpreter it is made from (>= 3.11)                [python3]
 #   HARPE_DEPS     locked: exact versions from requirements/lock.txt for this Python (what the
 #                  README commands and CI's locked leg use); newest: the newest releases that
-#                  pyproject.toml's ranges allow, ignoring any site-wide pip constraints file
-#                  (CI's newest leg, scripts/lock.sh)                       [locked]
+#                  pyproject.toml's ranges allow, ignoring any site-wide pip constraints file,
+#                  transformers upgraded to its newest release on every run (CI's newest leg,
+#                  scripts/lock.sh)                                         [locked]
 #   TORCH_VERSION  torch version to install first                           [the lock's; newest: any]
 #   HARPE_EXTRAS   pyproject extras to install (comma list)                 [test]
 #   HARPE_CONSTRAINTS_OVERRIDE  a constraints file whose packages replace the lock's pins
@@ -89,4 +90,9 @@ fi
 HARPE_EXTRAS="${HARPE_EXTRAS:-test}"
 echo "[setup] installing harpe-megatron (editable) with extras [$HARPE_EXTRAS] ($HARPE_DEPS versions)"
 "${PIP[@]}" install "${CONSTRAINTS[@]}" -e "$ROOT[$HARPE_EXTRAS]"
+if [ "$HARPE_DEPS" = newest ]; then
+  # The newest transformers release, also in a venv made before it came out: exported harpe_llama
+  # folders meet whatever release their users have (pyproject.toml sets no upper bound).
+  "${PIP[@]}" install --upgrade transformers
+fi
 "$VENV/bin/python" -W ignore -c "import torch, transformers, megatron.core, harpe_megatron; print(f'[setup] ready: Python $PYVER, torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}, python at $VENV/bin/python')"

@@ -6,6 +6,13 @@ import pytest
 import torch
 
 from harpe_megatron.distributed.bringup import free_port, init_process_group
+from tests.distributed.reliability_launch import (
+    MULTINODE_STEPS,
+    launcher_env,
+    multinode_overrides,
+    read_metrics,
+    start_launcher,
+)
 from tests.helpers import process_threads
 
 
@@ -45,3 +52,17 @@ def demo_data(tmp_path_factory):
     out = prepare_demo_data(tmp_path_factory.mktemp("demo_data"), vocab_size=512, max_docs=300,
                             progress=False, log=lambda msg: None)
     return out.as_dict()
+
+
+@pytest.fixture(scope="session")
+def one_node_reference(demo_data, tmp_path_factory):
+    """Per-step metrics of the multi-node tests' run (tests/distributed/reliability_launch.py:
+    multinode_overrides) on one node: ``bash scripts/pretrain_harpe.sh`` with 2 ranks, uninterrupted."""
+    run = tmp_path_factory.mktemp("one_node") / "run"
+    log = run.parent / "launcher.log"
+    proc = start_launcher(multinode_overrides(demo_data, run), log,
+                          launcher_env(str(run), GPUS_PER_NODE="2", MASTER_PORT=str(free_port())))
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    metrics = read_metrics(run)
+    assert sorted(metrics) == list(range(1, MULTINODE_STEPS + 1))
+    return metrics

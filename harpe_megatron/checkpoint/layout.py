@@ -12,15 +12,17 @@ Complete = ``metadata.json`` present and, where there is a manifest (every check
 saves), every listed file present with its listed size. Sizes are checked when choosing what to
 resume from (cheap: one ``stat`` per file); contents, against the manifest's CRC-32 of every file,
 when a checkpoint is loaded (:func:`verify_checksums`, ~1 s per GB per reader). Checkpoints without a
-manifest (``tools/convert_from_hf.py`` output, runs saved before manifests existed) count as
-complete when ``metadata.json`` is present; there is nothing to verify them against.
+manifest (runs saved, and ``tools/convert_from_hf.py`` outputs made, before manifests existed)
+count as complete when ``metadata.json`` is present; there is nothing to verify them against.
+Checkpoint directories are written by checkpoint/directory.py.
 
 Manifest format (JSON)::
 
     {"files": {"<relative path>": <size in bytes>, ...},
      "crc32": {"<relative path>": "<8 hex digits>", ...}}     # absent in manifests before checksums
 
-Everything here reads files only (no collectives); checkpoint/save_load.py does the saving.
+Everything here reads files only (no collectives); checkpoint/directory.py writes checkpoint
+directories (for checkpoint/save_load.py's training saves and the HF import).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
+
+from harpe_megatron.run_dir import RunDir
 
 __all__ = [
     "resolve_checkpoint_dir",
@@ -41,6 +45,7 @@ __all__ = [
     "CheckpointScan",
     "checkpoint_files",
     "checkpoint_name",
+    "checkpoint_step",
     "file_crc32",
     "incomplete_reason",
     "list_checkpoints",
@@ -67,6 +72,15 @@ class CheckpointDamaged(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of checkpoint directory ``path`` (``.../iter_0000200`` -> 200); ValueError if its
+    name is not a checkpoint name."""
+    match = ITER_DIR.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint directory name (iter_ and 7 digits)")
+    return int(match.group(1))
 
 
 def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -154,7 +168,7 @@ def incomplete_reason(path: Path) -> Optional[str]:
     except ValueError as exc:
         return f"has an unreadable {MANIFEST_FILE} ({exc})"
     if manifest is None:
-        return None  # saved without a manifest (converter output, older runs): metadata.json is all we know
+        return None  # saved without a manifest (older runs and converter outputs): metadata.json is all we know
     for name, size in sorted(manifest["files"].items()):
         f = path / name
         if not f.is_file():
@@ -165,12 +179,14 @@ def incomplete_reason(path: Path) -> Optional[str]:
     return None
 
 
-def verify_checksums(path: Path, names: Optional[Iterable[str]] = None) -> int:
+def verify_checksums(path: Path, names: Optional[Iterable[str]] = None,
+                     crc_of: Optional[Callable[[Path, int], str]] = None) -> int:
     """Check the files of checkpoint ``path`` (``names``, default all) against its manifest's CRC-32s.
 
     Raises :class:`CheckpointDamaged` naming the first file that is missing, of another size or
     of other contents. Returns the number of files checked (0 for a checkpoint without
-    checksums: no manifest, or one written before checksums existed).
+    checksums: no manifest, or one written before checksums existed). ``crc_of(file, size)``
+    gives a file's CRC-32 (default: read it; checkpoint/crc.py completes pieces already read).
     """
     manifest = read_manifest(path)
     if manifest is None or "crc32" not in manifest:
@@ -185,7 +201,7 @@ def verify_checksums(path: Path, names: Optional[Iterable[str]] = None) -> int:
         if size != manifest["files"].get(name, size):
             raise CheckpointDamaged(f"{f}: {size} bytes, {MANIFEST_FILE} says {manifest['files'][name]} "
                                     "(truncated or damaged)")
-        actual = file_crc32(f)
+        actual = file_crc32(f) if crc_of is None else crc_of(f, size)
         if actual != sums[name]:
             raise CheckpointDamaged(f"{f}: damaged: its CRC-32 is {actual}, {MANIFEST_FILE} recorded {sums[name]} "
                                     "when it was saved")
@@ -260,7 +276,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint directory {p} does not exist")
-    for root in (p, p / "checkpoints"):
+    for root in (p, RunDir(p).checkpoints):
         if (root / LATEST_FILE).is_file():
             try:
                 chosen, messages = resolve_checkpoint(root)

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["UnsafeCheckpointError", "check_megatron_checkpoint", "load_dcp_metadata"]
+from harpe_megatron.checkpoint.layout import read_manifest, verify_checksums
+
+__all__ = ["UnsafeCheckpointError", "check_megatron_checkpoint", "load_dcp_metadata", "read_common_state"]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -134,3 +136,17 @@ def check_megatron_checkpoint(ckpt_dir: str | os.PathLike) -> None:
     common = ckpt / "common.pt"
     if common.is_file():
         _weights_only(common, str(common))
+
+
+def read_common_state(ckpt_dir: str | os.PathLike) -> dict:
+    """The plain entries of a checkpoint's common state (``iteration``, ``consumed_samples``,
+    ``config_yaml``, ...), without its tensors, after :func:`check_megatron_checkpoint` and the
+    manifest's CRC-32 of ``common.pt`` (kilobytes read). Raises :class:`UnsafeCheckpointError`,
+    ``CheckpointDamaged`` or what the read raises."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt_dir)
+    verify_checksums(ckpt, [n for n in (read_manifest(ckpt) or {}).get("crc32", {}) if n == "common.pt"])
+    check_megatron_checkpoint(ckpt)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    return {k: v for k, v in common.items() if k not in ("model", "optimizer", "scheduler")}

@@ -3,17 +3,18 @@
 The layout of a save directory, what makes a checkpoint complete, the manifest with its per-file
 CRC-32s and the choice of what to resume from are checkpoint/layout.py's (re-exported here).
 
-A save writes into ``iter_N.tmp``; every rank finishes its files, the ranks checksum the files
-(each a share) and rank 0 writes the manifest, renames the directory to ``iter_N``, replaces
-``latest`` atomically (write + fsync + rename) and prunes all but the newest ``keep_last``
-complete checkpoints (and older interrupted ``.tmp`` saves). The ranks agree after every phase,
+A save follows checkpoint/directory.py (the one writer of checkpoint directories, which HF import
+uses too): rank 0 starts ``iter_N.tmp``; every rank finishes its files, the ranks checksum the
+files (each a share) and rank 0 publishes (manifest, rename to ``iter_N``, ``latest`` replaced
+atomically, all but the newest ``keep_last`` complete checkpoints and older interrupted ``.tmp``
+saves pruned). The ranks agree after every phase,
 so an error on any rank (a full disk: ``OSError``, or torch's ``CheckpointException``, which is a
 ``BaseException``) makes every rank raise :class:`CheckpointError` with one line naming the
 checkpoint, the cause and what ``latest`` still names, after rank 0 removed ``iter_N.tmp``. A rank
 that dies mid-save leaves ``iter_N.tmp`` behind; ``latest`` still names a complete checkpoint.
 
 Helper processes: megatron-core's torch_dist writer forks writer processes per save (started here
-with the preemption signals blocked, see training/preemption.py) and hands their results back
+with the preemption signals blocked, see training/reliability/preemption.py) and hands their results back
 through a queue; see :func:`_writer_results_in_process` for why that queue is made in-process.
 
 A load verifies the checksums of the checkpoint (each rank a share; resume and initial weights)
@@ -37,10 +38,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
+from harpe_megatron.checkpoint.directory import begin_checkpoint, in_progress_dir, publish_checkpoint
 from harpe_megatron.checkpoint.layout import (
     LATEST_FILE,
     MANIFEST_FILE,
-    TMP_DIR,
     CheckpointDamaged,
     CheckpointScan,
     checkpoint_files,
@@ -52,8 +53,6 @@ from harpe_megatron.checkpoint.layout import (
     resolve_checkpoint,
     scan_checkpoints,
     verify_checksums,
-    write_atomic,
-    write_manifest,
 )
 from harpe_megatron.checkpoint.safety import check_megatron_checkpoint
 from harpe_megatron.compat import check_megatron
@@ -201,19 +200,6 @@ def _sharded_state(model_chunks: list, optimizer, is_loading: bool) -> dict[str,
     return state
 
 
-def _prune(root: Path, keep_last: int, newest: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; drop partial saves older than ``newest``."""
-    if keep_last > 0:
-        complete = [p for _, p in list_checkpoints(root) if incomplete_reason(p) is None]
-        for old in complete[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    for child in root.iterdir():
-        match = TMP_DIR.match(child.name)
-        if match and int(match.group(1)) < newest:
-            shutil.rmtree(child, ignore_errors=True)
-
-
-
 def _writer_results_in_process() -> None:
     """Give megatron's checkpoint writer an in-process results queue instead of a Manager process.
 
@@ -275,9 +261,10 @@ def _first_failure(failure: Optional[str]) -> Optional[str]:
 
 
 def _write_shards(tmp: Path, step: int, model_chunks: list, optimizer, scheduler, consumed_samples: int,
-                  config_yaml: str, hooks: "SaveHooks") -> None:
+                  config_yaml: str, hooks: "SaveHooks", common: Optional[dict]) -> None:
     rank = dist.get_rank()
     state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state.update(common or {})
     state.update(iteration=step, consumed_samples=consumed_samples, config_yaml=config_yaml,
                  scheduler=scheduler.state_dict() if scheduler is not None else None)
     dist_checkpointing.save(state, str(tmp))
@@ -293,12 +280,13 @@ def _checksum_share(directory: Path) -> dict[str, str]:
 
 
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, optimizer, scheduler,
-                    consumed_samples: int, config_yaml: str, keep_last: int, hooks: Optional["SaveHooks"] = None
-                    ) -> Path:
+                    consumed_samples: int, config_yaml: str, keep_last: int, hooks: Optional["SaveHooks"] = None,
+                    common: Optional[dict] = None) -> Path:
     """Save a complete checkpoint for ``step`` (collective: every rank calls it).
 
     ``hooks`` (default: none) is called between phases; the reliability tests' fault injection
-    (training/faults.py) is the one user.
+    (training/reliability/faults.py) is the one user. ``common``: further plain entries (numbers,
+    strings, lists, dicts) of the checkpoint's common state, e.g. the trainer's data fingerprint.
 
     Any error on any rank raises :class:`CheckpointError` on every rank (one line: checkpoint,
     failing rank and cause, what ``latest`` still names); ``iter_N.tmp`` is removed, ``latest``
@@ -306,17 +294,14 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
     """
     root = Path(save_dir)
     final = root / checkpoint_name(step)
-    tmp = root / (checkpoint_name(step) + ".tmp")
+    tmp = in_progress_dir(root, step)
     rank = dist.get_rank()
     hooks = hooks if hooks is not None else SaveHooks()
     _writer_results_in_process()
 
     def prepare() -> None:
         if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by an interrupted save of the same step (this run holds the lock)
-            tmp.mkdir()
+            begin_checkpoint(root, step)  # this run holds the lock: a leftover iter_N.tmp is its own
 
     checksums: dict[str, str] = {}
 
@@ -337,19 +322,14 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model_chunks: list, 
 
     def publish() -> None:
         if rank == 0:
-            write_manifest(tmp, checksums)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            write_atomic(root / LATEST_FILE, final.name + "\n")
-            _prune(root, keep_last, step)
+            publish_checkpoint(root, step, checksums, keep_last)
 
     with helpers_ignore_preemption():
         failure = _first_failure(_attempt(prepare))
         if failure is None:
             failure = _first_failure(_attempt(
                 lambda: _write_shards(tmp, step, model_chunks, optimizer, scheduler, consumed_samples, config_yaml,
-                                      hooks)))
+                                      hooks, common)))
         if failure is None:
             failure = checksum()  # all ranks' files are written: agreed just above
         if failure is None:
@@ -427,5 +407,9 @@ def load_model_weights(path: str | os.PathLike, model_chunks: list) -> None:
     verify_checkpoint(path)
     check_megatron_checkpoint(path)  # also when data.validate is off
     model = unwrap_model(model_chunks[0])
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"checkpoint.pretrained: loading {path} failed ({describe_checkpoint_error(exc)}); its "
+                              "model must be the one model.* of this config describes") from exc
     model.load_state_dict(loaded["model"])

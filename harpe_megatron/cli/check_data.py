@@ -21,10 +21,9 @@ import argparse
 import sys
 
 from harpe_megatron.cli.common import quiet_library_warnings
-from harpe_megatron.config.loader import ConfigError, load_config
+from harpe_megatron.config.loader import ConfigError, load_config, plain_run_configs
 from harpe_megatron.data.validation import DataValidationError
 from harpe_megatron.training.input_checks import validate_run_inputs
-from harpe_megatron.training.stages import stage_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stage_configs(cfg) -> list[tuple[str, object]]:
-    """(label, config) of every plain run the config launches: one, or one per stage."""
-    if not cfg.stages:
-        return [("run", cfg)]
-
-    return [(f"stage {i} ({stage.name})", stage_config(cfg, i, stage, cfg.checkpoint.pretrained))
-            for i, stage in enumerate(cfg.stages)]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
@@ -57,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     mode = args.mode or (cfg.data.validate if cfg.data.validate != "off" else "full")
-    for label, run_cfg in _stage_configs(cfg):
+    for label, run_cfg in plain_run_configs(cfg):
         try:
             report = validate_run_inputs(run_cfg, mode=mode)
         except DataValidationError as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harpe_megatron.cli.common import quiet_library_warnings
+from harpe_megatron.cli.common import OneLineParser, at_least, quiet_library_warnings
 from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from harpe_megatron.hf.safetensors_io import HFCheckpointError
@@ -32,7 +32,8 @@ def _normalise(argv: list[str]) -> list[str]:
             item = item[2:]
             if "=" not in item:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"error: {argv[i]} needs a value")
+                    print(f"error: {argv[i]} needs a value", file=sys.stderr)
+                    raise SystemExit(2)
                 item = f"{item}={argv[i + 1]}"
                 i += 1
         out.append(item)
@@ -41,7 +42,8 @@ def _normalise(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        prog="tools/convert_from_hf.py",
         description="Convert a Hugging Face Llama checkpoint into a megatron distributed checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: python tools/convert_from_hf.py /models/Llama-2-7b-hf ckpt/llama2_mcore --tp 2 "
@@ -52,11 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides: positional.* and model.{make_vocab_size_divisible_by,"
                              "pretrained_context_length,init_method_std}")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate and pad the vocabulary for")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate")
+    parser.add_argument("--tp", type=at_least(1), default=1,
+                        help="tensor-parallel size to validate and pad the vocabulary for")
+    parser.add_argument("--pp", type=at_least(1), default=1, help="pipeline-parallel size to validate")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="stored parameter dtype (auto: that of the HF tensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty OUT_DIR (an earlier conversion; never a training run or checkpoint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_intermixed_args(_normalise(list(sys.argv[1:] if argv is None else argv)))
 

@@ -23,13 +23,23 @@ import argparse
 import sys
 
 from harpe_megatron.checkpoint.layout import CheckpointDamaged
-from harpe_megatron.cli.common import quiet_library_warnings
+from harpe_megatron.cli.common import OneLineParser, at_least, quiet_library_warnings
 from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.hf.export_hf import convert_megatron_to_hf
+from harpe_megatron.hf.safetensors_io import parse_size
+
+
+def _size(text: str) -> str:
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export a megatron checkpoint to a Hugging Face folder.")
+    parser = OneLineParser(prog="tools/convert_to_hf.py",
+                           description="Export a megatron checkpoint to a Hugging Face folder.")
     parser.add_argument("ckpt_dir", help="training save dir (uses 'latest'), run dir, or an iter_* directory")
     parser.add_argument("out_dir", help="output directory (created; must be empty unless --overwrite)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -37,11 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-model", default=None,
                         help="sentencepiece tokenizer.model to ship (default: the run config's data.tokenizer_model)")
     parser.add_argument("--config", default=None, help="RunConfig YAML to use instead of the checkpoint's config_yaml")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--max-position-embeddings", type=int, default=None,
+    parser.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--max-position-embeddings", type=at_least(1), default=None,
                         help="config.json max_position_embeddings (default: max(data.seq_length, "
                              "model.pretrained_context_length))")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty OUT_DIR (never one holding a checkpoint or a training run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

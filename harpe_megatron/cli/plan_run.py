@@ -4,11 +4,13 @@
                              [--gpus-per-node 8] [--margin-gib 6] [--json OUT] [--no-suggest]
 
 For each plain run the config launches (one, or one per stage) it plans one rank of the
-configured layout on ``nodes x gpus_per_node`` ranks (:mod:`harpe_megatron.training.plan`: real
+configured layout on ``nodes x gpus_per_node`` ranks (:mod:`harpe_megatron.planner.plan`: real
 model, optimizer and one forward + backward on fake tensors) and prints the predicted per-rank
 peak with its breakdown, counted FLOPs beside the MFU formula's, and whether it fits; when it
 does not, the first of (full recompute, half the micro-batch, TP x 2, CP x 2) that fits, planned
-too. Exit status 0 when every run fits, 1 when one does not, 2 for a config error.
+too. Exit status 0 when every run fits, 1 when one does not, 2 for a config error or a
+meaningless argument (zero nodes or GPUs, no memory, a --json that cannot be written: all checked
+before the planning).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
-from harpe_megatron.cli.common import quiet_library_warnings
-from harpe_megatron.config.loader import ConfigError, load_config
-from harpe_megatron.training.plan import GIB, RunPlan
-from harpe_megatron.training.plan_run import plan_configs, plan_run
+from harpe_megatron.cli.common import OneLineParser, at_least, check_output_path, quiet_library_warnings
+from harpe_megatron.config.loader import ConfigError, load_config, plain_run_configs
+from harpe_megatron.planner.plan import GIB, RunPlan
+from harpe_megatron.planner.plan_run import plan_run
 
 __all__ = ["main"]
 
@@ -44,24 +47,34 @@ def _report(plan: RunPlan) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/plan_run.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="tools/plan_run.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    p.add_argument("--margin-gib", type=float, default=6.0,
+    p.add_argument("--gpu-memory-gib", type=at_least(0.0, float, "a number", strict=True), default=80.0,
+                   help="memory of one GPU (default 80)")
+    p.add_argument("--margin-gib", type=at_least(0.0, float, "a number"), default=6.0,
                    help="kept free for CUDA context, NCCL buffers, fragmentation (default 6)")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=at_least(1), default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=at_least(1), default=8)
     p.add_argument("--json", default=None, help="write the plan(s) as JSON here")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a change that fits")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.micro_batch_size=2")
     args = p.parse_args(argv)
+    if args.margin_gib >= args.gpu_memory_gib:
+        p.error(f"--margin-gib {args.margin_gib:g} leaves nothing of --gpu-memory-gib {args.gpu_memory_gib:g} "
+                "for the run")
     quiet_library_warnings()
 
     try:
+        if args.json:
+            check_output_path(args.json, "--json")  # before the planning, which takes minutes at full scale
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         cfg = load_config(args.config, args.overrides)
         world = args.nodes * args.gpus_per_node
-        runs = plan_configs(cfg)
+        runs = plain_run_configs(cfg)
         for _, run_cfg in runs:
             run_cfg.validate_for_world(world)
     except (ConfigError, ValueError) as exc:
@@ -75,6 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plans.append(plan)
     if args.json:
         data = [pl.to_json() for pl in plans]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(data[0] if len(data) == 1 else data, f, indent=2)
             f.write("\n")

@@ -21,8 +21,6 @@ from harpe_megatron.data.demo import demo_outputs, prepare_demo_data
 def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     cfg = parse_run_config("python -m harpe_megatron.cli.prepare_run", __doc__, argv)
-    if isinstance(cfg, int):
-        return cfg
     if len(cfg.data.paths) != 1:
         print(f"config error: the demo data is one dataset; data.paths has {len(cfg.data.paths)} entries",
               file=sys.stderr)

@@ -10,7 +10,8 @@ meta.redpajama_set_name, else the file name). The decision for document i depend
 length histogram, before/after) is printed and written to <prefix>.report.json.
 
 Outputs are written under temporary names and renamed at the end; existing outputs are refused
-without --overwrite.
+without --overwrite. Exit codes: 0 written; 2 bad input or options (one line; nothing written, no
+folder left behind); 130 interrupted.
 
 example:
   python tools/preprocess_data.py --input slimpajama/*.jsonl.gz \\
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             documents, tokenizer, args.output_prefix, upsampler=upsampler, add_bos=args.add_bos,
             workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # bad input: nothing is left behind
         print(f"preprocess_data: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("preprocess_data: interrupted; no output written (temporary files removed)", file=sys.stderr)
         return 130

@@ -12,7 +12,9 @@
   key: ``positional.apply_rope_fusion: true|false`` is now ``positional.per_head_rope: fused|table``.
 * ``stages:`` (multi-stage schedules) are dotted overrides too: :func:`stage_run_config` applies
   one stage's overrides to the resolved run tree; every stage is built when the config loads, so
-  a bad key or value in a stage fails at load time naming the stage.
+  a bad key or value in a stage fails at load time naming the stage. :func:`stage_config` adds the
+  stage's own run directory (``<run_dir>/<i>_<name>/``, :mod:`harpe_megatron.run_dir`) and initial
+  weights: the plain run config that training/stages.py runs.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from harpe_megatron.config.run import RunConfig, StageConfig
 from harpe_megatron.positional.bases import BASE_STRATEGIES, BaseStrategy
 from harpe_megatron.positional.position_ids import POSITION_SCHEMES, PositionScheme
 from harpe_megatron.positional.scaling import ROPE_SCALINGS, RopeScaling
+from harpe_megatron.run_dir import RunDir
 
 _POLYMORPHIC = {BaseStrategy: (BASE_STRATEGIES, "strategy"), RopeScaling: (ROPE_SCALINGS, "type"),
                 PositionScheme: (POSITION_SCHEMES, "type")}
 
 __all__ = ["ConfigError", "ConfigDeprecationWarning", "load_config", "config_from_dict", "config_to_dict",
-           "apply_overrides", "save_config", "stage_run_config"]
+           "apply_overrides", "save_config", "stage_run_config", "stage_config", "plain_run_configs"]
 
 
 class ConfigError(ValueError):
@@ -274,6 +277,25 @@ def stage_run_config(cfg: RunConfig, stage: StageConfig, index: int) -> RunConfi
         return _build_section(RunConfig, tree, "")
     except ConfigError as exc:
         raise ConfigError(f"{label}: {str(exc).lstrip(': ')}") from None
+
+
+def stage_config(cfg: RunConfig, index: int, stage: StageConfig, pretrained: str | None) -> RunConfig:
+    """The plain run config of stage ``index``: its overrides applied, its own run dir and
+    checkpoint dir, ``pretrained`` as initial weights."""
+    scfg = stage_run_config(cfg, stage, index)
+    run_dir = RunDir(cfg.run_dir).stage(index, stage.name)
+    checkpoint = dataclasses.replace(scfg.checkpoint, save=str(run_dir.checkpoints), load=None,
+                                     pretrained=pretrained)
+    return dataclasses.replace(scfg, checkpoint=checkpoint, run_dir=str(run_dir.root), stages=None)
+
+
+def plain_run_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """(label, config) of every plain run ``cfg`` launches: itself, or one per stage, each with the
+    run's ``checkpoint.pretrained`` as initial weights (what checking and planning need)."""
+    if not cfg.stages:
+        return [("run", cfg)]
+    return [(f"stage {i} ({s.name})", stage_config(cfg, i, s, cfg.checkpoint.pretrained))
+            for i, s in enumerate(cfg.stages)]
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> RunConfig:

@@ -26,7 +26,8 @@ from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalC
 from harpe_megatron.positional.bases import per_query_head_bases
 from harpe_megatron.positional.position_ids import PositionScheme
 
-__all__ = ["DataConfig", "TrainingConfig", "CheckpointConfig", "LoggingConfig", "StageConfig", "RunConfig"]
+__all__ = ["DataConfig", "ResumePolicy", "TrainingConfig", "CheckpointConfig", "LoggingConfig", "StageConfig",
+           "RunConfig"]
 
 
 @dataclass
@@ -42,6 +43,12 @@ class DataConfig:
     # CREAM / PoSE: samples packed at the scheme's target length, shown through a seq_length
     # window with sampled positions (implies positional.position_ids: from_batch)
     position_scheme: Optional[PositionScheme] = None
+    # attention causal within each packed document (EOD-terminated) instead of across the whole
+    # row; a document's last token then predicts nothing (docs/document_masking.md)
+    document_masking: bool = False
+    # positions restart at 0 at every document (Llama 3); needs document_masking, implies
+    # positional.position_ids: from_batch
+    reset_position_ids: bool = False
     # checks before training (data/validation.py): full = every token id read, quick = headers,
     # index, splits and a sample of token ids, off = none
     validate: str = "full"
@@ -58,6 +65,54 @@ class DataConfig:
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ValueError(f"data.split must look like '98,2,0', got {self.split!r}")
+
+
+# training.on_resume_change: the choices per family of settings (training/resume_checks.py)
+_RESUME_CHOICES = {"schedule": ("refuse", "config", "checkpoint"), "data": ("refuse", "config")}
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """What a resume does when the run config changes settings the checkpoint's run was made with
+    (``training.on_resume_change``; the checks are training/resume_checks.py's, docs/reliability.md).
+
+    ``schedule`` (learning-rate schedule and Adam settings): ``refuse`` (default), ``config`` (the
+    config's schedule applies from the resumed step on, as if it had been the schedule all along)
+    or ``checkpoint`` (the checkpoint's schedule is kept and recorded as the run's).
+    ``data`` (what the saved data position points at): ``refuse`` (default) or ``config`` (the
+    config's data from the number of tokens already trained on; training/resume_checks.py).
+    YAML: ``on_resume_change: refuse|config`` (both families) or ``{schedule: config, data: refuse}``.
+    """
+
+    schedule: str = "refuse"
+    data: str = "refuse"
+
+    def __post_init__(self) -> None:
+        for family, choices in _RESUME_CHOICES.items():
+            if getattr(self, family) not in choices:
+                raise ValueError(f"training.on_resume_change.{family}: expected {' or '.join(choices)}, "
+                                 f"got {getattr(self, family)!r}")
+
+    @classmethod
+    def parse(cls, value: Any) -> "ResumePolicy":
+        """A policy from its YAML form: a choice for every family, or a mapping per family."""
+        if isinstance(value, ResumePolicy):
+            return value
+        if isinstance(value, str):
+            if value == "checkpoint":
+                raise ValueError("training.on_resume_change: 'checkpoint' applies to the schedule only: "
+                                 "write {schedule: checkpoint}")
+            if value not in ("refuse", "config"):
+                raise ValueError(f"training.on_resume_change: expected refuse, config or a mapping "
+                                 f"{{schedule: ..., data: ...}}, got {value!r}")
+            return cls(schedule=value, data=value)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(_RESUME_CHOICES))
+            if unknown:
+                raise ValueError(f"training.on_resume_change: unknown key(s) {unknown}; allowed: "
+                                 f"{sorted(_RESUME_CHOICES)}")
+            return cls(**value)
+        raise ValueError(f"training.on_resume_change: expected refuse, config or a mapping, got {value!r}")
 
 
 @dataclass
@@ -97,12 +152,16 @@ class TrainingConfig:
     hang_timeout_s: float = 900.0  # no progress for this long in a step/eval -> exit 76 naming stale ranks; 0: off
     slow_phase_timeout_s: float = 3600.0  # the same for start-up, checkpoint load/save and the first step
     distributed_timeout_s: float = 1800.0  # init_process_group's timeout for collectives
-    # memory plan at start-up, before anything is allocated (training/plan.py): warn = print the
+    # memory plan at start-up, before anything is allocated (planner/plan.py): warn = print the
     # predicted per-rank peak (and, on CUDA, whether it fits), fail = also stop when it does not fit
     preflight: str = "warn"
     preflight_margin_gib: float = 6.0  # kept free beside the plan: CUDA context, NCCL, fragmentation
+    # a resume whose config changes the checkpoint's schedule or data: refuse (default) | config,
+    # or per family {schedule: refuse|config|checkpoint, data: refuse|config} (ResumePolicy)
+    on_resume_change: ResumePolicy | str | dict = "refuse"
 
     def __post_init__(self) -> None:
+        self.on_resume_change = ResumePolicy.parse(self.on_resume_change)
         for key in ("micro_batch_size", "global_batch_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"training.{key} must be positive, got {getattr(self, key)}")
@@ -130,8 +189,10 @@ class TrainingConfig:
             raise ValueError("training.recompute_method must be 'uniform' or 'block' with recompute_granularity=full")
         if self.recompute_granularity != "full" and self.recompute_method is not None:
             raise ValueError("training.recompute_method only applies to recompute_granularity=full")
+        if not self.lr >= 0:
+            raise ValueError(f"training.lr must be >= 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"training.min_lr must be in [0, training.lr], got {self.min_lr}")
+            raise ValueError(f"training.min_lr must be in [0, training.lr ({self.lr})], got {self.min_lr}")
         for key in ("max_consecutive_nonfinite_steps", "hang_timeout_s", "slow_phase_timeout_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"training.{key} must be >= 0, got {getattr(self, key)}")
@@ -152,6 +213,11 @@ class TrainingConfig:
         if self.train_tokens is None:
             raise ValueError("set exactly one of training.train_iters and training.train_tokens")
         return math.ceil(self.train_tokens / (self.global_batch_size * seq_length))
+
+    def lr_decay_steps(self, train_iters: int) -> int:
+        """Steps of the LR decay, warm-up included: ``lr_decay_iters`` (default ``train_iters``),
+        at least one past the warm-up (megatron's scheduler needs it longer than the warm-up)."""
+        return max(self.lr_decay_iters or train_iters, self.lr_warmup_iters + 1)
 
 
 @dataclass
@@ -245,9 +311,11 @@ class RunConfig:
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
-        # One decision, one key: a position scheme means positions come from the batch, unless
-        # positional.position_ids was set explicitly (a contradiction is refused in validate).
-        if self.data.position_scheme is not None and not self.positional.position_ids_explicit:
+        # One decision, one key: a position scheme (or per-document positions) means positions come
+        # from the batch, unless positional.position_ids was set explicitly (a contradiction is
+        # refused in validate).
+        batch_positions = self.data.position_scheme is not None or self.data.reset_position_ids
+        if batch_positions and not self.positional.position_ids_explicit:
             self.positional = dataclasses.replace(self.positional, position_ids="from_batch")
         self.validate()
 
@@ -262,6 +330,7 @@ class RunConfig:
                     f"but positional.position_ids is {self.positional.position_ids!r}; drop positional.position_ids "
                     "(a position scheme implies from_batch) or set it to from_batch"
                 )
+        self._validate_documents()
         if not self.stages and self.training.train_iters is None and self.training.train_tokens is None:
             raise ValueError("set exactly one of training.train_iters and training.train_tokens")
         if self.stages is not None and len({s.name for s in self.stages}) != len(self.stages):
@@ -276,6 +345,25 @@ class RunConfig:
                 "training.global_batch_size should give at least parallel.pipeline_model_parallel_size "
                 "micro-batches per data-parallel rank, or the pipeline idles"
             )
+
+    def _validate_documents(self) -> None:
+        """data.document_masking / data.reset_position_ids against the other keys (one line each)."""
+        d = self.data
+        if d.reset_position_ids and not d.document_masking:
+            raise ValueError("data.reset_position_ids needs data.document_masking: true (positions restarting at "
+                             "each document while attention still crosses documents give two tokens one position)")
+        if d.document_masking and d.position_scheme is not None:
+            raise ValueError(f"data.document_masking cannot be combined with data.position_scheme "
+                             f"({d.position_scheme.name}): the scheme's window takes its positions across the whole "
+                             "packed target-length row, and masking at documents removes the long-distance pairs "
+                             "it exists to train; use one of them")
+        if d.reset_position_ids and self.positional.position_ids != "from_batch":
+            raise ValueError("data.reset_position_ids gives every document its own positions, but "
+                             f"positional.position_ids is {self.positional.position_ids!r}; drop positional.position_ids "
+                             "(data.reset_position_ids implies from_batch) or set it to from_batch")
+        if d.document_masking and self.model.transformer_impl != "local":
+            raise ValueError("data.document_masking needs model.transformer_impl: local (our SDPAttention); the "
+                             "Transformer Engine spec masks documents only through packed THD sequences")
 
     @property
     def model_parallel_size(self) -> int:

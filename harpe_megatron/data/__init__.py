@@ -1,7 +1,6 @@
-"""The data pipeline: JSONL -> tokens -> length upsampling -> megatron indexed dataset -> packed,
-context-parallel-split batches (see docs/data.md).
+"""The data pipeline: JSONL -> tokens -> length upsampling -> indexed dataset -> packed CP-split batches.
 
-Modules: ``tokenizer`` (sentencepiece behind megatron's tokenizer interface, demo training),
+Modules (docs/data.md): ``tokenizer`` (sentencepiece behind megatron's tokenizer interface, demo training),
 ``jsonl`` (reading documents), ``upsample`` (Fu et al. 2024 length upsampling and its report),
 ``indexed`` (writing ``.bin``/``.idx``), ``dataset`` (megatron's packed GPT datasets, the
 resumable sampler, batches, the CP split), ``demo`` (a small corpus from text on the machine),

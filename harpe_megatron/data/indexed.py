@@ -17,21 +17,19 @@ Temporary files of a writer that was killed (kill -9, node loss) are removed by 
 the same prefix on the same host, once their pid is gone (other hosts' files are left alone).
 Existing outputs are refused unless ``overwrite=True``.
 
-Tokenization can run in ``workers`` processes; documents are batched, at most ``2 * workers``
-batches are in flight (bounded memory) and written in input order, so the output does not depend
-on the number of workers. Ctrl-C: a terminal sends SIGINT to the whole process group. Workers
-ignore it (one dying with a task would leave the parent waiting for its result forever); in the
-parent (main thread) a handler only records it and the write loop raises ``KeyboardInterrupt``
-after the current document, then terminates the pool and removes its temporary files (Python's
-own ``KeyboardInterrupt`` can land inside fork's at-fork hooks, where it is ignored and lost).
+Tokenization can run in ``workers`` processes (:mod:`harpe_megatron.data.tokenize_workers`),
+written in input order, so the output does not depend on the number of workers. Ctrl-C: a
+terminal sends SIGINT to the whole process group; workers ignore it, the parent's handler only
+records it (Python's own ``KeyboardInterrupt`` can land inside fork's at-fork hooks, where it is
+ignored and lost) and the write loop raises ``KeyboardInterrupt`` after the current document or
+while waiting for a worker, then kills the workers and removes its temporary files.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import glob
 import json
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -39,7 +37,8 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +46,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
 from harpe_megatron.data.jsonl import Document
+from harpe_megatron.data.tokenize_workers import tokenized_documents
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 from harpe_megatron.data.upsample import DEFAULT_BIN_EDGES, LengthUpsampler, UpsamplingReport
 
@@ -75,61 +75,6 @@ def output_paths(prefix: str) -> dict[str, str]:
 def token_dtype(vocab_size: int) -> type[np.number]:
     """The numpy dtype megatron picks for token ids of a vocabulary of ``vocab_size``."""
     return DType.optimal_dtype(vocab_size)
-
-
-_WORKER_TOKENIZER: SentencePieceTokenizer | None = None
-
-
-def _init_worker(tokenizer: SentencePieceTokenizer) -> None:
-    global _WORKER_TOKENIZER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (module docstring)
-    _WORKER_TOKENIZER = tokenizer
-    torch.set_num_threads(1)
-
-
-def _encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
-    assert _WORKER_TOKENIZER is not None
-    return [np.asarray(_WORKER_TOKENIZER.tokenize(t), dtype=np.int64) for t in texts]
-
-
-def _batches(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for doc in documents:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _tokenized(
-    documents: Iterable[Document], tokenizer: SentencePieceTokenizer, workers: int, batch_size: int
-) -> Iterator[tuple[Document, np.ndarray]]:
-    """(document, token ids) in input order, tokenized in ``workers`` processes."""
-    if workers <= 1:
-        for doc in documents:
-            yield doc, np.asarray(tokenizer.tokenize(doc.text), dtype=np.int64)
-        return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    # SIGINT is blocked while the workers start: they inherit the mask (then ignore SIGINT), and a
-    # Ctrl-C meanwhile is raised after the start instead of inside fork's at-fork handlers, where
-    # Python ignores exceptions (the interrupt was lost and the run went on).
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    with pool:
-        pending: collections.deque = collections.deque()
-        for batch in _batches(documents, batch_size):
-            pending.append((batch, pool.apply_async(_encode_batch, ([d.text for d in batch],))))
-            if len(pending) >= 2 * workers:
-                docs, result = pending.popleft()
-                yield from zip(docs, result.get())
-        while pending:
-            docs, result = pending.popleft()
-            yield from zip(docs, result.get())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -183,6 +128,13 @@ def _remove(paths: Iterable[str]) -> None:
             pass
 
 
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed write made (given outermost first), innermost first, if empty."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def write_indexed_dataset(
     documents: Iterable[Document],
     tokenizer: SentencePieceTokenizer,
@@ -212,9 +164,14 @@ def write_indexed_dataset(
     existing = [p for p in outputs.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"output exists: {', '.join(existing)} (pass overwrite=True / --overwrite to replace)")
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    created_dir = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = Path(os.path.abspath(output_prefix)).parent
+    created = [d for d in reversed([out_dir, *out_dir.parents]) if not d.exists()]  # outermost first
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise ValueError(f"output prefix {output_prefix}: its folder cannot be created ({exc.strerror}: "
+                         f"{exc.filename})") from None
     stale = _remove_stale_tmp(output_prefix)
     if stale:
         print(f"removed temporary files of an interrupted earlier write: {', '.join(stale)}", file=sys.stderr)
@@ -227,10 +184,11 @@ def write_indexed_dataset(
     report = UpsamplingReport(upsampler, bin_edges)
     written_docs = written_tokens = empty = 0
     builder = None
-    tokenized = _tokenized(documents, tokenizer, workers, batch_size)
+    ctrl_c = _CtrlC()
+    tokenized = tokenized_documents(documents, tokenizer, workers, batch_size, stop=lambda: ctrl_c.requested)
     bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc", disable=not progress,
                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-    with _CtrlC() as ctrl_c:
+    with ctrl_c:
         try:
             builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
             for doc, ids in tokenized:
@@ -278,12 +236,11 @@ def write_indexed_dataset(
             for key in ("bin", "report", "idx"):  # the .idx last: both data files present => complete
                 os.replace(tmp[key], outputs[key])
         except BaseException:
-            tokenized.close()  # now, not at garbage collection: terminates the worker pool
+            tokenized.close()  # now, not at garbage collection: kills the workers
             if builder is not None and not builder.data_file.closed:
                 builder.data_file.close()
             _remove(tmp.values())
-            if created_dir and not os.listdir(out_dir):
-                os.rmdir(out_dir)
+            _remove_empty(created)
             raise
         finally:
             bar.close()

@@ -17,6 +17,8 @@ config key and the file, and says what was expected:
   ``GPTDataset`` then loops forever computing its epochs) or fewer tokens than one sample
   (``seq_length + 1``, or the position scheme's packed length + 1); ``training.eval_interval``
   with no validation share;
+* with ``data.document_masking``, a document that does not end with the tokenizer's EOD (the
+  boundaries masking finds);
 * an existing index-cache ``.npy`` file of an object dtype (megatron loads its caches with
   ``numpy.load(allow_pickle=True)``, i.e. it would unpickle it);
 * whatever the caller adds as ``checks`` (the trainer and ``tools/check_data.py``:
@@ -52,6 +54,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
 
 from harpe_megatron.data.dataset import _IDX_HEADER_BYTES, check_indexed_dataset
+from harpe_megatron.data.documents import first_document_without_eod
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 from harpe_megatron.log import get_logger
 
@@ -321,6 +324,18 @@ def _check_token_ids(mode: str, key: str, prefix: str, dtype: np.dtype, tokens: 
               "was tokenized with another tokenizer or is damaged")
 
 
+def _check_document_ends(cfg, key: str, prefix: str, dtype: np.dtype, mode: str, rank: int, world: int) -> None:
+    """data.document_masking: every document (this rank's share; quick: the index's ends) ends with EOD."""
+    _, lengths, pointers, boundaries = _index_arrays(prefix + ".idx")
+    eod = SentencePieceTokenizer(cfg.data.tokenizer_model).eod
+    bad = first_document_without_eod(prefix + ".bin", dtype, lengths, pointers, boundaries, eod,
+                                     _index_ranges(mode, boundaries.size - 1, rank, world))
+    if bad is not None:
+        _fail(f"{key}: {prefix}.bin: document {bad} does not end with the tokenizer's EOD (id {eod}); "
+              "data.document_masking finds document boundaries by EOD tokens, which tools/preprocess_data.py "
+              "appends to every document")
+
+
 # --- index cache -----------------------------------------------------------------------------------
 def _check_cache(cfg, prefixes: list[str]) -> None:
     """Refuse existing megatron index-cache files that would be unpickled (object dtype)."""
@@ -359,6 +374,8 @@ def _validate_local(cfg, mode: str, rank: int, world: int, checks: Sequence[Call
         _check_splits(cfg, key, prefix, lengths, packed + 1, pr)
         _check_token_ids(mode, key, prefix, dtype, info.tokens, pointers, vocab_size, cfg.data.tokenizer_model,
                          rank, world, pr)
+        if cfg.data.document_masking:
+            _check_document_ends(cfg, key, prefix, dtype, mode, rank, world)
         report.prefixes.append(pr)
     _check_cache(cfg, list(cfg.data.paths))
     for check in checks:

@@ -8,7 +8,10 @@ benchmarks all enter :func:`megatron_parallel`; it differs between them only by 
   only way it is entered. ``cuda`` without a GPU is an error, not a silent fallback.
 * Process group: :func:`init_process_group` reads the torchrun environment (RANK, WORLD_SIZE,
   LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain ``python`` process is a world of one on a free
-  loopback port. NCCL on ``cuda``, gloo on ``cpu``. An existing process group is reused.
+  loopback port. NCCL on ``cuda``, gloo on ``cpu``. An existing process group is reused. An
+  address it chooses itself (a given ``port``, or a world of one without MASTER_ADDR/MASTER_PORT)
+  goes to torch as a ``tcp://`` init method: the process environment is never changed, so child
+  processes do not inherit a rendezvous that was only this process's.
 * Seeding: the same seed on every rank for Python's, numpy's and torch's generators, plus
   megatron's CUDA RNG tracker on ``cuda`` (weights are initialised on CPU from the full tensor or
   loaded, so model-parallel ranks need no seed offsets for correctness).
@@ -85,16 +88,16 @@ def init_process_group(device: str = "auto", *, rank: Optional[int] = None, worl
     device = resolve_device(device)
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    init_method = "env://"  # MASTER_ADDR / MASTER_PORT, as torchrun sets them
     if port is not None:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-    elif world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        init_method = f"tcp://127.0.0.1:{port}"
+    elif world_size == 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        init_method = (f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:"
+                       f"{os.environ.get('MASTER_PORT') or free_port()}")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
     return True
 
 

@@ -10,7 +10,19 @@ from harpe_megatron.eval.heatmap import plot_grids
 
 
 def load(paths) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """The result files (``run``'s JSON); ValueError naming a file that is missing or not one."""
+    results = []
+    for p in paths:
+        try:
+            result = json.loads(Path(p).read_text())
+        except OSError as exc:
+            raise ValueError(f"{p}: cannot be read ({exc.strerror})") from None
+        except ValueError as exc:
+            raise ValueError(f"{p}: not a result file of 'run' (invalid JSON: {exc})") from None
+        if not isinstance(result, dict) or "per_length" not in result:
+            raise ValueError(f"{p}: not a result file of 'run' (no per_length)")
+        results.append(result)
+    return results
 
 
 def _fmt(v) -> str:

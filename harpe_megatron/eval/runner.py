@@ -70,9 +70,49 @@ def model_source(model: str) -> tuple[str, str]:
     raise FileNotFoundError(f"{model}: no such model folder (and not a Hub id of the form org/name)")
 
 
+#: Any of these in a folder makes it hold a Hugging Face tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def tokenizer_source(model: str, tokenizer: Optional[str] = None) -> str:
+    """What the tokenizer is loaded from: ``tokenizer`` -- a folder with tokenizer files or a Hub
+    id -- or else the model (folder or Hub id). Raises ValueError (one line naming the folder and
+    the ``--tokenizer`` option) for a folder without any of :data:`TOKENIZER_FILES`,
+    FileNotFoundError for a missing path. (The command line also takes a SentencePiece ``.model``
+    file, converted to tokenizer files first: ``cli/eval_long_context.py``.)"""
+    if tokenizer is None:
+        path = Path(model).expanduser()
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"{model}: the model folder holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                             f"name one with --tokenizer PATH_OR_DIR")
+        return model
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"--tokenizer {tokenizer}: the folder holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        return str(path)
+    if path.is_file():
+        raise ValueError(f"--tokenizer {tokenizer}: expected a folder with tokenizer files, a SentencePiece .model "
+                         f"file or a Hub id")
+    if _HUB_ID.match(tokenizer) and not tokenizer.startswith("."):
+        return tokenizer
+    raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file or folder (and not a Hub id of the form org/name)")
+
+
+def load_tokenizer(source: str):
+    """A Hugging Face tokenizer from :func:`tokenizer_source`'s answer (no code from the folder)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    tokenizer.model_max_length = int(1e30)   # long prompts are intended; silence the length warning
+    return tokenizer
+
+
 def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
-            self_extend: Optional[tuple[int, int]] = None):
-    """(model, tokenizer, max_position_embeddings) from an exported HF folder.
+            self_extend: Optional[tuple[int, int]] = None, tokenizer: Optional[str] = None):
+    """(model, tokenizer, max_position_embeddings) from an exported HF folder; the tokenizer from
+    ``tokenizer`` or the folder (:func:`tokenizer_source`).
 
     Runs no code from the folder (``trust_remote_code=False``): ``harpe_llama`` models use this
     package's own copy of the modeling code, registered with the Auto classes.
@@ -81,8 +121,9 @@ def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
     without it, a ``self_extend`` key in the folder's config is honoured for plain Llama folders
     too (harpe_llama builds it itself; transformers' own Llama class would ignore the key).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = tokenizer_source(model_dir, tokenizer)  # a folder without one fails before the model loads
     register()
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     kwargs = {"trust_remote_code": False}
@@ -92,9 +133,7 @@ def load_hf(model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
     wanted = self_extend or self_extend_settings(getattr(model.config, "self_extend", None))
     if wanted is not None and self_extend_of(model) != tuple(wanted):
         apply_self_extend(model, *wanted)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    tokenizer.model_max_length = int(1e30)   # long prompts are intended; silence the length warning
-    return model, tokenizer, getattr(model.config, "max_position_embeddings", None)
+    return model, load_tokenizer(tokenizer), getattr(model.config, "max_position_embeddings", None)
 
 
 def build_samples(tokenizer, tasks: list[str], lengths: list[int], depths: list[float],
@@ -150,6 +189,10 @@ def run_tasks(generate: Generate, tokenizer, tasks: list[str], lengths: list[int
             "grids": grids, "skipped": skipped, "records": records}
 
 
+class EvalInputError(ValueError):
+    """An input that would give meaningless numbers, found by :func:`evaluate` before any task runs."""
+
+
 def write_json(result: dict, path: str | os.PathLike) -> Path:
     """Write atomically (tmp file + rename)."""
     path = Path(path)
@@ -166,14 +209,24 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
              ppl_file: Optional[str] = None, ppl_lengths: Optional[list[int]] = None,
              ppl_stride: Optional[int] = None, ppl_stride_fraction: Optional[float] = None,
              ppl_max_tokens: Optional[int] = None, heatmap_dir: Optional[str] = None,
-             progress: bool = True, self_extend: Optional[tuple[int, int]] = None) -> dict:
+             progress: bool = True, self_extend: Optional[tuple[int, int]] = None,
+             tokenizer: Optional[str] = None, tokenizer_label: Optional[str] = None) -> dict:
     """Full evaluation of an exported HF folder: tasks, optional perplexity, JSON (+ heatmaps).
     ``self_extend=(group_size, window)`` evaluates the model with Self-Extend (what the model runs
     with, option or config key, is recorded as ``self_extend``; the default name gets a
-    ``+selfextend-gG-wW`` suffix)."""
+    ``+selfextend-gG-wW`` suffix). ``tokenizer``: where the tokenizer comes from when not from the
+    folder (:func:`tokenizer_source`); recorded as ``tokenizer``, or ``tokenizer_label`` when given
+    (the file a scratch tokenizer folder was made from)."""
 
     source, label = model_source(model_dir)
-    model, tokenizer, window = load_hf(source, device, dtype, self_extend)
+    tok_source = tokenizer_source(source, tokenizer)
+    model, tokenizer, window = load_hf(source, device, dtype, self_extend, tok_source)
+    ppl_ids = None
+    if ppl_file:  # before any task runs: a text too short for one scored token is refused
+        ppl_ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))[:ppl_max_tokens or None]
+        if ppl_ids.numel() < 2:
+            raise EvalInputError(f"--ppl-file {ppl_file}: {ppl_ids.numel()} token(s) after tokenization"
+                                 f"{' and --ppl-max-tokens' if ppl_max_tokens else ''}; a perplexity needs at least 2")
     self_extend = self_extend_of(model)   # the option, or the folder's config key
     result = run_tasks(hf_generator(model, tokenizer, device), tokenizer, tasks, lengths, depths,
                        num_samples, seed, window, progress) if tasks else {
@@ -183,10 +236,10 @@ def evaluate(model_dir: str, out_json: str, tasks: list[str], lengths: list[int]
     result["self_extend"] = ({"group_size": self_extend[0], "window": self_extend[1]}
                              if self_extend else None)
     result["model_dir"] = source
-    if ppl_file:
-        ids = torch.tensor(tokenizer.encode(Path(ppl_file).read_text(errors="replace")))
+    result["tokenizer"] = tokenizer_label or tok_source
+    if ppl_ids is not None:
         result["perplexity"] = perplexity_by_length(
-            model, ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
+            model, ppl_ids, ppl_lengths or lengths, ppl_stride, ppl_stride_fraction, ppl_max_tokens,
             window, device, progress)
         result["perplexity_file"] = str(ppl_file)
     if heatmap_dir and result["grids"]:

@@ -3,17 +3,17 @@
 Import (:func:`megatron_trees_from_hf`): a Llama ``config.json`` (``model_type`` ``llama``, or
 our own ``harpe_llama`` export) becomes the ``model`` and ``positional`` sections of a RunConfig
 tree. Plain Llama gets one constant base, ``rope_theta``; ``harpe_llama`` gets its
-``harpe_rope_bases`` as an explicit list. RoPE scaling ``linear`` (PI) and ``yarn`` map to
-``positional.scaling``. Refused, with the key named: other model types, other RoPE scalings
-(dynamic NTK, llama3, longrope, DeepSeek-style YaRN), partial rotary dims, biases, an activation
+``harpe_rope_bases`` as an explicit list. RoPE scaling ``linear`` (PI), ``yarn`` and ``llama3``
+(Llama 3.1) map to ``positional.scaling``. Refused, with the key named: other model types, other
+RoPE scalings (dynamic NTK, longrope, DeepSeek-style YaRN), partial rotary dims, biases, an activation
 other than SiLU, a ``head_dim`` that is not ``hidden_size / num_attention_heads``. Tied
 embeddings are supported.
 
 Export (:func:`hf_config_dict`): one base for every head -> a plain ``LlamaForCausalLM`` config
 (``rope_theta`` = that base); per-head bases -> ``model_type: harpe_llama`` with
 ``harpe_rope_bases`` (one float per query head, HF = megatron head order) and an ``auto_map``
-pointing at the modeling code shipped in the folder. ``positional.scaling``: ``linear`` and
-``yarn`` become transformers' ``rope_parameters`` of that type (plus ``rope_scaling`` for 4.x),
+pointing at the modeling code shipped in the folder. ``positional.scaling``: ``linear``, ``yarn``
+and ``llama3`` become transformers' ``rope_parameters`` of that type (plus ``rope_scaling`` for 4.x),
 static ``ntk`` becomes the larger bases ``b * s^(d/(d-2))`` it stands for (each scaling class
 maps itself: ``to_hf``, ``hf_bases``, ``from_hf`` in :mod:`harpe_megatron.positional.scaling`).
 Both ``rope_theta`` and ``rope_parameters`` are written, and ``torch_dtype`` as well as ``dtype``.

@@ -2,11 +2,19 @@
 
 The output is ``OUT/iter_0000000/`` (a megatron dist checkpoint holding the model's sharded state
 and the common entries ``iteration``, ``consumed_samples``, ``config_yaml``, ``conversion``) +
-``OUT/latest`` + ``OUT/config.yaml``: the layout of a training save, so ``checkpoint.pretrained:
-OUT`` loads it. One full-size model (TP=1, on CPU, never initialised) is built and filled one HF
-tensor at a time through the name map of ``llama_names``; megatron's ``dist_checkpointing.save``
-writes it. The architecture comes from ``config.json``; overrides may set ``positional.*`` and a
-few ``model.*`` keys only.
+``OUT/latest`` + ``OUT/config.yaml``: the layout of a training save (made by the same writer of
+checkpoint directories, checkpoint/directory.py), so ``checkpoint.pretrained: OUT`` loads it.
+The architecture comes from ``config.json``; overrides may set ``positional.*`` and a few
+``model.*`` keys only.
+
+Streaming: the checkpoint layout is that of a TP=1 model built on the ``meta`` device (no
+memory); HF tensors are read ahead on a background thread into pooled buffers, combined into
+megatron tensors through the name map of ``llama_names`` (q/k/v merged per KV group, gate/up
+concatenated, vocabulary padded, dtype cast: into a reused buffer; anything else used as read)
+and written one by one (checkpoint/dist_stream_write.py). Peak memory above the process's
+baseline: the read-ahead pool (2x the largest group of HF tensors that make one megatron
+tensor, at least 32 MiB) + one megatron tensor + the writer's 36 MiB of staging, whatever the
+model or shard size (``.bin`` inputs are mapped a shard at a time: add the largest shard).
 
 Vocabulary padding: megatron pads the vocabulary to a multiple of
 ``make_vocab_size_divisible_by x TP``; this pads for the requested TP. A model at another TP loads
@@ -24,24 +32,28 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import yaml
 
-from harpe_megatron.checkpoint.layout import LATEST_FILE, checkpoint_files, checkpoint_name, file_crc32, write_manifest
+from harpe_megatron.checkpoint.directory import begin_checkpoint, publish_checkpoint
+from harpe_megatron.checkpoint.dist_stream_write import ProducedTensor, write_torch_dist
+from harpe_megatron.checkpoint.layout import checkpoint_name
+from harpe_megatron.checkpoint.stream_io import Buffer, BufferPool, pipeline_memory_bound
 from harpe_megatron.config.loader import ConfigError, apply_overrides, config_from_dict, config_to_dict
 from harpe_megatron.config.model import ParallelConfig, padded_vocab_size, validate_model_setup
 from harpe_megatron.hf import config as hfc
-from harpe_megatron.hf.llama_names import expected_hf_shapes, iter_hf_to_megatron
+from harpe_megatron.hf.llama_names import expected_hf_shapes, hf_groups, iter_hf_to_megatron
 from harpe_megatron.hf.output_dir import atomic_output_dir
-from harpe_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader
-from harpe_megatron.hf.session import build_full_model, megatron_cpu_session
+from harpe_megatron.hf.safetensors_io import HFCheckpointReader
+from harpe_megatron.hf.session import checkpoint_layout, megatron_cpu_session
 from harpe_megatron.hf.summary import ConversionSummary, progress_bar
 
 __all__ = ["convert_hf_to_megatron"]
 
 _CONVERTED_ITERATION = 0
+_MIN_PREFETCH_BYTES = 32 << 20  # read ahead at least this much (many small tensors in a row)
 # model.* keys an HF -> megatron conversion may override (the others come from config.json).
 _MODEL_OVERRIDABLE = ("make_vocab_size_divisible_by", "pretrained_context_length", "init_method_std")
 # Tensors of HF checkpoints that a Llama model does not use (old transformers saved inv_freq).
@@ -101,6 +113,45 @@ def _source_dtype(reader: HFCheckpointReader, names: Sequence[str]) -> torch.dty
     return torch.float32
 
 
+def _megatron_tensors(reader: HFCheckpointReader, m, rows: int, dtype: torch.dtype, in_pool: BufferPool,
+                      work_pool: BufferPool) -> Iterator[ProducedTensor]:
+    """The megatron tensors, in checkpoint order, made from the HF tensors as they stream in:
+    ``(name, tensor, release)``. A tensor that is its HF tensor unchanged is that buffer itself;
+    merged, padded or cast ones are written into a buffer of ``work_pool``."""
+    stream = reader.stream(list(expected_hf_shapes(m)), in_pool)
+    inputs: list[tuple[torch.Tensor, Callable[[], None]]] = []
+    outputs: list[Buffer] = []
+
+    def get(name: str) -> torch.Tensor:
+        got, tensor, release = next(stream)
+        if got != name:  # pragma: no cover - the order is ours on both sides
+            raise AssertionError(f"read {got!r}, expected {name!r}")
+        inputs.append((tensor, release))
+        return tensor
+
+    def alloc(shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        outputs.append(work_pool.acquire(nbytes))
+        return outputs[-1].view(nbytes, dtype).view(shape)
+
+    try:
+        for name, tensor in iter_hf_to_megatron(get, m, rows, alloc):
+            held_in, held_out = list(inputs), list(outputs)
+            inputs.clear()
+            outputs.clear()
+            if held_in and tensor is held_in[0][0]:  # the HF tensor itself
+                for buf in held_out:
+                    buf.release()
+                releases = [r for _, r in held_in]
+            else:
+                for _, release in held_in:
+                    release()
+                releases = [buf.release for buf in held_out]
+            yield name, tensor, lambda rs=releases: [r() for r in rs]
+    finally:
+        stream.close()
+
+
 def convert_hf_to_megatron(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -121,8 +172,6 @@ def convert_hf_to_megatron(
             ``["positional.bases={strategy: paper}"]``; default: one base = ``rope_theta``.
         dtype: ``auto`` (the HF tensors' dtype; fp32 if mixed), ``bf16``, ``fp16`` or ``fp32``.
     """
-    from megatron.core import dist_checkpointing
-
     start = time.monotonic()
     hf_dir = Path(hf_dir)
     if tp < 1 or pp < 1:
@@ -138,53 +187,18 @@ def convert_hf_to_megatron(
     with HFCheckpointReader(hf_dir) as reader:
         reader.check(expected, ignore)
         source_dtype = _source_dtype(reader, list(expected))
+        source_format = reader.format
         target = source_dtype if dtype == "auto" else hfc.DTYPES.get(dtype)
         if target is None:
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
         total_bytes = sum(reader.info(n).nbytes for n in expected)
-        with atomic_output_dir(out_dir, overwrite, protect=[hf_dir]) as tmp, megatron_cpu_session():
-            model = build_full_model(m, positional, target, rows)
-            params = dict(model.named_parameters())
-            filled: set[str] = set()
-            sources: list[str] = []
-            bar = progress_bar(total_bytes, "HF -> megatron", progress)
-
-            def get(name: str) -> torch.Tensor:
-                info = reader.info(name)
-                t = reader.get(name)
-                sources.append(f"{name} ({info.file.name})")
-                bar.update(info.nbytes)
-                return t
-
-            def put(name: str, tensor: torch.Tensor) -> None:
-                where = ", ".join(sources)
-                sources.clear()
-                param = params.get(name)
-                if param is None:
-                    raise HFCheckpointError(f"megatron model has no parameter {name!r} (from {where})")
-                if name in filled:
-                    raise HFCheckpointError(f"megatron parameter {name!r} filled twice (from {where})")
-                if tensor.shape != param.shape:
-                    raise HFCheckpointError(f"{where}: shape {list(tensor.shape)} does not fit {name!r} "
-                                            f"{list(param.shape)}")
-                param.copy_(tensor)
-                filled.add(name)
-
-            with torch.no_grad():
-                for name, tensor in iter_hf_to_megatron(get, m, rows):  # vocabulary rows padded to ``rows``
-                    put(name, tensor)
-            bar.close()
-            reader.close()  # unmap the last shard before megatron's save allocates
-            unfilled = sorted(set(params) - filled)
-            if unfilled:
-                raise HFCheckpointError(f"megatron parameters not filled from the HF checkpoint: {unfilled[:6]}")
-            num_params = sum(math.prod(shape) for shape in expected.values())
-            num_megatron = len(params)
-            del params
-            iter_dir = tmp / checkpoint_name(_CONVERTED_ITERATION)
-            iter_dir.mkdir()
-            state = {
-                "model": model.sharded_state_dict(),
+        with atomic_output_dir(out_dir, overwrite, protect=[hf_dir], converted_ok=True) as tmp, megatron_cpu_session():
+            groups = hf_groups(m)
+            layout = checkpoint_layout(m, positional, target, rows).in_order(list(groups))
+            largest_in = max(sum(reader.info(n).nbytes for n in group) for group in groups.values())
+            in_pool = BufferPool(max(2 * largest_in, _MIN_PREFETCH_BYTES))
+            work_pool = BufferPool(layout.largest_param_bytes)
+            common = {
                 "iteration": _CONVERTED_ITERATION,
                 "consumed_samples": 0,
                 "config_yaml": config_yaml,
@@ -199,17 +213,28 @@ def convert_hf_to_megatron(
                     "hf_config": hf_cfg,
                 },
             }
-            dist_checkpointing.save(state, str(iter_dir))
-            del state, model
-            write_manifest(iter_dir, {n: file_crc32(iter_dir / n) for n in checkpoint_files(iter_dir)})
-            (tmp / LATEST_FILE).write_text(iter_dir.name + "\n")
+            memory_bound = pipeline_memory_bound(in_pool, work_pool)
+            written_bytes = sum(p.nbytes for p in layout.params)
+            bar = progress_bar(written_bytes, "HF -> megatron", progress)
+            try:
+                iter_tmp = begin_checkpoint(tmp, _CONVERTED_ITERATION)
+                crcs = write_torch_dist(iter_tmp, layout, _megatron_tensors(reader, m, rows, target, in_pool, work_pool),
+                                        common, on_bytes=bar.update)
+                publish_checkpoint(tmp, _CONVERTED_ITERATION, crcs)
+            finally:
+                bar.close()
+                in_pool.close()
+                work_pool.close()
             (tmp / "config.yaml").write_text(config_yaml)
+    num_params = sum(math.prod(shape) for shape in expected.values())
     rope = {k: written["positional"][k] for k in ("bases", "scaling") if k in written["positional"]}
     return ConversionSummary(
         direction="HF -> megatron", output=Path(out_dir), tensors=len(expected), parameters=num_params,
         bytes=total_bytes, seconds=time.monotonic() - start, dtype=hfc.dtype_name(target),
         details={"layout": f"{checkpoint_name(_CONVERTED_ITERATION)}/ + latest + config.yaml "
-                           f"({num_megatron} megatron tensors)",
+                           f"({len(layout.params)} megatron tensors)",
                  "parallel": f"validated for TP={tp} PP={pp}; vocabulary padded {m.vocab_size} -> {rows}",
                  "rope": json.dumps(rope)},
+        memory_bound_bytes=memory_bound,
+        memory_extra="" if source_format == "safetensors" else " (plus the largest .bin shard, memory-mapped)",
     )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -35,7 +35,9 @@ __all__ = [
     "Entry",
     "LLAMA_MAP",
     "expected_hf_shapes",
+    "hf_groups",
     "hf_to_megatron",
+    "hf_views",
     "iter_hf_to_megatron",
     "megatron_to_hf",
     "pad_vocab_rows",
@@ -121,6 +123,12 @@ def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def hf_groups(m: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Megatron tensor name -> the names of the HF tensors it is made of, in the order
+    :func:`iter_hf_to_megatron` yields them, for architecture ``m``."""
+    return {name: hf_names for _, name, hf_names in _instances(m)}
+
+
 def pad_vocab_rows(t: Tensor, rows: int, where: str) -> Tensor:
     """``t`` with zero rows appended up to the padded vocabulary ``rows`` (the one place that pads)."""
     if t.size(0) > rows:
@@ -168,11 +176,53 @@ def _separate(e: Entry, t: Tensor, m: ModelConfig) -> tuple[Tensor, ...]:
     return (t,)
 
 
-def iter_hf_to_megatron(get: Callable[[str], Tensor], m: ModelConfig,
-                        padded_vocab: int) -> Iterator[tuple[str, Tensor]]:
-    """Megatron tensors in checkpoint order; ``get(hf_name)`` returns one HF tensor (read lazily)."""
+def _combine_into(e: Entry, parts: list[Tensor], m: ModelConfig, out: Tensor, where: str) -> None:
+    """:func:`_combine` written into ``out`` (any dtype: parts are cast as they are copied)."""
+    if e.combine == "qkv":
+        d, g = m.head_dim, m.num_query_groups
+        per = m.num_attention_heads // g
+        grouped = out.view(g, (per + 2) * d, -1)
+        for part, (lo, hi) in zip(parts, ((0, per * d), (per * d, (per + 1) * d), ((per + 1) * d, (per + 2) * d))):
+            grouped[:, lo:hi].copy_(part.view(g, hi - lo, -1))
+    elif e.combine == "glu":
+        out[: parts[0].size(0)].copy_(parts[0])
+        out[parts[0].size(0):].copy_(parts[1])
+    elif e.combine == "vocab":
+        rows = parts[0].size(0)
+        if rows > out.size(0):
+            raise ValueError(f"{where}: {rows} vocabulary rows exceed the padded vocabulary {out.size(0)}")
+        out[:rows].copy_(parts[0])
+        out[rows:].zero_()
+    else:
+        out.copy_(parts[0])
+
+
+def _megatron_shape(e: Entry, parts: list[Tensor], padded_vocab: int) -> tuple[int, ...]:
+    if e.combine == "vocab":
+        return (padded_vocab, *parts[0].shape[1:])
+    if e.combine in ("qkv", "glu"):
+        return (sum(p.size(0) for p in parts), *parts[0].shape[1:])
+    return tuple(parts[0].shape)
+
+
+def iter_hf_to_megatron(get: Callable[[str], Tensor], m: ModelConfig, padded_vocab: int,
+                        alloc: Optional[Callable[[tuple[int, ...]], Tensor]] = None) -> Iterator[tuple[str, Tensor]]:
+    """Megatron tensors in checkpoint order; ``get(hf_name)`` returns one HF tensor (read lazily).
+
+    With ``alloc(shape)`` (a tensor of the wanted dtype, e.g. a pooled buffer) every megatron
+    tensor that is not its HF tensor unchanged is written into ``alloc``'s tensor (cast to its
+    dtype); a plain copy of the same dtype is yielded as the HF tensor itself."""
     for e, name, hf_names in _instances(m):
-        yield name, _combine(e, [get(n) for n in hf_names], m, padded_vocab, hf_names[0])
+        parts = [get(n) for n in hf_names]
+        if alloc is None:
+            yield name, _combine(e, parts, m, padded_vocab, hf_names[0])
+            continue
+        out = alloc(_megatron_shape(e, parts, padded_vocab))
+        if e.combine == "copy" and parts[0].dtype == out.dtype:
+            yield name, parts[0]  # ``out`` is not used: the caller may give it back
+            continue
+        _combine_into(e, parts, m, out, hf_names[0])
+        yield name, out
 
 
 def hf_to_megatron(hf: Mapping[str, Tensor], m: ModelConfig, padded_vocab: int) -> dict[str, Tensor]:
@@ -192,6 +242,21 @@ def _entry_of(name: str) -> tuple[Entry, str]:
     if (match := _LAYER_NAME.match(name)) and match.group(2) in _PER_LAYER:
         return _PER_LAYER[match.group(2)], _HF_LAYER.format(i=match.group(1))
     raise KeyError(f"megatron tensor {name!r} has no HF Llama counterpart")
+
+
+def hf_views(name: str, t: Tensor, m: ModelConfig) -> list[tuple[str, Tensor]]:
+    """The HF tensors of one (TP=1) megatron tensor as views of it, without copies: each holds the
+    HF tensor's elements in row-major order but may have another shape (q/k/v come as
+    ``[groups, rows, hidden]``); vocabulary padding dropped."""
+    e, prefix = _entry_of(name)
+    if e.combine == "qkv":
+        d, g = m.head_dim, m.num_query_groups
+        per = m.num_attention_heads // g
+        grouped = t.view(g, (per + 2) * d, -1)
+        parts = (grouped[:, : per * d], grouped[:, per * d: (per + 1) * d], grouped[:, (per + 1) * d:])
+    else:
+        parts = _separate(e, t, m)
+    return [(prefix + hf_name, part) for (hf_name, _), part in zip(e.hf, parts)]
 
 
 def megatron_to_hf(state: Mapping[str, Tensor], m: ModelConfig) -> dict[str, Tensor]:

@@ -1,21 +1,20 @@
-"""Hugging Face checkpoint folders: lazy reading and streaming sharded safetensors writing.
+"""Hugging Face checkpoint folders: lazy, streaming reading (and the safetensors format constants).
 
 Reading (:class:`HFCheckpointReader`)
     A folder holds ``model.safetensors``, ``model.safetensors.index.json`` + shards,
     ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` + shards (safetensors preferred when
-    both exist). Tensors are read one at a time: safetensors through ``safe_open`` (memory-mapped),
-    ``.bin`` files with ``torch.load(weights_only=True, mmap=True)`` (zip format; legacy non-zip
-    files are loaded whole, one shard at a time). Any dtype. A shard named by the index that does
-    not exist, or an index entry whose file lacks the tensor, is an error naming both.
+    both exist). Safetensors headers are parsed here (8-byte length, JSON: dtype, shape and byte
+    range of every tensor; ranges checked against the file) and tensors are read with plain
+    ``pread`` calls, never memory-mapped: :meth:`HFCheckpointReader.stream` reads them in a given
+    order on a background thread into pooled buffers (checkpoint/stream_io.py), so memory holds
+    the tensors in flight, not a shard (a mapped shard stays resident while it is open). ``.bin``
+    files are read with ``torch.load(weights_only=True, mmap=True)`` (zip format; legacy non-zip
+    files are loaded whole), one shard at a time: their memory is bounded by the largest shard.
+    Any dtype. A shard named by the index that does not exist, or an index entry whose file lacks
+    the tensor, is an error naming both.
 
-Writing (:class:`SafetensorsShardWriter`)
-    The caller declares every tensor (name, shape, dtype) up front; the writer assigns them to
-    shards of at most ``max_shard_bytes`` in that order (``model-00001-of-0000N.safetensors``) and
-    then streams each tensor straight into its shard file as it is handed over (header first, then
-    the raw little-endian bytes: the safetensors layout), so no more than one tensor is held
-    beyond what the caller already has. ``close()`` writes ``model.safetensors.index.json``.
-
-The atomic output directory both conversions write into is ``output_dir.atomic_output_dir``.
+Writing: :mod:`harpe_megatron.hf.safetensors_write`. The atomic output directory both conversions
+write into is ``output_dir.atomic_output_dir``.
 """
 
 from __future__ import annotations
@@ -24,18 +23,20 @@ import json
 import math
 import os
 import re
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+
+from harpe_megatron.checkpoint.prefetch import Prefetcher, ReadRange, read_exactly
+from harpe_megatron.checkpoint.stream_io import BufferPool
 
 __all__ = [
     "HFCheckpointError",
     "HFCheckpointReader",
-    "SafetensorsShardWriter",
+    "TensorInfo",
     "parse_size",
     "SAFETENSORS_INDEX",
     "BIN_INDEX",
@@ -61,13 +62,18 @@ class HFCheckpointError(ValueError):
 def parse_size(text: str | int) -> int:
     """``"5GB"`` -> 5e9 bytes, ``"500MiB"`` -> 500 * 2**20, ``1024`` -> 1024."""
     if isinstance(text, int):
+        if text < 1:
+            raise ValueError(f"a size must be at least 1 byte, got {text!r}")
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
     if not match:
         raise ValueError(f"cannot parse a size from {text!r} (examples: 5GB, 500MiB, 1048576)")
     value, unit, binary = match.groups()
     power = " KMGT".index(unit.upper() or " ")
-    return int(float(value) * (1024 if binary else 1000) ** power)
+    size = int(float(value) * (1024 if binary else 1000) ** power)
+    if size < 1:
+        raise ValueError(f"a size must be at least 1 byte, got {text!r}")
+    return size
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,10 +83,13 @@ def parse_size(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """Where a tensor is: ``offset`` is the first byte of its data in ``file`` (safetensors; -1 for .bin)."""
+
     name: str
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = -1
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +98,45 @@ class TensorInfo:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+_MAX_HEADER = 100 << 20
+
+
+def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a safetensors file from its header (the format: an 8-byte little-endian
+    header length, a JSON header ``{name: {dtype, shape, data_offsets: [begin, end]}}``, then the
+    data, offsets relative to its start); each entry checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise HFCheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HFCheckpointError(f"{path}: unreadable safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise HFCheckpointError(f"{path}: safetensors header is not a JSON object")
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES.get(spec["dtype"])
+            shape = tuple(int(d) for d in spec["shape"])
+            begin, end = (int(o) for o in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HFCheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({exc})") from None
+        if dtype is None:
+            raise HFCheckpointError(f"{path}: tensor {name!r} has unsupported dtype {spec['dtype']}")
+        info = TensorInfo(name, path, shape, dtype, 8 + n + begin)
+        if end - begin != info.nbytes or begin < 0 or 8 + n + end > size:
+            raise HFCheckpointError(f"{path}: tensor {name!r}: bytes {begin}..{end} do not hold {list(shape)} "
+                                    f"{spec['dtype']} within the file ({size} bytes)")
+        out[name] = info
+    return out
 
 
 class HFCheckpointReader:
@@ -104,7 +152,6 @@ class HFCheckpointReader:
             raise HFCheckpointError(f"HF checkpoint folder {self.folder} does not exist")
         self.format, index_file, weight_map = self._discover()
         self.index_file = index_file
-        self._st_handles: dict[Path, object] = {}
         self._bin_cache: tuple[Optional[Path], Optional[dict]] = (None, None)
         self.infos: dict[str, TensorInfo] = {}
         self._scan(weight_map)
@@ -162,33 +209,11 @@ class HFCheckpointReader:
     def _file_infos(self, path: Path) -> dict[str, TensorInfo]:
         out = {}
         if self.format == "safetensors":
-            handle = self._safetensors(path)
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                dtype = _ST_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise HFCheckpointError(f"{path}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
-                out[name] = TensorInfo(name, path, tuple(sl.get_shape()), dtype)
-        else:
-            for name, t in self._bin_state(path).items():
-                if isinstance(t, torch.Tensor):
-                    out[name] = TensorInfo(name, path, tuple(t.shape), t.dtype)
+            return _safetensors_infos(path)
+        for name, t in self._bin_state(path).items():
+            if isinstance(t, torch.Tensor):
+                out[name] = TensorInfo(name, path, tuple(t.shape), t.dtype)
         return out
-
-    def _safetensors(self, path: Path):
-        # One file open at a time: a handle maps its file, and pages read through it stay in this
-        # process's resident set until it is closed (tensors are read in file order anyway).
-        handle = self._st_handles.get(path)
-        if handle is None:
-            from safetensors import safe_open
-
-            self._st_handles.clear()
-            try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise HFCheckpointError(f"{path}: cannot read safetensors file: {exc}") from None
-            self._st_handles[path] = handle
-        return handle
 
     def _bin_state(self, path: Path) -> dict:
         cached_path, cached = self._bin_cache
@@ -220,15 +245,37 @@ class HFCheckpointReader:
         """Load one tensor (its own memory for safetensors; a mapped view for zip ``.bin``)."""
         info = self.info(name)
         if self.format == "safetensors":
-            t = self._safetensors(info.file).get_tensor(name)
-        else:
-            t = self._bin_state(info.file)[name]
+            t = torch.empty(info.shape, dtype=info.dtype)
+            if t.numel():
+                fd = os.open(info.file, os.O_RDONLY)
+                try:
+                    read_exactly(fd, t.view(-1).view(torch.uint8), info.offset, info.file)
+                finally:
+                    os.close(fd)
+            return t
+        t = self._bin_state(info.file)[name]
         if tuple(t.shape) != info.shape or t.dtype != info.dtype:
             raise HFCheckpointError(f"{info.file}: tensor {name!r} changed while reading")
         return t
 
+    def stream(self, names: Sequence[str], pool: BufferPool) -> Iterator[tuple[str, torch.Tensor, Callable[[], None]]]:
+        """``(name, tensor, release)`` for ``names`` in order, read ahead on a background thread into
+        ``pool`` (safetensors); call ``release()`` when done with a tensor. ``.bin`` tensors are
+        mapped views (``release`` does nothing)."""
+        if self.format != "safetensors":
+            for name in names:
+                yield name, self.get(name), lambda: None
+            return
+        infos = [self.info(n) for n in names]
+        prefetch = Prefetcher([ReadRange(i.file, i.offset, i.nbytes, i.name) for i in infos], pool, checksum=False)
+        try:
+            for info, (_, data, buf, _) in zip(infos, prefetch):
+                tensor = data.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+                yield info.name, tensor, buf.release
+        finally:
+            prefetch.close()
+
     def close(self) -> None:
-        self._st_handles.clear()
         self._bin_cache = (None, None)
 
     def __enter__(self) -> "HFCheckpointReader":
@@ -260,129 +307,3 @@ class HFCheckpointReader:
                 f"HF checkpoint {self.folder} has {len(unexpected)} tensor(s) that a Llama model of this "
                 f"config does not have: {unexpected[:6]} (in {where[:3]})"
             )
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Planned:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    shard: int
-    begin: int
-    end: int
-
-
-class SafetensorsShardWriter:
-    """Stream tensors into sharded safetensors files in a declared order (see module docstring).
-
-    Args:
-        folder: output directory (exists).
-        plan: ``(name, shape, dtype)`` for every tensor, in the order they will be written.
-        max_shard_bytes: a shard is closed before it would exceed this (a single larger tensor
-            gets a shard of its own).
-        prefix: file name prefix (``model`` -> ``model-00001-of-00002.safetensors``).
-    """
-
-    def __init__(self, folder: str | os.PathLike, plan: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                 max_shard_bytes: int = 5 * 10**9, prefix: str = "model"):
-        if sys.byteorder != "little":
-            raise RuntimeError("safetensors are little-endian; writing them on a big-endian host is not supported")
-        self.folder = Path(folder)
-        self.prefix = prefix
-        self._planned: list[_Planned] = []
-        shard, used = 0, 0
-        seen = set()
-        for name, shape, dtype in plan:
-            if name in seen:
-                raise ValueError(f"tensor {name!r} planned twice")
-            seen.add(name)
-            if dtype not in _ST_NAMES:
-                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-            size = math.prod(shape) * _itemsize(dtype)
-            if used > 0 and used + size > max_shard_bytes:
-                shard, used = shard + 1, 0
-            self._planned.append(_Planned(name, tuple(int(s) for s in shape), dtype, shard, used, used + size))
-            used += size
-        if not self._planned:
-            raise ValueError("nothing to write")
-        self.num_shards = shard + 1
-        self._next = 0
-        self._file = None
-        self._open_shard = -1
-        self.bytes_written = 0
-
-    def shard_name(self, shard: int) -> str:
-        return f"{self.prefix}-{shard + 1:05d}-of-{self.num_shards:05d}.safetensors"
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(p.end - p.begin for p in self._planned)
-
-    def _start_shard(self, shard: int) -> None:
-        header: dict = {"__metadata__": {"format": "pt"}}
-        for p in self._planned:
-            if p.shard == shard:
-                header[p.name] = {"dtype": _ST_NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [p.begin, p.end]}
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-        self._file = open(self.folder / self.shard_name(shard), "wb")
-        self._file.write(len(raw).to_bytes(8, "little"))
-        self._file.write(raw)
-        self._open_shard = shard
-
-    def _finish_shard(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next planned tensor (names, shapes and dtypes must follow the plan)."""
-        if self._next >= len(self._planned):
-            raise ValueError(f"tensor {name!r} was not planned (all planned tensors are written)")
-        p = self._planned[self._next]
-        if name != p.name:
-            raise ValueError(f"expected tensor {p.name!r} next, got {name!r}")
-        if tuple(tensor.shape) != p.shape or tensor.dtype != p.dtype:
-            raise ValueError(
-                f"tensor {name!r}: got {list(tensor.shape)} {tensor.dtype}, planned {list(p.shape)} {p.dtype}"
-            )
-        if p.shard != self._open_shard:
-            self._finish_shard()
-            self._start_shard(p.shard)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
-        self.bytes_written += p.end - p.begin
-        self._next += 1
-
-    def close(self) -> dict:
-        """Finish the last shard and write the index; returns the index dict."""
-        if self._next != len(self._planned):
-            missing = [p.name for p in self._planned[self._next:]]
-            raise ValueError(f"{len(missing)} planned tensor(s) were never written: {missing[:4]}")
-        self._finish_shard()
-        index = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": {p.name: self.shard_name(p.shard) for p in self._planned},
-        }
-        _write_text(self.folder / SAFETENSORS_INDEX, json.dumps(index, indent=2, sort_keys=False) + "\n")
-        return index
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())

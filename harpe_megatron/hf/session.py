@@ -1,7 +1,9 @@
-"""megatron-core on CPU in one process, and the full-size (TP=1) model both conversions fill.
+"""megatron-core on CPU in one process, and the full-size (TP=1) model layout both conversions use.
 
-Conversion always runs on CPU (also on GPU machines) at TP=PP=CP=1; megatron's dist checkpointing
-reshards a checkpoint saved at another layout when it is loaded into this model.
+Conversion always runs on CPU (also on GPU machines) at TP=PP=CP=1: a TP=1 model built on the
+``meta`` device (no memory) gives the checkpoint layout (checkpoint/sharded_layout.py) that the
+import writes and the export reads; megatron's dist checkpointing reshards it on load, and the
+export reads checkpoints saved at any layout through it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from harpe_megatron.checkpoint.sharded_layout import ModelLayout, model_layout
 from harpe_megatron.config.model import ModelConfig, ParallelConfig, PositionalConfig
 from harpe_megatron.distributed.bringup import free_port, init_process_group, megatron_parallel
 from harpe_megatron.model.builder import build_model, transformer_config
 
-__all__ = ["megatron_cpu_session", "build_full_model"]
+__all__ = ["megatron_cpu_session", "build_full_model", "checkpoint_layout"]
 
 
 @contextlib.contextmanager
@@ -54,3 +57,11 @@ def build_full_model(m: ModelConfig, positional: PositionalConfig, dtype: torch.
     model = build_model(sized, positional, cfg, max_sequence_length=m.pretrained_context_length,
                         use_transformer_engine=False)
     return model.eval()
+
+
+def checkpoint_layout(m: ModelConfig, positional: PositionalConfig, dtype: torch.dtype, vocab_rows: int) -> ModelLayout:
+    """What a TP=1 checkpoint of this model holds (built on the ``meta`` device: shapes only).
+    Needs :func:`megatron_cpu_session`."""
+    with torch.device("meta"):
+        model = build_full_model(m, positional, dtype, vocab_rows)
+    return model_layout(model)

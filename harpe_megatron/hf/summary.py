@@ -24,6 +24,8 @@ class ConversionSummary:
     dtype: str
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    memory_bound_bytes: int = 0  # stated peak memory above the process baseline (0: not stated)
+    memory_extra: str = ""  # what the bound does not cover (e.g. memory-mapped .bin shards)
 
     def __str__(self) -> str:
         lines = [
@@ -34,6 +36,9 @@ class ConversionSummary:
             f"  bytes       {_human(self.bytes)} ({self.dtype})",
         ]
         lines += [f"  {k:<11} {v}" for k, v in self.details.items()]
+        if self.memory_bound_bytes:
+            lines.append(f"  memory      peak above the process baseline <= {_human(self.memory_bound_bytes)}, "
+                         f"whatever the model size{self.memory_extra}")
         lines += [f"  note        {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -10,8 +10,11 @@ Conventions
   rank's heads, already rotated (RoPE is applied by ``SelfAttention`` before core attention).
   Query head ``h`` uses KV group ``h // (np // ng)`` (megatron's grouped layout), which is what
   SDPA's ``enable_gqa`` does. Output is ``[sq, b, np * hn]``.
-* Causal self-attention only (``attn_mask_type=causal``); an explicit ``attention_mask`` is
-  rejected rather than silently ignored.
+* Causal self-attention (``attn_mask_type=causal``). Built with ``document_masking=True``
+  (``data.document_masking``), causal *within documents*: ``attention_mask`` is then the row's
+  document layout, see :class:`SDPAttention` and :mod:`~harpe_megatron.model.document_attention`
+  (the kernels: flash varlen on CUDA, a boolean block mask elsewhere). Without it an explicit
+  ``attention_mask`` is rejected rather than silently ignored.
 * Context parallelism (zigzag, see :mod:`harpe_megatron.parallel.zigzag`): each CP rank holds
   query chunks ``r`` and ``2cp-1-r``. K and V are all-gathered over the CP group (backward:
   reduce-scatter of their gradients, megatron's sequence-parallel mapping on the CP group) and put
@@ -20,17 +23,21 @@ Conventions
   SDPA use its fused kernels. The result is exact against one-rank attention; no S x S score
   tensor is built by this code. This is the "all_gather" CP scheme (as in Llama 3 and TE's
   ``cp_comm_type="all_gather"``): it trades K/V memory for simplicity; communication is one
-  all-gather of K and V per layer (``2 * S * ng * hn`` elements) and overlaps nothing.
+  all-gather of K and V per layer (``2 * S * ng * hn`` elements) and overlaps nothing. Under
+  document masking the shares are not zigzag but balanced by attention work
+  (:mod:`harpe_megatron.parallel.cp_layout`): each rank's queries are runs of row positions, each
+  run attends to its key prefix the same way.
 * Never a silent math fallback (:func:`require_fused_sdpa`): on CUDA every call is checked
   before it runs; when no fused kernel (flash, cuDNN, memory-efficient; for the lower-right
   mask only flash and memory-efficient, which is what ``CausalBias`` dispatches to) accepts the
   inputs and the sequence is longer than ``SMALL_SEQUENCE``, it raises naming dtype, shapes and
   the fix instead of materialising S x S scores (e.g. fp32 with CP > 1). Off CUDA (CPU tests) the
   kernel choice is not checked. ``_sdpa_probe`` is the capability probe (tests substitute it).
-* Fake tensors (the memory planner, training/plan.py): ``CausalBias`` cannot be wrapped by
+* Fake tensors (the memory planner, planner/plan.py): ``CausalBias`` cannot be wrapped by
   ``FakeTensorMode``, so every call runs the op SDPA and ``CausalBias`` dispatch to on GPU for
   bf16/fp16: ``aten._scaled_dot_product_flash_attention`` with ``is_causal=True`` (lower-right
-  aligned for ``sq < sk``): same output shapes, same saved tensors, same memory as on the GPU.
+  aligned for ``sq < sk``): same output shapes, same saved tensors, same memory as on the GPU
+  (:func:`_fake_flash`; document-masked calls too: the one-document-per-row bound).
 """
 
 from __future__ import annotations
@@ -38,25 +45,26 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 from torch.nn.attention.bias import causal_lower_right
 
-from harpe_megatron.parallel.zigzag import gathered_to_natural_order, zigzag_chunk_ids
-from harpe_megatron.positional.rotary import split_rotary_table
+from harpe_megatron.compat import is_fake
+from harpe_megatron.model.document_attention import document_attention
+from harpe_megatron.parallel.cp_layout import runs, zigzag_layout
+from harpe_megatron.parallel.zigzag import zigzag_chunk_ids
 
 __all__ = [
-    "SDPAttention", "HarpeSelfAttention", "causal_attention", "context_parallel_causal_attention",
-    "require_fused_sdpa", "SMALL_SEQUENCE",
+    "SDPAttention", "causal_attention", "context_parallel_causal_attention", "require_fused_sdpa",
+    "SMALL_SEQUENCE",
 ]
 
 # Up to this many query or key positions the math kernel's score matrix is small enough to allow
@@ -66,16 +74,19 @@ SMALL_SEQUENCE = 1024
 _FUSED = ("flash", "cudnn", "efficient")
 
 
-def _is_fake(t: Tensor) -> bool:
-    """Whether ``t`` is a FakeTensor (thin wrapper over torch's private helper)."""
-    return _torch_is_fake(t)
+def _fake_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float) -> Tensor:
+    """The planner's attention on fake tensors: the op SDPA and ``CausalBias`` dispatch to on GPU
+    for bf16/fp16 (``is_causal``: lower-right aligned when ``sq < sk``); same outputs, saved
+    tensors and memory as there. (The CPU kernel is not FLOP-counted, ``CausalBias`` cannot be
+    wrapped by ``FakeTensorMode``.)"""
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal=True, scale=scale)[0]
 
 
 def _torch_sdpa_probe(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool,
                       enable_gqa: bool) -> Optional[frozenset[str]]:
     """The fused SDPA kernels that accept these ``[b, h, s, d]`` inputs (torch's own checks, also
     honouring ``torch.backends.cuda.*_sdp_enabled``); None off CUDA, where there is no choice to check."""
-    if not q.is_cuda or _is_fake(q):
+    if not q.is_cuda or is_fake(q):
         return None
     cuda = torch.backends.cuda
     params = cuda.SDPAParams(q, k, v, None, dropout_p, is_causal, enable_gqa)
@@ -118,8 +129,8 @@ def require_fused_sdpa(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, lower_
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
     """Causal attention on ``[b, h, s, d]`` tensors (``k``/``v`` may have fewer heads: GQA)."""
-    if _is_fake(q):  # the planner: the flash op SDPA runs on GPU (the CPU kernel is not FLOP-counted)
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal=True, scale=scale)[0]
+    if is_fake(q):
+        return _fake_flash(q, k, v, scale, dropout_p)
     require_fused_sdpa(q, k, v, dropout_p, lower_right=False)
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1)
@@ -131,10 +142,8 @@ def _lower_right_causal(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p
     bottom-right: query ``i`` sees keys ``[0, L - c + i]``."""
     if q.size(2) == k.size(2):  # plain causal (what CausalBias does too; cuDNN may serve it)
         return causal_attention(q, k, v, scale, dropout_p)
-    if _is_fake(q):  # FakeTensorMode cannot wrap CausalBias; this is the op it dispatches to on GPU
-        return torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, dropout_p, is_causal=True, scale=scale
-        )[0]
+    if is_fake(q):
+        return _fake_flash(q, k, v, scale, dropout_p)
     require_fused_sdpa(q, k, v, dropout_p, lower_right=True)
     if not q.is_cuda:
         # What CausalBias does off CUDA (no fused kernel takes it there): materialise the mask and
@@ -149,6 +158,31 @@ def _lower_right_causal(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p
     )
 
 
+def _block_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float,
+                     documents: Optional[Tensor]) -> Tensor:
+    """The last ``c`` of ``L`` positions (``q`` ``[b, h, c, d]``) against the keys ``[0, L)``:
+    causal, or causal within documents when ``documents`` ``[b, L]`` is given."""
+    if documents is None:
+        return _lower_right_causal(q, k, v, scale, dropout_p, k.size(1) != q.size(1))
+    return document_attention(q, k, v, documents, scale, dropout_p,
+                              fake_causal=lambda *qkv: _fake_flash(*qkv, scale, dropout_p), max_dense=SMALL_SEQUENCE)
+
+
+def _query_runs(layout: Optional[Tensor], cp_rank: int, cp_size: int, local_len: int) -> tuple[Tensor, list]:
+    """``(row order of the gathered slots, this rank's query runs)`` for a layout (see
+    :func:`context_parallel_causal_attention`); zigzag without one, or on fake tensors. Host work."""
+    if layout is None or is_fake(layout):  # zigzag: one run per chunk (also at CP 1: two chunks)
+        index, c = zigzag_layout(local_len * cp_size, cp_size), local_len // 2
+        chunks = zigzag_chunk_ids(cp_rank, cp_size)
+        return torch.from_numpy(np.argsort(index.reshape(-1), kind="stable")), [
+            (chunk * c, c, i * c) for i, chunk in enumerate(chunks)]
+    slots = layout[:, 1].numpy()
+    if (slots != slots[:1]).any():
+        raise ValueError("the rows of a micro-batch must share one CP layout (data/documents.py: cp_share)")
+    index = slots[0].reshape(cp_size, local_len)
+    return torch.from_numpy(np.argsort(index.reshape(-1), kind="stable")), runs(index[cp_rank])
+
+
 def context_parallel_causal_attention(
     q: Tensor,
     k: Tensor,
@@ -156,30 +190,45 @@ def context_parallel_causal_attention(
     scale: float,
     cp_group: torch.distributed.ProcessGroup,
     dropout_p: float = 0.0,
+    layout: Optional[Tensor] = None,
 ) -> Tensor:
-    """Exact causal attention for zigzag-sharded ``[s_local, b, h, d]`` inputs (see module doc).
+    """Exact causal attention for context-parallel ``[s_local, b, h, d]`` inputs (see module doc).
 
-    Returns ``[b, h, s_local, d]`` for this rank's two query chunks, in local (zigzag) order.
+    ``layout``: ``None``: zigzag shares, causal attention. Else document masking
+    (model/gpt.py makes it): ``[b, 2, S]`` (host), ``[:, 0]`` the row's document ids in row order,
+    ``[:, 1]`` the row position of every all-gathered slot (rank-major; a balanced layout,
+    parallel/cp_layout.py, one for all rows), attention causal within documents
+    (:mod:`~harpe_megatron.model.document_attention`). Returns ``[b, h, s_local, d]`` for this
+    rank's queries, in local order.
     """
     cp_size = cp_group.size()
     cp_rank = cp_group.rank()
-    c = q.size(0) // 2
     k_all = gather_from_sequence_parallel_region(k, tensor_parallel_output_grad=True, group=cp_group)
     v_all = gather_from_sequence_parallel_region(v, tensor_parallel_output_grad=True, group=cp_group)
-    k_all = gathered_to_natural_order(k_all, 0, cp_size).permute(1, 2, 0, 3)
-    v_all = gathered_to_natural_order(v_all, 0, cp_size).permute(1, 2, 0, 3)
+    order, query_runs = _query_runs(layout, cp_rank, cp_size, q.size(0))
+    order = order.to(k_all.device)
+    k_all = k_all.index_select(0, order).permute(1, 2, 0, 3)
+    v_all = v_all.index_select(0, order).permute(1, 2, 0, 3)
     q = q.permute(1, 2, 0, 3)
-    gqa = k_all.size(1) != q.size(1)
+    documents = layout[:, 0] if layout is not None else None
     outs = []
-    for local_idx, chunk in enumerate(zigzag_chunk_ids(cp_rank, cp_size)):
-        q_chunk = q[:, :, local_idx * c : (local_idx + 1) * c]
-        kv_len = (chunk + 1) * c
-        outs.append(_lower_right_causal(q_chunk, k_all[:, :, :kv_len], v_all[:, :, :kv_len], scale, dropout_p, gqa))
+    for start, length, offset in query_runs:  # row start, length, local offset: the rank's chunks in local order
+        end = start + length
+        docs = documents[:, :end] if documents is not None else None
+        outs.append(_block_attention(q[:, :, offset:offset + length], k_all[:, :, :end], v_all[:, :, :end],
+                                     scale, dropout_p, docs))
     return torch.cat(outs, dim=2)
 
 
 class SDPAttention(MegatronModule):
-    """megatron-core core-attention module (``submodules.core_attention`` of ``SelfAttention``)."""
+    """megatron-core core-attention module (``submodules.core_attention`` of ``SelfAttention``).
+
+    ``document_masking`` (set in the layer spec, model/spec.py) fixes what ``attention_mask``
+    is: ``False``: ``None`` only (causal attention); ``True``: the row's document layout
+    ``[b, 2, S]`` (all CP ranks' tokens; HarpeGPTModel.forward gathers it once per forward, see
+    :func:`context_parallel_causal_attention`), attention causal within documents
+    (model/document_attention.py).
+    """
 
     def __init__(
         self,
@@ -191,6 +240,7 @@ class SDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        document_masking: bool = False,
     ):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
@@ -209,6 +259,7 @@ class SDPAttention(MegatronModule):
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.document_masking = document_masking
 
     def forward(
         self,
@@ -220,69 +271,35 @@ class SDPAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> Tensor:
-        if attention_mask is not None:
-            raise ValueError(
-                "SDPAttention is causal by construction and takes no attention_mask; pass "
-                "attention_mask=None (document masking would need packed sequences)"
-            )
+        documents = self._documents(attention_mask, query)
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention_bias")
         dropout_p = self.dropout_p if self.training else 0.0
         sq, b, np_, hn = query.shape
         if self.cp_group is not None and self.cp_group.size() > 1:
             out = context_parallel_causal_attention(
-                query, key, value, self.softmax_scale, self.cp_group, dropout_p
+                query, key, value, self.softmax_scale, self.cp_group, dropout_p, documents
             )
         else:
-            out = causal_attention(
-                query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-                self.softmax_scale, dropout_p,
-            )
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            if documents is None:
+                out = causal_attention(q, k, v, self.softmax_scale, dropout_p)
+            else:
+                out = _block_attention(q, k, v, self.softmax_scale, dropout_p, documents[:, 0])
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
-
-class HarpeSelfAttention(SelfAttention):
-    """megatron ``SelfAttention`` that takes our per-head rotary input, in one of two forms.
-
-    The rotary input travels through the decoder block as one tensor (activation checkpointing
-    saves its arguments with ``save_for_backward``, which cannot hold a tuple):
-
-    * 4-D: the per-head angle table ``[s, b|1, np (+ ng), d]`` (packed q/k for GQA), split here
-      into the ``(query_table, key_table)`` pair that megatron applies with its unfused path;
-    * 2-D: token positions ``[s, b|1]`` (fused path). megatron gets no rotary input; RoPE is
-      applied to q and k right after the QKV projection — where megatron would apply it — by
-      overriding :meth:`get_query_key_value_tensors`, using the model's
-      :class:`~harpe_megatron.positional.rotary.PerHeadRotaryEmbedding` (see :meth:`bind_rotary`).
-    """
-
-    _rotary = None  # the model's PerHeadRotaryEmbedding, set by bind_rotary (not a submodule)
-    _rope_positions: Optional[Tensor] = None
-
-    def bind_rotary(self, rotary) -> None:
-        """Use ``rotary`` (the model's, shared by all layers) for positions-form rotary inputs."""
-        # A tuple keeps nn.Module from registering the shared module as a child of every layer.
-        self._rotary = (rotary,)
-
-    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
-        if isinstance(rotary_pos_emb, Tensor) and rotary_pos_emb.dim() == 2:
-            if self._rotary is None:
-                raise RuntimeError("positions given as rotary input, but bind_rotary() was never called")
-            self._rope_positions = rotary_pos_emb
-            try:
-                return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs)
-            finally:
-                self._rope_positions = None
-        if isinstance(rotary_pos_emb, Tensor):
-            rotary_pos_emb = split_rotary_table(
-                rotary_pos_emb, self.num_attention_heads_per_partition, self.num_query_groups_per_partition
-            )
-        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
-
-    def get_query_key_value_tensors(self, *args, **kwargs):
-        out = super().get_query_key_value_tensors(*args, **kwargs)
-        if self._rope_positions is None:
-            return out
-        query, key, *rest = out
-        query, key = self._rotary[0].rotate_qk(query, key, self._rope_positions)
-        return (query, key, *rest)
+    def _documents(self, attention_mask: Optional[Tensor], query: Tensor) -> Optional[Tensor]:
+        """The document layout this layer was built for (class doc), checked."""
+        if not self.document_masking:
+            if attention_mask is not None:
+                raise ValueError("SDPAttention was built without document masking (causal by construction) and "
+                                 "takes no attention_mask; set data.document_masking: true to mask documents")
+            return None
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        expected = (query.size(1), 2, query.size(0) * cp)
+        if attention_mask is None or attention_mask.dtype.is_floating_point or tuple(attention_mask.shape) != expected:
+            got = None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)
+            raise ValueError(f"SDPAttention with document masking needs the row's document layout [batch, 2, seq] = "
+                             f"{list(expected)} (integer; model/gpt.py) as attention_mask, got {got}")
+        return attention_mask

@@ -100,12 +100,14 @@ def build_model(
     post_process: bool = True,
     vp_stage: Optional[int] = None,
     pg_collection=None,
+    document_masking: bool = False,
 ) -> HarpeGPTModel:
     """The model chunk for this rank (parallel state must be initialised).
 
     ``use_transformer_engine=None`` follows ``model.transformer_impl`` (default ``local``: our
     tested spec). ``te`` needs Transformer Engine installed and logs one warning saying that
     path is unverified (it has never run: TE cannot be installed on CPU and no reachable GPU has it).
+    ``document_masking``: attention causal within documents (``data.document_masking``; local only).
     """
     if use_transformer_engine is None:
         use_transformer_engine = model.transformer_impl == "te"
@@ -118,7 +120,8 @@ def build_model(
     tp = config.tensor_model_parallel_size
     return HarpeGPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, use_transformer_engine, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(config, use_transformer_engine, vp_stage=vp_stage,
+                                          per_head_rope=positional.per_head_rope, document_masking=document_masking),
         vocab_size=padded_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by),
         max_sequence_length=max_sequence_length,
         head_bases=model_head_bases(model, positional),
@@ -126,6 +129,7 @@ def build_model(
         rotary_interleaved=positional.rotary_interleaved,
         rope_scaling=positional.scaling,
         per_head_rope=positional.per_head_rope,
+        document_masking=document_masking,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,

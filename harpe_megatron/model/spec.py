@@ -5,11 +5,12 @@
 * Local spec (CPU, CI, GPUs without TE): megatron's local spec with our :class:`RMSNorm` (sequence
   parallel capable) and :class:`SDPAttention` (context parallel capable) swapped in via
   ModuleSpec submodules; nothing is monkey-patched.
-* Both use :class:`HarpeSelfAttention` (megatron's SelfAttention taking our per-head rotary input).
+* Both use :class:`HarpeSelfAttention` (megatron's SelfAttention taking our per-head rotary input,
+  model/self_attention.py).
 
 Both core attentions receive already-rotated q/k. ``HarpeSelfAttention`` applies per-head RoPE in
-one of two ways, chosen by ``positional.per_head_rope`` (model/gpt.py hands the layers the
-matching rotary input):
+one of two ways, fixed per layer by a spec parameter from ``positional.per_head_rope`` (model/gpt.py
+hands the layers the matching rotary input):
 
 * fused (the default): the layers get only the token positions ``[s, b]``; right after the QKV
   projection q and k are rotated by
@@ -23,6 +24,10 @@ matching rotary input):
 
 megatron's own ``TransformerConfig.apply_rope_fusion`` stays off on both paths (model/builder.py):
 its fused RoPE (TE's) takes one table for all heads.
+
+``document_masking`` (``data.document_masking``) builds every ``SDPAttention`` causal within
+documents (model/document_attention.py); the TE spec has no such mode here (TE masks documents
+through packed THD sequences, which this project does not drive) and refuses it.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from harpe_megatron.model.attention import HarpeSelfAttention, SDPAttention
+from harpe_megatron.model.attention import SDPAttention
 from harpe_megatron.model.norm import RMSNorm
+from harpe_megatron.model.self_attention import HarpeSelfAttention
 
 __all__ = ["transformer_engine_available", "layer_spec", "block_spec"]
 
@@ -50,16 +56,25 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def layer_spec(use_transformer_engine: bool) -> ModuleSpec:
-    """One Llama decoder layer (RMSNorm, SwiGLU MLP, causal self-attention, no biases)."""
+def layer_spec(use_transformer_engine: bool, per_head_rope: str = "fused", document_masking: bool = False) -> ModuleSpec:
+    """One Llama decoder layer (RMSNorm, SwiGLU MLP, causal self-attention, no biases).
+
+    ``per_head_rope``: the layers' RoPE mode (model/self_attention.py); ``document_masking``:
+    attention causal within documents (local spec only).
+    """
     if use_transformer_engine:
+        if document_masking:
+            raise ValueError("data.document_masking needs model.transformer_impl: local (our SDPAttention); the "
+                             "Transformer Engine spec masks documents only through packed THD sequences")
         spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
     else:
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+            module=SDPAttention, params={"document_masking": document_masking})
     spec.submodules.self_attention.module = HarpeSelfAttention
+    spec.submodules.self_attention.params = {**spec.submodules.self_attention.params, "per_head_rope": per_head_rope}
     return spec
 
 
@@ -68,8 +83,11 @@ def block_spec(
     use_transformer_engine: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
+    per_head_rope: str = "fused",
+    document_masking: bool = False,
 ) -> TransformerBlockSubmodules:
-    """The decoder block for this pipeline stage: its layers plus the final norm."""
+    """The decoder block for this pipeline stage: its layers plus the final norm (layer options
+    as in :func:`layer_spec`)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
@@ -80,5 +98,6 @@ def block_spec(
         final_norm = RMSNorm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(use_transformer_engine)] * num_layers, layer_norm=final_norm
+        layer_specs=[layer_spec(use_transformer_engine, per_head_rope, document_masking)] * num_layers,
+        layer_norm=final_norm
     )

@@ -17,7 +17,6 @@ __all__ = [
     "zigzag_chunk_ids",
     "zigzag_positions",
     "slice_for_cp_rank",
-    "gathered_to_natural_order",
 ]
 
 
@@ -59,17 +58,3 @@ def slice_for_cp_rank(t: torch.Tensor, seq_dim: int, cp_rank: int, cp_size: int)
     return torch.cat(
         [t.narrow(seq_dim, first * c, c), t.narrow(seq_dim, second * c, c)], dim=seq_dim
     )
-
-
-def gathered_to_natural_order(t: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
-    """Reorder the all-gather of every rank's zigzag share (rank-major) into natural order."""
-    if cp_size == 1:
-        return t
-    c = _chunk_len(t.size(seq_dim), cp_size)
-    # Rank r's share sits at gathered slots 2r (chunk r) and 2r+1 (chunk 2cp-1-r).
-    slot_of_chunk = [0] * (2 * cp_size)
-    for r in range(cp_size):
-        first, second = zigzag_chunk_ids(r, cp_size)
-        slot_of_chunk[first] = 2 * r
-        slot_of_chunk[second] = 2 * r + 1
-    return torch.cat([t.narrow(seq_dim, s * c, c) for s in slot_of_chunk], dim=seq_dim)

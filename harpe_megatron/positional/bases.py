@@ -185,6 +185,17 @@ def base_strategy_from_dict(spec: dict[str, Any], where: str = "positional.bases
     return cls(**spec)
 
 
+def check_group_bases(head_bases: Sequence[float], num_query_groups: int, where: str) -> None:
+    """Every KV group's query heads (consecutive in megatron head order) share one base (GQA: the
+    heads of a group share their key, hence its rotation); ValueError naming ``where`` if not."""
+    per_group = len(head_bases) // num_query_groups
+    for g in range(num_query_groups):
+        group = list(head_bases[g * per_group : (g + 1) * per_group])
+        if len(set(group)) != 1:
+            raise ValueError(f"{where}: query heads {g * per_group}..{(g + 1) * per_group - 1} share KV group {g} "
+                             f"(GQA) and so must share one RoPE base, got {group}")
+
+
 def per_query_head_bases(
     strategy: BaseStrategy, num_attention_heads: int, num_query_groups: int, head_dim: int
 ) -> list[float]:
@@ -200,13 +211,7 @@ def per_query_head_bases(
     per_group = num_attention_heads // num_query_groups
     if isinstance(strategy, ExplicitBases) and len(strategy.values) == num_attention_heads and per_group > 1:
         values = validate_bases(strategy.values, num_attention_heads, "positional.bases.values")
-        for g in range(num_query_groups):
-            group = values[g * per_group : (g + 1) * per_group]
-            if len(set(group)) != 1:
-                raise ValueError(
-                    f"positional.bases.values: query heads {g * per_group}..{(g + 1) * per_group - 1} share "
-                    f"KV group {g} (GQA) and so must share one RoPE base, got {group}"
-                )
+        check_group_bases(values, num_query_groups, "positional.bases.values")
         return values
     group_bases = validate_bases(strategy.resolve(num_query_groups, head_dim), num_query_groups, "positional.bases")
     return [b for b in group_bases for _ in range(per_group)]

@@ -10,13 +10,17 @@ training length ``n`` (the window, ``data.seq_length``): the sample is ``doc[tok
 positions ``position_ids`` (strictly increasing, all in ``[0, target_length(n))``).
 Deterministic for a given ``numpy.random.Generator`` state.
 
-CREAM (Wu et al., NeurIPS 2024; REFERENCE.md section 2), window ``N``, target ``L = factor * N``:
-head and tail segments of ``h`` tokens each (``h = N // 3``, "relativity", or
-``h = 4 * factor``, "continuity", with probability 1/2), keep their true positions ``[0, h)``
-and ``[L - h, L)``; the middle ``Lm = N - 2h`` tokens are a contiguous span ending at ``end``,
-``end ~ U_int[h + (Lm - 1) r / 2, (r / 2) N - h - 1]`` with ``r`` an integer from a normal
-(mean ``1 + factor``, std 3) truncated to ``[2, 2 factor]`` -- which centres the middle segment
+CREAM (Wu et al., NeurIPS 2024, arXiv 2406.07138; reference implementation: the public repository
+wutong4012/CREAM, ``src/train.py``), window ``N``, target ``L = factor * N``: head and tail
+segments of ``h`` tokens each (``h = N // 3``, "relativity", or ``h = 4 * factor``, "continuity",
+with probability 1/2), keep their true positions ``[0, h)`` and ``[L - h, L)``; the middle
+``Lm = N - 2h`` tokens are a contiguous span ending at ``end``,
+``end ~ U_int[h + (Lm - 1) r / 2, (r / 2) N - h - 1]`` with ``r = int(clamp(x, 2, 2 factor))``,
+``x ~ Normal(1 + factor, 3)`` (:func:`clamped_normal_int`) -- which centres the middle segment
 near the middle of the target window. Tokens are taken from the same positions of the document.
+The reference draws ``x`` from Normal(9, 3) for every factor and clamps it the same way; at its
+factor 8 the two are the same distribution. Why the mean follows the factor here: docs/data.md,
+"CREAM's middle segment for factors other than 8".
 
 PoSE (Zhu et al., ICLR 2024): the first ``N`` tokens of the document, cut into ``chunks`` equal
 chunks; chunk ``i`` is shifted by ``u_i ~ U_int[u_{i-1}, L - N]`` (``u_0 = 0``), so positions
@@ -26,19 +30,18 @@ grow monotonically and reach at most ``L - 1``. Tokens are contiguous (content i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["PositionScheme", "CreamPositions", "PosePositions", "POSITION_SCHEMES", "truncated_normal_int"]
+__all__ = ["PositionScheme", "CreamPositions", "PosePositions", "POSITION_SCHEMES", "clamped_normal_int"]
 
 
-def truncated_normal_int(rng: np.random.Generator, mean: float, std: float, low: float, high: float) -> int:
-    """An int from N(mean, std) restricted to [low, high] by inverse-CDF sampling (cast down)."""
-    dist = NormalDist(mean, std)
-    u = rng.uniform(dist.cdf(low), dist.cdf(high))
-    return int(min(max(dist.inv_cdf(u), low), high))
+def clamped_normal_int(rng: np.random.Generator, mean: float, std: float, low: int, high: int) -> int:
+    """``int(x)`` of ``x ~ Normal(mean, std)`` clamped to ``[low, high]``: a draw outside is set to
+    the bound, not drawn again (CREAM's reference does the same), so the bounds carry the tails'
+    mass."""
+    return int(min(max(rng.normal(mean, std), low), high))
 
 
 @dataclass
@@ -82,7 +85,7 @@ class CreamPositions(PositionScheme):
         k, target = self.factor, self.target_length(n)
         head = n // 3 if rng.random() < 0.5 else 4 * k
         middle = n - 2 * head
-        r = truncated_normal_int(rng, 1 + k, 3.0, 2, 2 * k)
+        r = clamped_normal_int(rng, 1 + k, 3.0, 2, 2 * k)
         low = head + int((middle - 1) * r / 2)
         high = int(r / 2 * n) - head - 1
         end = int(rng.integers(low, max(high, low) + 1))

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
+
+from harpe_megatron.compat import is_fake
 
 __all__ = ["apply_per_head_rope", "rope_torch", "triton_available", "default_impl"]
 
@@ -55,14 +56,9 @@ def default_impl(x: Tensor) -> str:
         if forced not in _IMPLS:
             raise ValueError(f"HARPE_ROPE_IMPL: expected one of {_IMPLS}, got {forced!r}")
         return forced
-    if _is_fake(x):
+    if is_fake(x):
         return "triton"  # the memory planner: the GPU path's allocations (no kernel runs on fake tensors)
     return "triton" if x.is_cuda and triton_available() else "torch"
-
-
-def _is_fake(x: Tensor) -> bool:
-    """Whether ``x`` is a FakeTensor (thin wrapper over torch's private helper)."""
-    return _torch_is_fake(x)
 
 
 def _pairs(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
@@ -97,7 +93,7 @@ def _rotate(x: Tensor, positions: Tensor, inv_freq: Tensor, interleaved: bool, i
         src = x if x.stride(-1) == 1 else x.contiguous()
         target = out if out is not None and out.stride(-1) == 1 else torch.empty(
             x.shape, dtype=x.dtype, device=x.device)
-        if not _is_fake(x):  # fake tensors (the planner): the kernel's allocations, without the kernel
+        if not is_fake(x):  # fake tensors (the planner): the kernel's allocations, without the kernel
             from harpe_megatron.positional.rope_kernel import launch_rope
 
             launch_rope(src, target, positions, inv_freq, interleaved, inverse)

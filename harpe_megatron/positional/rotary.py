@@ -26,7 +26,7 @@ table that megatron's unfused ``apply_rotary_pos_emb`` consumes — ``s x heads 
 128k tokens and 32 heads, kept alive per layer by autograd as cos/sin. The *fused* path
 (``positional.per_head_rope: fused``, the default) hands the layers only the positions
 (:meth:`PerHeadRotaryEmbedding.rope_positions`, ``[s, b]``) and applies RoPE inside attention from
-them and :meth:`PerHeadRotaryEmbedding.inverse_frequencies` with
+them and :meth:`PerHeadRotaryEmbedding.qk_inverse_frequencies` with
 :func:`~harpe_megatron.positional.rope_apply.apply_per_head_rope` (Triton on CUDA).
 """
 
@@ -38,11 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from harpe_megatron.parallel.zigzag import zigzag_positions
+from harpe_megatron.positional.bases import check_group_bases
 from harpe_megatron.positional.rope_apply import apply_per_head_rope
 from harpe_megatron.positional.scaling import NoScaling, RopeScaling
-from harpe_megatron.positional.scaling import plain_inverse_frequencies as inverse_frequencies
 
-__all__ = ["PerHeadRotaryEmbedding", "inverse_frequencies", "split_rotary_table"]
+__all__ = ["PerHeadRotaryEmbedding", "split_rotary_table"]
 
 
 class PerHeadRotaryEmbedding(nn.Module):
@@ -77,10 +77,7 @@ class PerHeadRotaryEmbedding(nn.Module):
                 f"{num_heads} heads / {num_query_groups} KV groups cannot be split over TP={tp_size}"
             )
         per_group = num_heads // num_query_groups
-        for g in range(num_query_groups):
-            group = list(head_bases[g * per_group : (g + 1) * per_group])
-            if len(set(group)) != 1:
-                raise ValueError(f"query heads of KV group {g} must share one RoPE base (GQA), got {group}")
+        check_group_bases(head_bases, num_query_groups, "head_bases")
         self.head_bases = [float(b) for b in head_bases]
         self.head_dim = head_dim
         self.rotary_interleaved = rotary_interleaved
@@ -132,7 +129,7 @@ class PerHeadRotaryEmbedding(nn.Module):
             )
         return position_ids.to(device=device, dtype=torch.float32).t()
 
-    def inverse_frequencies(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def qk_inverse_frequencies(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """fp32 ``(query [np, d/2], key [ng, d/2])`` inverse frequencies of this TP rank's heads,
         scaling applied (cached per device: bases and scaling are fixed at construction)."""
         device = torch.device(device)
@@ -146,7 +143,7 @@ class PerHeadRotaryEmbedding(nn.Module):
         """The fused path: rotate megatron's ``query`` ``[s, b, np, d]`` and ``key`` ``[s, b, ng, d]``
         by ``positions`` (:meth:`rope_positions`); the YaRN attention factor is not applied here
         (it is in the softmax scale, see model/builder.py)."""
-        inv_q, inv_k = self.inverse_frequencies(query.device)
+        inv_q, inv_k = self.qk_inverse_frequencies(query.device)
         positions = positions.to(query.device)
         query = apply_per_head_rope(query, positions, inv_q, interleaved=self.rotary_interleaved)
         key = apply_per_head_rope(key, positions, inv_k, interleaved=self.rotary_interleaved)

@@ -13,6 +13,19 @@ every head with that head's own base, which is well defined for all of them.
             ramp over the correction range between ``beta_fast`` and ``beta_slow`` rotations in
             the original window, and attention temperature :func:`yarn_attention_factor` on q and
             k (cos and sin scaled), i.e. attention logits scaled by its square.   HF ``yarn``
+``llama3``  Llama 3.1's frequency-dependent scaling (Meta, 2024): with ``L`` =
+            ``original_max_position_embeddings``, frequencies whose wavelength 2 pi / theta_i is
+            shorter than ``L / high_freq_factor`` are kept, longer than ``L / low_freq_factor``
+            divided by ``factor``, and those in between blended smoothly (weight
+            ``(L / wavelength - low) / (high - low)`` on the kept frequency); no attention
+            temperature.                                                  HF ``llama3``
+
+Per-head bases and a scaling compose head by head: a head with base b gets exactly the
+frequencies a one-base model with ``rope_theta = b`` and this scaling would have. For ``llama3``
+the wavelength bands are fixed by ``original_max_position_embeddings`` and the two factors, not
+by the base, so a head whose base is the pretrained ``rope_theta`` keeps the pretrained model's
+frequencies and larger bases move more of a head's dimensions into the scaled (long-wavelength)
+band (docs/conversion.md, "Llama-3").
 
 Formulas follow the YaRN paper and agree with HF transformers' rope init functions
 (tests/unit/test_scaling.py, tests/unit/test_export_frequencies.py).
@@ -32,7 +45,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-__all__ = ["RopeScaling", "NoScaling", "LinearScaling", "NTKScaling", "YarnScaling", "ROPE_SCALINGS",
+__all__ = ["RopeScaling", "NoScaling", "LinearScaling", "NTKScaling", "YarnScaling", "Llama3Scaling", "ROPE_SCALINGS",
            "HF_ROPE_TYPES", "plain_inverse_frequencies", "yarn_attention_factor"]
 
 
@@ -223,7 +236,59 @@ class YarnScaling(RopeScaling):
             truncate=bool(spec.get("truncate", True)))
 
 
-_SCALINGS = (NoScaling, LinearScaling, NTKScaling, YarnScaling)
+@dataclass
+class Llama3Scaling(RopeScaling):
+    """Llama 3.1's scaling (see module docstring), per head with that head's base; the operations
+    are transformers' ``_compute_llama3_parameters``', in its order (bit-identical frequencies)."""
+
+    name: ClassVar[str] = "llama3"
+    hf_rope_type: ClassVar[Optional[str]] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _check_factor(self.factor)
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError("positional.scaling: llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+                             f"{self.low_freq_factor} and {self.high_freq_factor}")
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError("positional.scaling.original_max_position_embeddings must be positive")
+
+    def inverse_frequencies(self, bases, head_dim):
+        inv_freq = plain_inverse_frequencies(bases, head_dim)
+        old_context_len = self.original_max_position_embeddings
+        low_freq_wavelen = old_context_len / self.low_freq_factor
+        high_freq_wavelen = old_context_len / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth_factor) * inv_freq_llama / self.factor + smooth_factor * inv_freq_llama
+        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium_freq, smoothed, inv_freq_llama)
+
+    def to_hf(self, theta):
+        return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings, "rope_theta": float(theta)}
+
+    @classmethod
+    def from_hf(cls, spec, hf_config, source, key="rope_parameters"):
+        """All four fields are required, as transformers' validation requires them
+        (``original_max_position_embeddings`` may sit at the config's top level)."""
+        fields = {}
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            if spec.get(name) is None:
+                raise ValueError(f"{source}: {key}.{name} is missing (llama3 RoPE scaling needs it)")
+            fields[name] = float(spec[name])
+        original = spec.get("original_max_position_embeddings") or hf_config.get("original_max_position_embeddings")
+        if not original:
+            raise ValueError(f"{source}: {key}.original_max_position_embeddings is missing (llama3 RoPE scaling needs it)")
+        return cls._from_hf_fields(source, key, original_max_position_embeddings=int(original), **fields)
+
+
+_SCALINGS = (NoScaling, LinearScaling, NTKScaling, YarnScaling, Llama3Scaling)
 ROPE_SCALINGS: dict[str, type[RopeScaling]] = {cls.name: cls for cls in _SCALINGS}
 """Our ``positional.scaling.type`` -> class."""
 HF_ROPE_TYPES: dict[str, type[RopeScaling]] = {cls.hf_rope_type: cls for cls in _SCALINGS if cls.hf_rope_type}

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from harpe_megatron.checkpoint.save_load import find_latest
-from harpe_megatron.config.loader import load_config
+from harpe_megatron.checkpoint.layout import checkpoint_step, resolve_checkpoint
+from harpe_megatron.config.loader import load_config, stage_config
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.repro.protocol import ARMS, TierPlan
-from harpe_megatron.training.stages import stage_config
+from harpe_megatron.run_dir import RunDir
 
 __all__ = ["Layout", "Step", "environment", "layout_for", "plan_steps", "report_steps", "shell_line",
            "write_paper_reference"]
@@ -89,7 +89,7 @@ def train_overrides(plan: TierPlan, arm: str, layout: Layout) -> list[str]:
     out = [f"training.seed={layout.seed}", f"run_dir={layout.run_dir(arm)}", f"data.paths=[{paths}]",
            f"data.tokenizer_model={layout.data / Path(cfg.data.tokenizer_model or 'tokenizer.model').name}"]
     if arm != "base":
-        out.append(f"checkpoint.pretrained={layout.run_dir('base') / 'checkpoints'}")
+        out.append(f"checkpoint.pretrained={RunDir(layout.run_dir('base')).checkpoints}")
     return out
 
 
@@ -99,15 +99,18 @@ def final_checkpoints(cfg: RunConfig) -> tuple[Path, int]:
         last = stage_config(cfg, len(cfg.stages) - 1, cfg.stages[-1], cfg.checkpoint.pretrained)
     else:
         last = cfg
-    save = Path(last.checkpoint.save or Path(last.run_dir) / "checkpoints")
+    save = Path(last.checkpoint.save or RunDir(last.run_dir).checkpoints)
     return save, last.training.resolved_train_iters(last.data.seq_length)
 
 
 def _finished(save: Path, total: int) -> bool:
     if not (save / "latest").is_file():
         return False
-    latest = find_latest(save)
-    return latest is not None and int(latest.name.split("_")[1]) >= total
+    try:
+        latest, _ = resolve_checkpoint(save)
+    except RuntimeError:  # a broken ``latest``: training itself reports it when it resumes
+        return False
+    return latest is not None and checkpoint_step(latest) >= total
 
 
 def _newer(path: Path, than: Path) -> bool:

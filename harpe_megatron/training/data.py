@@ -4,8 +4,12 @@ Every rank builds the same packed GPT datasets (megatron's builder; index caches
 The train iterator follows megatron's pretraining sampler: global batches are consecutive
 samples, each DP rank takes its slice, resuming from ``consumed_samples`` continues the exact
 sequence. With a position scheme (CREAM, PoSE) samples are packed at the scheme's target length
-and cut to the window with sampled positions. Each micro-batch is then split along the sequence
-for this CP rank (zigzag, tokens and position ids alike). Pipeline stages all read the iterator so that they stay in step.
+and cut to the window with sampled positions. With ``data.document_masking`` each full row gets its
+document ids, per-token attended-key counts and boundary loss mask (and, with
+``data.reset_position_ids``, per-document positions; data/documents.py). Each micro-batch is then
+split along the sequence for this CP rank, every per-token tensor alike: zigzag, or under document
+masking the layout balanced by attention work (parallel/cp_layout.py). Pipeline stages all read
+the iterator so that they stay in step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from megatron.core import parallel_state
 
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.data.dataset import MicroBatchSampler, build_gpt_datasets, slice_batch_for_cp, to_batch
+from harpe_megatron.data.documents import apply_document_masking, cp_share
 from harpe_megatron.data.position_sampling import apply_position_scheme
 from harpe_megatron.data.tokenizer import SentencePieceTokenizer
 from harpe_megatron.distributed.bringup import current_device
@@ -66,7 +71,11 @@ class TrainingData:
             if self.scheme is not None:
                 batch = apply_position_scheme(batch, self.scheme, self.cfg.data.seq_length, indices,
                                               self.cfg.training.seed)
-            batch = slice_batch_for_cp(batch, self.cp_rank, self.cp_size)
+            if self.cfg.data.document_masking:
+                batch = apply_document_masking(batch, self.tokenizer.eod, self.cfg.data.reset_position_ids)
+                batch = cp_share(batch, self.cp_rank, self.cp_size)  # the CP layout balanced by attention work
+            else:
+                batch = slice_batch_for_cp(batch, self.cp_rank, self.cp_size)
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def train_iterator(self) -> Iterator[dict[str, torch.Tensor]]:

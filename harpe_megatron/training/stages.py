@@ -11,8 +11,8 @@ stages:
 ```
 
 Stage ``i`` is the run config with the stage's overrides applied
-(:func:`~harpe_megatron.config.loader.stage_run_config`, which also validates every stage when the
-config loads), its own run directory ``<run_dir>/<i>_<name>/`` and, as initial weights, the final
+(:func:`~harpe_megatron.config.loader.stage_config`; every stage is validated when the config
+loads), its own run directory ``<run_dir>/<i>_<name>/`` and, as initial weights, the final
 checkpoint of stage ``i-1`` (stage 0: the run's ``checkpoint.pretrained``). Each stage resumes on
 its own like any run, so a schedule that is stopped mid-stage continues there when launched again;
 stages that already reached their last step are skipped.
@@ -20,25 +20,13 @@ stages that already reached their last step are skipped.
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
+from harpe_megatron.checkpoint.layout import checkpoint_step
 from harpe_megatron.checkpoint.save_load import find_latest
-from harpe_megatron.config.loader import stage_run_config
-from harpe_megatron.config.run import RunConfig, StageConfig
-from harpe_megatron.training.trainer import TrainResult, train
+from harpe_megatron.config.loader import stage_config
+from harpe_megatron.config.run import RunConfig
+from harpe_megatron.training.trainer import TrainResult, run_training
 
-__all__ = ["stage_config", "run_stages"]
-
-
-def stage_config(cfg: RunConfig, index: int, stage: StageConfig, pretrained: str | None) -> RunConfig:
-    """The plain run config of stage ``index``: its overrides applied, its own run dir and
-    checkpoint dir, ``pretrained`` as initial weights."""
-    scfg = stage_run_config(cfg, stage, index)
-    run_dir = Path(cfg.run_dir) / f"{index}_{stage.name}"
-    checkpoint = dataclasses.replace(scfg.checkpoint, save=str(run_dir / "checkpoints"), load=None,
-                                     pretrained=pretrained)
-    return dataclasses.replace(scfg, checkpoint=checkpoint, run_dir=str(run_dir), stages=None)
+__all__ = ["run_stages"]
 
 
 def run_stages(cfg: RunConfig) -> list[TrainResult | None]:
@@ -54,10 +42,10 @@ def run_stages(cfg: RunConfig) -> list[TrainResult | None]:
         scfg = stage_config(cfg, i, stage, pretrained)
         last = find_latest(scfg.checkpoint.save)
         total = scfg.training.resolved_train_iters(scfg.data.seq_length)
-        if last is not None and int(last.name.split("_")[1]) >= total:
+        if last is not None and checkpoint_step(last) >= total:
             results.append(None)  # finished in an earlier launch
         else:
-            results.append(train(scfg))
+            results.append(run_training(scfg))
             if results[-1].preempted:
                 break  # the next launch resumes this stage; later stages have not started
         pretrained = scfg.checkpoint.save

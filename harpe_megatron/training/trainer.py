@@ -6,25 +6,27 @@ megatron's DDP and divided by the global token count (``calculate_per_token_loss
 optimizer step (with gradient clipping), one LR-scheduler step. The logged loss is the global
 token-weighted mean over DP x CP and all micro-batches.
 
-:func:`train` brings up the run (:mod:`~harpe_megatron.training.initialize`), checks its inputs,
-holds its run_dir and hands the rest to a :class:`Trainer`: ``setup()`` (model, optimizer,
-resume or initial weights, data, metric sinks), then ``train()``, which repeats ``train_step()``
-and calls ``evaluate()`` and ``save()`` at their intervals.
+:func:`run_training` brings up the run (:mod:`~harpe_megatron.training.initialize`), checks its
+inputs, holds its run_dir and hands the rest to a :class:`Trainer`, whose construction builds every
+component (memory pre-flight, model, optimizer, resume or initial weights, data, metric sinks) and
+whose ``run()`` repeats ``train_step()`` and calls ``evaluate()`` and ``save()`` at their intervals.
+The pieces of one step (model and optimizer builders, forward step, schedule, FLOPs and sinks) are
+:mod:`harpe_megatron.step`'s, shared with the memory planner.
 
 Reliability (docs/reliability.md):
 
-* preemption: SIGTERM/SIGUSR1 on any rank -> every rank finishes the step, saves, and ``train``
-  returns with ``preempted=True`` (the CLI exits with ``PREEMPTED_EXIT_CODE``);
+* preemption: SIGTERM/SIGUSR1 on any rank -> every rank finishes the step, saves, and
+  :func:`run_training` returns with ``preempted=True`` (the CLI exits with ``PREEMPTED_EXIT_CODE``);
 * a step whose global loss or any gradient is non-finite is skipped (no optimizer or LR-schedule
   step; its data is *not* replayed), counted, logged; more than
   ``training.max_consecutive_nonfinite_steps`` in a row raise :class:`NonFiniteAbort`;
 * both decisions come from one all-reduce(MAX) per step, so every rank takes the same one;
-* a watchdog thread (training/watchdog.py) ends a rank whose peers died or hung (a
-  :class:`~harpe_megatron.training.watchdog.NullWatchdog` stands in on one rank);
-* one run per run_dir: rank 0 holds its lock for the run's life (training/run_lock.py);
+* a watchdog thread (training/reliability/watchdog.py) ends a rank whose peers died or hung (a
+  :class:`~harpe_megatron.training.reliability.watchdog.NullWatchdog` stands in on one rank);
+* one run per run_dir: rank 0 holds its lock for the run's life (training/reliability/run_lock.py);
 * a failed checkpoint save or load raises ``CheckpointError`` on every rank (one line; a failed
   save removes its partial directory and leaves ``latest`` as it was);
-* fault injection (tests only) comes from :func:`~harpe_megatron.training.faults.faults_from_env`:
+* fault injection (tests only) comes from :func:`~harpe_megatron.training.reliability.faults.faults_from_env`:
   a no-op object unless ``HARPE_FAULT_INJECT`` is set.
 """
 
@@ -39,46 +41,47 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
 
-from harpe_megatron.checkpoint.save_load import (
-    CheckpointError,
-    load_checkpoint,
-    load_model_weights,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from harpe_megatron.config.loader import config_to_dict, save_config
+from harpe_megatron.checkpoint.layout import resolve_checkpoint
+from harpe_megatron.checkpoint.save_load import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from harpe_megatron.config.loader import config_to_dict
 from harpe_megatron.config.run import RunConfig
 from harpe_megatron.distributed.bringup import current_device
 from harpe_megatron.log import get_logger
-from harpe_megatron.training.build import build_optimizer, build_training_model
+from harpe_megatron.planner.plan import Builders, preflight
+from harpe_megatron.run_dir import RunDir
+from harpe_megatron.step.build import build_optimizer, build_training_model
+from harpe_megatron.step.metrics import (MetricSinks, format_step_line, memory_gib, peak_tflops, training_flops,
+                                         training_flops_per_token)
+from harpe_megatron.step.schedule import run_schedule
+from harpe_megatron.training.config_history import record_config
 from harpe_megatron.training.data import TrainingData
-from harpe_megatron.training.exit_codes import PEER_FAILURE_EXIT_CODE, NonFiniteAbort
-from harpe_megatron.training.faults import NoFaults, faults_from_env
 from harpe_megatron.training.initialize import distributed_run
 from harpe_megatron.training.input_checks import validate_run_inputs
-from harpe_megatron.training.metrics import (
-    MetricSinks,
-    format_step_line,
-    memory_gib,
-    peak_tflops,
-    training_flops_per_token,
+from harpe_megatron.training.reliability.exit_codes import PEER_FAILURE_EXIT_CODE, NonFiniteAbort
+from harpe_megatron.training.reliability.faults import FaultInjection, faults_from_env
+from harpe_megatron.training.reliability.preemption import NoPreemption, Preemption, PreemptionSignal
+from harpe_megatron.training.reliability.run_lock import RunDirInUse, hold_run_dir
+from harpe_megatron.training.resume_checks import (
+    ResumePlan,
+    config_settings_kept,
+    data_fingerprint,
+    plan_resume,
+    read_saved_state,
 )
-from harpe_megatron.training.plan import Builders, preflight
-from harpe_megatron.training.preemption import NoPreemption, Preemption
-from harpe_megatron.training.run_lock import RunDirInUse, hold_run_dir
-from harpe_megatron.training.step import forward_step
-from harpe_megatron.training.watchdog import (
+from harpe_megatron.training.reliability.watchdog import (
     NullWatchdog,
     PeerFailure,
-    Watchdog,
+    StepWatchdog,
     is_communication_error,
     make_watchdog,
 )
 
-__all__ = ["train", "Trainer", "TrainResult", "build_training_model", "build_optimizer", "run_schedule"]
+__all__ = ["run_training", "Trainer", "TrainResult"]
 
 _log = get_logger(__name__)
 
@@ -94,31 +97,6 @@ class TrainResult:
     tokens_per_s: Optional[float]  # mean over the steps after the first (warm-up)
     preempted: bool = False  # stopped by SIGTERM/SIGUSR1 after saving ``checkpoint``
     skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite loss/gradients
-
-
-def _global_loss(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """[loss_sum, tokens] over micro-batches and DP x CP, known on every rank afterwards."""
-    device = current_device()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    if parallel_state.is_pipeline_last_stage():
-        for r in reports:
-            total += r["lm loss"].to(device=device, dtype=torch.float64)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    # The last pipeline stage holds the loss; the last rank of the world is on it.
-    dist.broadcast(total, src=dist.get_world_size() - 1)
-    return total
-
-
-def run_schedule(cfg: RunConfig, model_chunks: list, data_iter: Iterator, num_microbatches: int,
-                 forward_only: bool, step_func=forward_step) -> torch.Tensor:
-    """One pass of megatron's forward(/backward) schedule over ``num_microbatches``; returns the
-    global ``[loss_sum, tokens]`` (identical on every rank)."""
-    reports = get_forward_backward_func()(
-        forward_step_func=step_func, data_iterator=data_iter, model=model_chunks,
-        num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.training.micro_batch_size, forward_only=forward_only,
-    )
-    return _global_loss(reports)
 
 
 def _grads_finite(model_chunks: list) -> bool:
@@ -170,28 +148,37 @@ def _from_rank0(value):
 class Trainer:
     """One plain run on the current process group and parallel state, its run_dir held.
 
-    ``setup()`` builds everything (nothing is allocated before the memory pre-flight), ``train()``
-    runs the steps from where the run stands to ``training.train_iters`` (or ``exit_interval``).
-    ``watchdog``, ``preemption`` and ``faults`` default to their no-op stand-ins.
+    Constructing it builds every component, in this order: the resume checks against the
+    checkpoint to resume from (training/resume_checks.py), the memory pre-flight (nothing allocated
+    before it), model and optimizer, the state to resume from or the initial weights, data, the
+    resolved config recorded in the run dir (config_history.py), metric sinks. ``run()`` then trains from where
+    the run stands to ``training.train_iters`` (or ``exit_interval``). The optional parts
+    (``watchdog``, ``preemption``, ``faults``) are typed by what the trainer asks of them and
+    default to their no-op stand-ins.
     """
 
-    def __init__(self, cfg: RunConfig, watchdog: Watchdog | NullWatchdog | None = None,
-                 preemption: Preemption | NoPreemption | None = None, faults: Optional[NoFaults] = None):
-        self.cfg = cfg
-        self.watchdog = NullWatchdog() if watchdog is None else watchdog
-        self.preemption = NoPreemption() if preemption is None else preemption
-        self.faults = faults_from_env() if faults is None else faults
-        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+    def __init__(self, cfg: RunConfig, watchdog: Optional[StepWatchdog] = None,
+                 preemption: Optional[PreemptionSignal] = None, faults: Optional[FaultInjection] = None):
         t = cfg.training
-        self.train_iters = t.resolved_train_iters(cfg.data.seq_length)
-        self.stop_at = min(self.train_iters, t.exit_interval) if t.exit_interval else self.train_iters
-        self.num_microbatches = cfg.num_microbatches(self.world)
-        self.run_dir = Path(cfg.run_dir)
-        self.save_dir = Path(cfg.checkpoint.save or self.run_dir / "checkpoints")
-        self.tokens_per_step = t.global_batch_size * cfg.data.seq_length
+        # settings
+        self.cfg = cfg
+        self.world: int = dist.get_world_size()
+        self.rank: int = dist.get_rank()
+        self.train_iters: int = t.resolved_train_iters(cfg.data.seq_length)
+        self.stop_at: int = min(self.train_iters, t.exit_interval) if t.exit_interval else self.train_iters
+        self.num_microbatches: int = cfg.num_microbatches(self.world)
+        self.run_dir = RunDir(cfg.run_dir)
+        self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else self.run_dir.checkpoints
+        self.tokens_per_step: int = t.global_batch_size * cfg.data.seq_length
+        self.config_yaml: str = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+        # optional parts
+        self.watchdog: StepWatchdog = NullWatchdog() if watchdog is None else watchdog
+        self.preemption: PreemptionSignal = NoPreemption() if preemption is None else preemption
+        self.faults: FaultInjection = faults_from_env() if faults is None else faults
+        # progress of the run
         self.step, self.consumed = 0, 0
         self.first_step = 1
-        self.resume_from: Optional[Path] = None
+        self.resume_from: Optional[Path] = None  # set with the resume checks below
         self.last_saved: Optional[Path] = None
         self.losses: dict[int, float] = {}
         self.eval_losses: dict[int, float] = {}
@@ -199,43 +186,56 @@ class Trainer:
         self.skipped: list[int] = []
         self.streak = 0  # consecutive non-finite steps
         self.preempt = False  # all ranks agreed to stop after this step
-
-    # set-up ------------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """Model, optimizer and scheduler; the state to resume from or the initial weights; data and sinks."""
-        cfg, t = self.cfg, self.cfg.training
-        self.config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+        # components. The resume checks first (training/resume_checks.py): a refused change writes
+        # nothing and builds nothing; schedule=checkpoint puts the checkpoint's schedule into cfg.
+        self.resume: Optional[ResumePlan] = None
+        self.resume_from = _resume_point(Path(cfg.checkpoint.load or self.save_dir))
+        if self.resume_from is not None:
+            saved = read_saved_state(self.resume_from, self.rank == 0, _from_rank0)
+            self.resume = plan_resume(cfg, self.resume_from, saved)
+            self.cfg = cfg = self.resume.cfg
+            self.config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
         # memory plan, nothing allocated
         preflight(cfg, self.world, Builders(build_training_model, build_optimizer), log=_log.info)
+        self.model_chunks: list[DistributedDataParallel]
+        self.tconfig: TransformerConfig
         self.model_chunks, self.tconfig = build_training_model(cfg)
+        self.optimizer: MegatronOptimizer
+        self.scheduler: OptimizerParamScheduler
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model_chunks, self.train_iters)
         self._load_state()
         self.first_step = self.step + 1
         self.data = TrainingData(cfg, self.world, consumed_train_samples=self.consumed,
                                  total_train_steps=self.train_iters)
-        self.train_iter = self.data.train_iterator()
-        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
-        self.peak = peak_tflops(t.precision, cfg.logging.peak_tflops)
-        self.sinks = MetricSinks(enabled=self.rank == 0, run_dir=str(self.run_dir),
+        if self.resume is not None:
+            self.resume.check_data_order(self.data.train)
+        self.train_iter: Iterator[dict[str, torch.Tensor]] = self.data.train_iterator()
+        if self.rank == 0:  # the run's record, only now: a start that failed before leaves it as it was
+            record_config(self.run_dir, self.config_yaml, self.first_step)
+        self.flops_per_token: float = training_flops_per_token(cfg.model, cfg.data.seq_length)
+        self.peak: Optional[float] = peak_tflops(t.precision, cfg.logging.peak_tflops)
+        self.sinks = MetricSinks(enabled=self.rank == 0, run_dir=self.run_dir,
                                  tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                                  wandb_mode=cfg.logging.wandb_mode, wandb_run_name=cfg.logging.wandb_run_name,
                                  config=config_to_dict(cfg))
+        for note in self.resume.notes if self.resume is not None else []:
+            (_log.warning if note.startswith("WARNING") else _log.info)(note)
+        if self.resume is not None and self.resume.changes:
+            self.sinks.record(self.step, self.resume.record())
         p = cfg.parallel
         _log.info(f"world {self.world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
                   f"x CP {p.context_parallel_size} x DP {cfg.data_parallel_size(self.world)}; "
                   f"{self.num_microbatches} micro-batch(es)/step; {self.tokens_per_step:,} tokens/step; "
-                  f"steps {self.step}->{self.train_iters}; run dir {self.run_dir}")
+                  f"steps {self.step}->{self.train_iters}; run dir {self.run_dir.root}")
 
     def _load_state(self) -> None:
         """Resume from the newest complete checkpoint, or load ``checkpoint.pretrained``, or neither."""
         cfg = self.cfg
-        self.resume_from = _resume_point(Path(cfg.checkpoint.load or self.save_dir))
-        if self.resume_from is not None:
+        if self.resume is not None:
             self.watchdog.progress(self.step, "load")
-            state = load_checkpoint(self.resume_from, self.model_chunks, self.optimizer, self.scheduler)
-            self.step, self.consumed = state["iteration"], state["consumed_samples"]
+            with config_settings_kept(self.optimizer, self.scheduler):  # the config's LR, betas, ... win
+                state = load_checkpoint(self.resume_from, self.model_chunks, self.optimizer, self.scheduler)
+            self.step, self.consumed = state["iteration"], self.resume.consumed
             _log.info(f"resumed from {self.resume_from} at step {self.step} ({self.consumed} samples consumed"
                       f"{'' if state['rng_restored'] else '; RNG not restored: different world size'})")
         elif cfg.checkpoint.pretrained:
@@ -273,7 +273,10 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / elapsed
         if step > 1 or self.resume_from is not None:
             self.speeds.append(tokens_per_s)
-        tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
+        pairs = total[2].item()  # attended pairs, counted from the batches under document masking
+        step_flops = (training_flops(self.cfg.model, self.tokens_per_step, pairs) if pairs
+                      else self.flops_per_token * self.tokens_per_step)
+        tflops = step_flops / elapsed / self.world / 1e12
         return {
             "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -322,14 +325,14 @@ class Trainer:
         if step % self.cfg.logging.log_interval == 0 or step == self.stop_at:
             _log.info(format_step_line(step, self.train_iters, metrics))
         self.sinks.log(step, {k: v for k, v in metrics.items() if k not in ("memory", "skipped")}
-                       | {"memory_gib": metrics["memory"][1], "skipped_steps": len(self.skipped)})
+                       | {"memory_gib": metrics["memory"].gib, "skipped_steps": len(self.skipped)})
 
     # evaluation and checkpoints ----------------------------------------------------------------
     def evaluate(self) -> float:
         """The global loss over ``training.eval_iters`` validation batches (the same ones every time)."""
         for m in self.model_chunks:
             m.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             valid_iter = self.data.valid_iterator()
             for _ in range(self.cfg.training.eval_iters):
@@ -345,12 +348,13 @@ class Trainer:
         self.watchdog.progress(self.step, "save")
         c = self.cfg.checkpoint
         self.last_saved = save_checkpoint(self.save_dir, self.step, self.model_chunks, self.optimizer, self.scheduler,
-                                          self.consumed, self.config_yaml, c.keep_last, hooks=self.faults.save_hooks)
+                                          self.consumed, self.config_yaml, c.keep_last, hooks=self.faults.save_hooks,
+                                          common={"data_fingerprint": data_fingerprint(self.data.train, self.consumed)})
         _log.info(f"saved checkpoint {self.last_saved}")
         return self.last_saved
 
     # the loop ----------------------------------------------------------------------------------
-    def train(self) -> TrainResult:
+    def run(self) -> TrainResult:
         """Steps until ``stop_at`` or an agreed preemption; evaluations and saves at their intervals."""
         t, interval = self.cfg.training, self.cfg.checkpoint.save_interval
         preempted = False
@@ -377,7 +381,7 @@ class Trainer:
                            preempted=preempted, skipped_steps=self.skipped)
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def run_training(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; returns what happened.
 
     Raises :class:`NonFiniteAbort` after too many non-finite steps in a row and
@@ -389,11 +393,9 @@ def train(cfg: RunConfig) -> TrainResult:
         with watchdog, Preemption() as preemption:
             try:
                 validate_run_inputs(cfg, announce=True)  # data/tokenizer checks, before anything is written
-                # one run per run_dir, for the run's life (training/run_lock.py)
+                # one run per run_dir, for the run's life (training/reliability/run_lock.py)
                 with hold_run_dir(cfg.run_dir, dist.get_rank() == 0, _from_rank0):
-                    trainer = Trainer(cfg, watchdog, preemption)
-                    trainer.setup()
-                    return trainer.train()
+                    return Trainer(cfg, watchdog, preemption).run()
             except RuntimeError as exc:
                 if not isinstance(exc, (NonFiniteAbort, PeerFailure, CheckpointError, RunDirInUse)) \
                         and is_communication_error(exc):

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from harpe_megatron.config.model import ModelConfig  # noqa: E402
 from harpe_megatron.config.presets import get_preset  # noqa: E402
-from harpe_megatron.training.metrics import training_flops_per_token  # noqa: E402
+from harpe_megatron.step.metrics import training_flops_per_token  # noqa: E402
 
 
 @dataclass

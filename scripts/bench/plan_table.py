@@ -4,7 +4,7 @@ multi-stage one) on 1 and 4 nodes of 8 GPUs, and judge it against 80 GiB and 141
 
     python scripts/bench/plan_table.py [--nodes 1 4] [--margin-gib 6] [--json out.json]
 
-Each row is one run of the planner (harpe_megatron.training.plan, fake tensors, CPU only); the
+Each row is one run of the planner (harpe_megatron.planner.plan, fake tensors, CPU only); the
 memory plan does not depend on the GPU, so one plan serves both capacities. Where a row does not
 fit a capacity, the planner's checked fix for that capacity is planned and printed too.
 """
@@ -32,8 +32,8 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     quiet_library_warnings()
-    from harpe_megatron.config.loader import load_config
-    from harpe_megatron.training.plan_run import plan_configs, plan_run
+    from harpe_megatron.config.loader import load_config, plain_run_configs
+    from harpe_megatron.planner.plan_run import plan_run
     import torch
 
     from scripts.bench.common import device_description
@@ -43,7 +43,7 @@ def main() -> int:
     print(f"machine: {device_description(torch.device('cpu'))} (planner: fake tensors, no GPU)", flush=True)
     for path in configs:
         cfg = load_config(ROOT / path)
-        for label, run_cfg in plan_configs(cfg):
+        for label, run_cfg in plain_run_configs(cfg):
             for nodes in args.nodes:
                 world = 8 * nodes
                 plan = plan_run(run_cfg, world, gpu_memory_gib=None, margin_gib=args.margin_gib, suggest=False,

@@ -101,7 +101,7 @@ def bench_one(seq: int, batch: int, heads: int, kv_heads: int, dim: int, dtype: 
     bases = [b for b in group_bases for _ in range(per_group)]
     rope = PerHeadRotaryEmbedding(bases, dim, num_query_groups=kv_heads)
     positions = rope.rope_positions(seq, device=device)
-    inv_q, inv_k = rope.inverse_frequencies(device)
+    inv_q, inv_k = rope.qk_inverse_frequencies(device)
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(seq, batch, heads, dim, device=device, dtype=dtype, generator=g).requires_grad_()
     k = torch.randn(seq, batch, kv_heads, dim, device=device, dtype=dtype, generator=g).requires_grad_()

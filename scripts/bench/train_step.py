@@ -5,7 +5,7 @@
     python scripts/bench/train_step.py --layers 4 --seq-lens 32768 --json out.json
     python scripts/bench/train_step.py --tiny               # CPU smoke run (tiny shapes, fp32)
 
-The step is the trainer's own (harpe_megatron.training.trainer): megatron DDP, distributed
+The step is the trainer's own (harpe_megatron.step: build, schedule): megatron DDP, distributed
 optimizer (Adam, fp32 master weights, grad clipping), the forward/backward schedule with
 per-token loss, bf16 via Float16Module — on one rank, one micro-batch of one sequence of random
 tokens. Variants, built and timed one after another in this process on the same shapes:
@@ -16,7 +16,7 @@ tokens. Variants, built and timed one after another in this process on the same 
 * ``harpe-table`` (``--with-table``): per-head bases through megatron's unfused table path.
 
 Reported: median step time over ``--steps`` after ``--warmup``, tokens/s, model TFLOP/s and MFU
-(FLOPs per token from :func:`harpe_megatron.training.metrics.training_flops_per_token`: causal
+(FLOPs per token from :func:`harpe_megatron.step.metrics.training_flops_per_token`: causal
 attention counted as computed, s/2 keys per query on average; recomputation not counted; the
 output layer over the padded vocabulary included), peak allocated memory. Sequence lengths at or
 above ``--recompute-from`` run with full activation recomputation (uniform, 1 layer per block).
@@ -41,9 +41,10 @@ from common import device_description, pick_device, synchronize  # noqa: E402
 
 from harpe_megatron.cli.common import quiet_library_warnings  # noqa: E402
 from harpe_megatron.config.loader import config_from_dict  # noqa: E402
-from harpe_megatron.training import trainer  # noqa: E402
+from harpe_megatron.step.build import build_optimizer, build_training_model  # noqa: E402
+from harpe_megatron.step.metrics import peak_tflops, training_flops_per_token  # noqa: E402
+from harpe_megatron.step.schedule import run_schedule  # noqa: E402
 from harpe_megatron.training.initialize import distributed_run  # noqa: E402
-from harpe_megatron.training.metrics import peak_tflops, training_flops_per_token  # noqa: E402
 
 VARIANTS = {
     "harpe": {"bases": {"strategy": "paper"}, "per_head_rope": "fused"},
@@ -84,8 +85,8 @@ def _batches(cfg, device):
 def measure(cfg, device, warmup: int, steps: int) -> dict:
     """Build model + optimizer for ``cfg`` and time ``steps`` training steps after ``warmup``."""
     with distributed_run(cfg):
-        model_chunks, _ = trainer.build_training_model(cfg)
-        optimizer, scheduler = trainer.build_optimizer(cfg, model_chunks, cfg.training.train_iters)
+        model_chunks, _ = build_training_model(cfg)
+        optimizer, scheduler = build_optimizer(cfg, model_chunks, cfg.training.train_iters)
         data = _batches(cfg, device)
         times, losses = [], []
         if device.type == "cuda":
@@ -96,7 +97,7 @@ def measure(cfg, device, warmup: int, steps: int) -> dict:
             for m in model_chunks:
                 m.zero_grad_buffer()
             optimizer.zero_grad()
-            total = trainer.run_schedule(cfg, model_chunks, data, 1, forward_only=False)
+            total = run_schedule(cfg, model_chunks, data, 1, forward_only=False)
             optimizer.step()
             scheduler.step(increment=1)
             synchronize(device)

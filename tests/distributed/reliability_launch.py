@@ -21,32 +21,87 @@ from pathlib import Path
 from typing import Optional
 
 from harpe_megatron.distributed.bringup import free_port
+from tests.helpers import TINY_CPU_CONFIG, tiny_run_overrides
 
-__all__ = ["LAUNCH_MARKER", "Ranks", "leftover_processes", "metric_lines", "read_metrics", "steps_since"]
+__all__ = ["LAUNCHER", "LAUNCH_MARKER", "Ranks", "launcher_env", "leftover_processes", "metric_lines",
+           "multinode_overrides", "processes_with_env", "read_metrics", "start_launcher", "steps_since",
+           "wait_for_text"]
 
 REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "scripts" / "pretrain_harpe.sh"
 LAUNCH_MARKER = "HARPE_TEST_LAUNCH"
+MULTINODE_STEPS = 16
+
+
+def multinode_overrides(demo_data: dict, run_dir: Path) -> list[str]:
+    """The run every multi-node test trains (tests/distributed/test_multinode.py, tests/slurm/): the
+    tiny TP=2 model of configs/tiny_cpu.yaml on 2 ranks (one node of 2, or two nodes of 1),
+    MULTINODE_STEPS steps, a checkpoint every 4, no memory plan (it only costs start-up time)."""
+    return tiny_run_overrides(demo_data, MULTINODE_STEPS) + [
+        "logging.log_interval=1", "checkpoint.save_interval=4", "checkpoint.keep_last=2", 'training.preflight="off"',
+        "training.hang_timeout_s=60", "training.slow_phase_timeout_s=180", f"run_dir={run_dir}",
+    ]
+
+
+def launcher_env(marker: str, **env: str) -> dict[str, str]:
+    """Environment for ``bash scripts/pretrain_harpe.sh`` in a test: this interpreter, the tiny CPU
+    config, one thread per rank, ``HARPE_TEST_LAUNCH=marker``; nothing inherited that would change
+    the launch (rank, node and fault variables)."""
+    out = dict(os.environ, PYTHON=sys.executable, CONFIG=TINY_CPU_CONFIG, OMP_NUM_THREADS="1",
+               **{LAUNCH_MARKER: marker})
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "HARPE_FAULT_INJECT", "MASTER_ADDR", "MASTER_PORT", "NNODES",
+                 "NODE_RANK", "GPUS_PER_NODE", "LOGLEVEL"):
+        out.pop(name, None)
+    out.update(env)
+    return out
+
+
+def start_launcher(overrides: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``bash scripts/pretrain_harpe.sh overrides`` with its output (both streams) in ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(["bash", str(LAUNCHER), *overrides], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def wait_for_text(path: Path, text: str, timeout: float, alive: Optional[subprocess.Popen] = None) -> float:
+    """Block until ``text`` is in the file (while ``alive`` runs, if given); returns time.monotonic()."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text(errors="replace")):
+        tail = path.read_text(errors="replace")[-3000:] if path.exists() else "(no file)"
+        assert alive is None or alive.poll() is None, f"exited {alive.returncode} before {text!r}:\n{tail}"
+        assert time.monotonic() < deadline, f"{text!r} not in {path} after {timeout:.0f} s:\n{tail}"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of live (not zombie) processes whose environment has ``name=value``."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # Z: exited, not reaped
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def leftover_processes(marker: str, grace_s: float = 10.0) -> list[str]:
     """``"pid cmdline"`` of live processes whose environment has ``HARPE_TEST_LAUNCH=marker``,
     after giving them ``grace_s`` seconds to exit."""
-    needle = f"{LAUNCH_MARKER}={marker}".encode()
     deadline = time.monotonic() + grace_s
     while True:
         found = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
+        for pid in processes_with_env(LAUNCH_MARKER, marker):
             try:
-                if needle not in (proc / "environ").read_bytes().split(b"\0"):
-                    continue
-                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue  # exited, not yet reaped by its parent
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{proc.name} {cmdline[:200]}")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
+            found.append(f"{pid} {cmdline[:200]}")
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)

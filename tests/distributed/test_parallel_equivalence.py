@@ -3,6 +3,11 @@
 Each layout runs the real stack: HarpeGPTModel (local spec: our RMSNorm + SDPA/zigzag CP
 attention), megatron's DistributedDataParallel, forward/backward schedule and
 finalize_model_grads with per-token loss normalisation.
+
+The same holds under document masking (data/documents.py: document ids, per-document positions,
+boundary loss mask) with documents that straddle the zigzag chunks, a stretch of one-token
+documents, and one CP rank (of CP 2) whose tokens all have loss mask 0, cut for CP in the layout
+balanced by attention work (not zigzag); the same bounds apply.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import pytest
 import torch
 
 from harpe_megatron.config.model import ParallelConfig, PositionalConfig
+from harpe_megatron.data.documents import apply_document_masking, cp_share
 from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.model.builder import build_model, transformer_config
+from harpe_megatron.parallel.zigzag import zigzag_positions
 from harpe_megatron.positional.bases import UniformBases
 from tests.distributed.parallel_workers import layouts_and_cp_attention, loss_and_grads
 from tests.helpers import tiny_model_config
@@ -47,6 +54,33 @@ def problem(single_rank):
     return m, full_state, batch, reference
 
 
+EOD = 2
+MASKED_POSITIONAL = dataclasses.replace(POSITIONAL, position_ids="from_batch")  # per-document positions
+
+
+@pytest.fixture(scope="module")
+def masked_problem(problem):
+    """The problem's weights on a document-masked batch (see the module docstring)."""
+    m, full_state, batch, _ = problem
+    tokens = batch["tokens"].clamp(min=EOD + 1)
+    tokens[0, [4, 13, 22]] = EOD  # documents 0-4, 5-13, 14-22, 23-31: across chunk boundaries
+    tokens[1, 8:24] = EOD  # CP 2: every token of rank 1 is a one-token document
+    loss_mask = torch.ones(BATCH, SEQ)
+    loss_mask[0, 8:24] = 0  # ... and rank 1 (tokens 8-23) has no token with a loss in row 0 either
+    masked = apply_document_masking(dict(tokens=tokens, labels=batch["labels"], loss_mask=loss_mask,
+                                         position_ids=batch["position_ids"]), EOD, reset_position_ids=True)
+    # the CP layouts below are the balanced ones (parallel/cp_layout.py), not zigzag
+    assert cp_share(masked, 0, 2)["token_index"][0].tolist() != zigzag_positions(SEQ, 0, 2).tolist()
+    reference = loss_and_grads(m, MASKED_POSITIONAL, full_state, masked)
+    unmasked = loss_and_grads(m, MASKED_POSITIONAL, full_state, {k: v for k, v in masked.items()
+                                                                 if k not in ("document_ids", "attention_keys")})
+    assert abs(unmasked["loss"] - reference["loss"]) > 100 * LOSS_ATOL  # the mask matters
+    # finite (no NaN from the token-less CP rank or the one-token documents): the layouts must match it
+    assert torch.isfinite(torch.tensor(reference["loss"])) and all(torch.isfinite(g).all()
+                                                                   for g in reference["grads"].values())
+    return masked, reference
+
+
 def _assert_matches(result, reference, layout):
     assert result["tokens"] == reference["tokens"]
     assert result["loss"] == pytest.approx(reference["loss"], abs=LOSS_ATOL), layout
@@ -56,25 +90,37 @@ def _assert_matches(result, reference, layout):
                                    msg=lambda msg: f"{layout} {name}: {msg}")
 
 
-def test_two_ranks_dp_tp_cp_sp(problem):
+def test_two_ranks_dp_tp_cp_sp(problem, masked_problem):
     m, full_state, batch, reference = problem
+    masked_batch, masked_reference = masked_problem
     layouts = [dict(), dict(tp=2), dict(cp=2), dict(tp=2, sp=True)]  # dict() = DP=2
-    attention = dict(seq=32, heads=4, groups=2, head_dim=8)
-    out = run_distributed(layouts_and_cp_attention, 2, m, POSITIONAL, full_state, batch, layouts, attention)
+    masked_layouts = [dict(), dict(cp=2), dict(tp=2, sp=True, per_head_rope="table")]
+    attention = dict(seq=32, heads=4, groups=2, head_dim=8, documents=[3, 10, 1, 1, 9, 8])
+    out = run_distributed(layouts_and_cp_attention, 2, m, POSITIONAL, full_state, batch, layouts, attention,
+                          (MASKED_POSITIONAL, masked_batch, masked_layouts))
     for rank_result in out:
         for layout, result in zip(layouts, rank_result["layouts"]):
             _assert_matches(result, reference, layout or "dp=2")
+        assert len(rank_result["masked_layouts"]) == len(masked_layouts)
+        for layout, result in zip(masked_layouts, rank_result["masked_layouts"]):
+            _assert_matches(result, masked_reference, f"document-masked {layout or 'dp=2'}")
         assert rank_result["cp_attention_max_diff"] < 1e-5
 
 
-def test_four_ranks_tp2_cp2(problem):
+def test_four_ranks_tp2_cp2(problem, masked_problem):
     m, full_state, batch, reference = problem
+    masked_batch, masked_reference = masked_problem
     layouts = [dict(tp=2, cp=2), dict(tp=2, cp=2, sp=True)]
-    attention = dict(seq=64, heads=4, groups=1, head_dim=8)  # CP=4, MQA
-    out = run_distributed(layouts_and_cp_attention, 4, m, POSITIONAL, full_state, batch, layouts, attention)
+    masked_layouts = [dict(tp=2, cp=2, sp=True)]
+    attention = dict(seq=64, heads=4, groups=1, head_dim=8, documents=[20, 1, 30, 13])  # CP=4, MQA
+    out = run_distributed(layouts_and_cp_attention, 4, m, POSITIONAL, full_state, batch, layouts, attention,
+                          (MASKED_POSITIONAL, masked_batch, masked_layouts))
     for rank_result in out:
         for layout, result in zip(layouts, rank_result["layouts"]):
             _assert_matches(result, reference, layout)
+        assert len(rank_result["masked_layouts"]) == len(masked_layouts)
+        for layout, result in zip(masked_layouts, rank_result["masked_layouts"]):
+            _assert_matches(result, masked_reference, f"document-masked {layout}")
         assert rank_result["cp_attention_max_diff"] < 1e-5
 
 

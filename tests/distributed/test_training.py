@@ -61,6 +61,21 @@ def test_parallel_layout_matches_one_rank(setup, layout):
         _close(r.losses, reference, range(1, STEPS + 1), name)
 
 
+def test_document_masked_training_matches_one_rank_under_cp_and_pp(setup):
+    """data.document_masking + reset_position_ids end to end: the trainer's data pipeline (EOD
+    boundaries, balanced CP layout), the model, the loss report; CP 2 and PP 2 equal one rank."""
+    config, base, root, _ = setup
+    masked = base + ["data.document_masking=true", "data.reset_position_ids=true", "positional.position_ids=from_batch",
+                     "training.train_iters=6"]
+    one = run_distributed(train_with, 1, config, masked + ["parallel.tensor_model_parallel_size=1",
+                                                           f"run_dir={root / 'docs_ref'}"])[0]
+    for name, layout in (("cp2", ["parallel.context_parallel_size=2"]), ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
+        result = run_distributed(train_with, 2, config, masked + layout + ["parallel.tensor_model_parallel_size=1",
+                                                                           f"run_dir={root / ('docs_' + name)}"])
+        for r in result:
+            _close(r.losses, one, range(1, 7), f"document-masked {name}")
+
+
 def test_stop_and_resume_equals_uninterrupted(setup):
     config, base, root, reference = setup
     run = [f"run_dir={root / 'resume'}", "parallel.tensor_model_parallel_size=1"]
@@ -141,6 +156,10 @@ METHODS = {  # the paper's comparison on the tiny model: positional overrides on
               "positional.position_ids=from_batch", "data.position_scheme={type: cream, factor: 4}"],
     "pose": ["positional.bases={strategy: constant, base: 10000.0}", "positional.scaling={type: linear, factor: 4.0}",
              "positional.position_ids=from_batch", "data.position_scheme={type: pose, target: 256, chunks: 2}"],
+    # HARPE on a Llama-3-style model: the keys of configs/llama3_8b_harpe_128k.yaml at tiny width
+    "llama3": ["positional.bases={strategy: uniform, b_min: 5.0e+5, b_max: 2.5e+6}",
+               "positional.scaling={type: llama3, factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
+               "original_max_position_embeddings: 16}"],
 }
 
 
@@ -155,7 +174,7 @@ def test_every_method_trains_and_exports_to_hf(setup, tmp_path, single_rank):
         "training.train_iters=3", "parallel.tensor_model_parallel_size=2"]
     results = run_distributed(train_methods, 2, config, common, METHODS, str(tmp_path))[0]
     expected_type = {"harpe": "harpe_llama", "abf": "llama", "pi": "llama", "yarn": "llama",
-                     "cream": "llama", "pose": "llama"}
+                     "cream": "llama", "pose": "llama", "llama3": "harpe_llama"}
     for name, result in results.items():
         assert len(result.losses) == 3 and all(v == v for v in result.losses.values()), name  # finite
         out = tmp_path / f"{name}_hf"
@@ -169,3 +188,5 @@ def test_every_method_trains_and_exports_to_hf(setup, tmp_path, single_rank):
             assert model.config.rope_parameters["rope_type"] == "linear"
         if name == "yarn":
             assert model.config.rope_parameters["rope_type"] == "yarn"
+        if name == "llama3":
+            assert model.config.rope_parameters["rope_type"] == "llama3"

@@ -49,3 +49,29 @@ def test_train_step_bench_tiny(tmp_path):
     # paths agree on the first loss (same bases, same weights), the single base differs
     harpe, table = rows[1], rows[2]
     assert abs(harpe["first_loss"] - table["first_loss"]) < 1e-5
+
+
+def test_doc_attention_bench_tiny(tmp_path):
+    out = tmp_path / "doc.json"
+    _run("doc_attention.py", "--tiny", "--json", str(out))
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["causal"]["pairs"] == 256 * 257 / 2
+    assert rows["document"]["kernel"] == "masked"  # CPU: the block-mask kernel
+    # the CP ranks' chunks together are the whole row's attended pairs
+    assert rows["document cp rank 0"]["pairs"] + rows["document cp rank 1"]["pairs"] == rows["document"]["pairs"]
+    assert 0 < result["saving"]["fraction"] < 1
+
+
+def test_convert_bench_tiny(tmp_path):
+    """scripts/bench/convert.py end to end on tiny shapes: both converters as processes, the round
+    trip checked bitwise, every figure present (their values are measured on real sizes only)."""
+    out = tmp_path / "convert.json"
+    _run("convert.py", "--tiny", "--workdir", str(tmp_path / "work"), "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["roundtrip_bitwise_tensors"] == 2 * 9 + 3  # 2 layers x 9 tensors + embedding, norm, lm_head
+    assert report["disk"]["read_bytes_per_s"] > 0 and report["disk"]["write_bytes_per_s"] > 0
+    for direction in ("hf_to_megatron", "megatron_to_hf"):
+        r = report["results"][direction]
+        assert r["wall_s"] > r["converter_s"] > 0 and r["peak_rss_bytes"] > 0
+    assert not (tmp_path / "work" / "hf_source").exists()  # cleaned up

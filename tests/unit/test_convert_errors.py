@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,8 @@ from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.hf.export_hf import convert_megatron_to_hf
 from harpe_megatron.hf.import_hf import convert_hf_to_megatron
 from harpe_megatron.hf.output_dir import atomic_output_dir
-from harpe_megatron.hf.safetensors_io import (
-    HFCheckpointError,
-    HFCheckpointReader,
-    SafetensorsShardWriter,
-    parse_size,
-)
+from harpe_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader, parse_size
+from harpe_megatron.hf.safetensors_write import SafetensorsShardWriter
 from harpe_megatron.hf.session import megatron_cpu_session
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
@@ -70,6 +67,26 @@ def test_index_entry_missing_from_its_file(source, tmp_path):
         HFCheckpointReader(hf)
 
 
+def test_truncated_and_malformed_safetensors_are_one_line_errors(source, tmp_path, capsys):
+    """The safetensors headers are parsed here (tensors are read with pread, not mapped): a
+    truncated shard or a file that is not safetensors is refused before anything is written."""
+    from tools.convert_from_hf import main as convert_from_hf_main
+
+    hf = copy_of(source, tmp_path / "hf")
+    shard = sorted(hf.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert convert_from_hf_main([str(hf), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {shard}: tensor ") and "within the file" in err
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(HFCheckpointError, match=rf"{shard}: unreadable safetensors header"):
+        HFCheckpointReader(hf)
+    shard.write_bytes(b"PK")
+    with pytest.raises(HFCheckpointError, match=rf"{shard}: not a safetensors file"):
+        HFCheckpointReader(hf)
+    assert not (tmp_path / "out").exists()
+
+
 def _rewrite_tensor(hf: Path, name: str, value, next_to: str | None = None) -> str:
     """Replace (``value``), delete (None) or add (``next_to``: into that tensor's file) one tensor."""
     index = json.loads((hf / "model.safetensors.index.json").read_text())
@@ -111,7 +128,9 @@ def test_missing_and_unexpected_tensors(source, tmp_path):
     ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'.* not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "'llama3'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+     r"rope_parameters.low_freq_factor is missing \(llama3 RoPE scaling needs it\)"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_type='longrope'.* not supported"),
     ({"attention_bias": True}, "attention_bias=true is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"head_dim": 32}, "head_dim=32 differs"),
@@ -149,16 +168,19 @@ def test_non_empty_output_refused_and_untouched(single_rank, source, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(single_rank, source, tmp_path, monkeypatch):
-    real_get = HFCheckpointReader.get
+    """A read failing on the read-ahead thread after some tensors were written."""
+    from harpe_megatron.checkpoint import prefetch
+
+    real_read = prefetch.read_exactly
     calls = {"n": 0}
 
-    def flaky_get(self, name):
+    def flaky_read(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 7:
             raise OSError("disk went away")
-        return real_get(self, name)
+        return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(HFCheckpointReader, "get", flaky_get)
+    monkeypatch.setattr(prefetch, "read_exactly", flaky_read)
     with pytest.raises(OSError, match="disk went away"):
         convert_hf_to_megatron(source, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -299,3 +321,97 @@ def test_export_refuses_damaged_incomplete_and_nonfinite_checkpoints(single_rank
                                          "refusing to export them"):
         convert_megatron_to_hf(tmp_path / "nan_mg", tmp_path / "hf", progress=False)
     assert not (tmp_path / "hf").exists()
+
+
+def _fake_checkpoint(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("metadata.json", ".metadata", "__0_0.distcp"):
+        (folder / name).write_text("x")
+    return folder
+
+
+@pytest.mark.parametrize("layout,converted_ok,reason", [
+    ({"run/.harpe.lock": ""}, True, "is a training run directory (it has .harpe.lock)"),
+    ({"run/metrics.jsonl": "{}"}, True, "is a training run directory (it has metrics.jsonl)"),
+    ({"run/checkpoints/iter_0000012/x": ""}, True, "iter_0000012 is a training checkpoint"),
+    ({"run/checkpoints/iter_0000012.tmp/x": ""}, True, "iter_0000012.tmp is a training checkpoint"),
+    ({"run/iter_0000000/x": "", "run/latest": "iter_0000000"}, False, "iter_0000000 is a megatron checkpoint"),
+    ("checkpoint", True, "is a megatron checkpoint"),
+], ids=["lock", "metrics", "save_dir", "partial_save", "converted", "iter_dir"])
+def test_overwrite_never_replaces_a_checkpoint_or_a_run(tmp_path, layout, converted_ok, reason):
+    out = tmp_path / "run"
+    if layout == "checkpoint":
+        _fake_checkpoint(out)
+    else:
+        for rel, text in layout.items():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(text)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    pattern = re.escape(f"output directory {out}: --overwrite never replaces a directory holding a checkpoint or a "
+                        "run (") + ".*" + re.escape(reason)
+    with pytest.raises(FileExistsError, match=pattern):
+        with atomic_output_dir(out, overwrite=True, converted_ok=converted_ok):
+            pass
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_earlier_outputs_and_output_errors_name_the_argument(tmp_path):
+    """An earlier export (and, for the import, an earlier import) may be replaced; an output inside
+    the input is refused; an output that cannot be created is named as given, not by the
+    temporary folder, and the folders made for it are removed again."""
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    with atomic_output_dir(export, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{\"new\": 1}")
+    converted = tmp_path / "mg"
+    (converted / "iter_0000000").mkdir(parents=True)
+    (converted / "latest").write_text("iter_0000000\n")
+    with atomic_output_dir(converted, overwrite=True, converted_ok=True) as tmp:
+        (tmp / "latest").write_text("iter_0000000\n")
+    assert sorted(p.name for p in converted.iterdir()) == ["latest"]
+    with pytest.raises(ValueError, match=f"output directory {export / 'sub'} is inside the input {export}"):
+        with atomic_output_dir(export / "sub", protect=[export]):
+            pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"output directory {tmp_path / 'file' / 'out'} cannot be created: "):
+        with atomic_output_dir(tmp_path / "file" / "out"):
+            pass
+    with pytest.raises(RuntimeError, match="body failed"):
+        with atomic_output_dir(tmp_path / "new" / "a" / "out"):
+            raise RuntimeError("body failed")
+    assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+
+
+def test_converter_clis_refuse_meaningless_arguments(single_rank, source, tmp_path, capsys):
+    """The issue's case: exporting one checkpoint of a save directory over another with --overwrite
+    is refused (exit 2, one line) and the other is untouched; an output inside the input, zero
+    sizes and layouts are refused before any work."""
+    from harpe_megatron.cli import convert_from_hf, convert_to_hf
+
+    save = tmp_path / "save"
+    convert_hf_to_megatron(source, save, progress=False)
+    other = _fake_checkpoint(save / "iter_0000005")
+    before = sorted(p.name for p in other.iterdir())
+    capsys.readouterr()
+    cases = [
+        (convert_to_hf, [str(save / "iter_0000000"), str(other), "--overwrite"],
+         f"error: output directory {other}: --overwrite never replaces a directory holding a checkpoint or a run"),
+        (convert_to_hf, [str(save), str(save / "hf")], f"error: output directory {save / 'hf'} is inside the input"),
+        (convert_from_hf, [str(source), str(source / "sub")], f"error: output directory {source / 'sub'} is inside"),
+        (convert_to_hf, [str(save), str(tmp_path / "x"), "--max-position-embeddings", "0"],
+         "tools/convert_to_hf.py: error: argument --max-position-embeddings: expected an integer >= 1, got '0'"),
+        (convert_to_hf, [str(save), str(tmp_path / "x"), "--max-shard-size", "0"],
+         "tools/convert_to_hf.py: error: argument --max-shard-size: a size must be at least 1 byte, got '0'"),
+        (convert_from_hf, [str(source), str(tmp_path / "x"), "--tp", "0"],
+         "tools/convert_from_hf.py: error: argument --tp: expected an integer >= 1, got '0'"),
+    ]
+    for tool, argv, message in cases:
+        try:
+            code = tool.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(message) and err.count("\n") == 1, (argv, err)
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert not (tmp_path / "x").exists() and not (source / "sub").exists() and not (save / "hf").exists()

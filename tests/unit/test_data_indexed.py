@@ -198,10 +198,28 @@ def test_preprocess_cli(tmp_path, tokenizer, capsys):
     assert "TOTAL" in out and prefix + ".bin" in out and prefix + ".report.json" in out
     report = json.loads(Path(prefix + ".report.json").read_text())
     assert report["rule"]["short_threshold"] == 100 and set(report["sources"]) == {"x", "y"}
-    assert tool.main(args) == 1  # exists
+    assert tool.main(args) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
     assert tool.main(args + ["--overwrite", "--no-upsample"]) == 0
     assert json.loads(Path(prefix + ".report.json").read_text())["total"]["after"]["documents"] == 30
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_no_folders(tmp_path, tokenizer, capsys):
+    """Input that is missing, not text or lacks the text field: one line, exit 2, and none of the
+    folders the output prefix needed is left behind (before, the outer ones stayed)."""
+    tool = load_tool("preprocess_data")
+    good = write_jsonl(tmp_path / "in.jsonl", sample_texts(3))
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\x00\xff\xfe binary")
+    prefix = tmp_path / "new" / "a" / "b" / "data"
+    for inputs, message in [([str(tmp_path / "missing.jsonl")], "input file not found"),
+                            ([str(binary)], f"{binary}: not valid UTF-8"),
+                            ([good, "--text-key", "nokey"], f"{good}:1: no text field 'nokey'")]:
+        code = tool.main(["--input", *inputs, "--tokenizer-model", tokenizer.model_path, "--output-prefix", str(prefix),
+                          "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"preprocess_data: error: ") and message in err and err.count("\n") == 1
+        assert not (tmp_path / "new").exists()
 
 
 def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path, tokenizer, capsys):
@@ -265,3 +283,31 @@ def test_ctrl_c_with_workers_stops_promptly_and_leaves_nothing(tmp_path, tokeniz
             except OSError:
                 continue
         assert left == [], f"attempt {attempt}: processes left: {left}"
+
+
+class _ExplodingTokenizer:
+    """Tokenizes by characters; a text "die" ends its worker process, "bad" raises."""
+
+    def tokenize(self, text: str) -> list[int]:
+        if text == "die":
+            os._exit(3)
+        if text == "bad":
+            raise ValueError("cannot tokenize 'bad'")
+        return [ord(c) for c in text]
+
+
+@pytest.mark.parametrize("poison, error", [("die", "died with exit code 3"), ("bad", "cannot tokenize 'bad'")])
+def test_a_failing_worker_is_an_error_not_a_hang(poison, error):
+    """A worker that dies (killed, out of memory) or raises ends the iteration with an error naming it;
+    documents before it come out in order, and no worker is left behind."""
+    import multiprocessing
+
+    from harpe_megatron.data.tokenize_workers import tokenized_documents
+
+    docs = [Document(index=i, text=t, source="s", path="in", line=i + 1) for i, t in enumerate(["ab", "c", poison, "d"])]
+    got = []
+    with pytest.raises((RuntimeError, ValueError), match=error):
+        for doc, ids in tokenized_documents(docs, _ExplodingTokenizer(), workers=2, batch_size=1):
+            got.append((doc.text, ids.tolist()))
+    assert got == [("ab", [97, 98]), ("c", [99])]
+    assert multiprocessing.active_children() == []

@@ -185,6 +185,11 @@ def fault_empty_paths(d, t):
     t["data"]["paths"] = []
 
 
+def fault_document_without_eod(d, t):
+    _patch(d["prefix"] + ".bin", (7 * 31 + 30) * 2, np.uint16(5).tobytes())  # document 7's last token
+    t["data"]["document_masking"] = True
+
+
 def fault_pickled_cache_file(d, t):
     cache = Path(d["prefix"]) / "cache" / "GPTDataset_indices"
     cache.mkdir(parents=True)
@@ -223,6 +228,8 @@ FAULTS = [  # (damage, expected message (regex))
     (fault_eval_without_valid_share, r"training\.eval_interval is 5 but data\.split '100,0,0' leaves no validation share"),
     (fault_no_train_share, r"data\.split: '0,100,0' gives the train split no share"),
     (fault_empty_paths, r"data\.paths is empty: expected at least one indexed-dataset prefix"),
+    (fault_document_without_eod, r"data\.paths\[0\]: .*d\.bin: document 7 does not end with the tokenizer's EOD "
+                                 r"\(id 2\); data\.document_masking finds document boundaries by EOD tokens"),
     (fault_pickled_cache_file, r"data\.cache_dir: .*0123-GPTDataset-train-document_index\.npy holds Python objects "
                                r"\(dtype object\), not an index; .*refused"),
 ]
@@ -249,6 +256,8 @@ def test_good_inputs_pass_with_a_summary(tmp_path, tokenizer_path, caplog):
     assert (p.documents, p.tokens, p.scanned_tokens, p.dtype) == (40, 40 * 31, 40 * 31, "uint16")
     assert p.split_documents == {"train": 36, "valid": 4} and p.max_id < VOCAB
     assert lines and lines[0].startswith("data checks (full) passed: 1 prefix(es), 1,240 tokens")
+    t["data"]["document_masking"] = True  # every document ends with EOD: passes
+    validate_training_inputs(config_from_dict(t))
 
 
 @pytest.mark.parametrize("fault,message", FAULTS, ids=[f.__name__[len("fault_"):] for f, _ in FAULTS])
@@ -331,12 +340,12 @@ def test_megatron_would_hang_on_the_empty_split_we_refuse(tmp_path, tokenizer_pa
     fault_id_ge_vocab, fault_truncated_bin, fault_corpus_shorter_than_sample, fault_empty_valid_split)],
     ids=["id_ge_vocab", "truncated_bin", "corpus_shorter_than_sample", "empty_valid_split"])
 def test_train_fails_before_writing_anything(single_rank, tmp_path, tokenizer_path, fault, message):
-    from harpe_megatron.training.trainer import train
+    from harpe_megatron.training.trainer import run_training
 
     d, t = _make(tmp_path, tokenizer_path, fault)
     before = snapshot(tmp_path)
     with pytest.raises(DataValidationError, match=message):
-        train(config_from_dict(t))
+        run_training(config_from_dict(t))
     assert not (tmp_path / "run").exists()
     assert not (Path(d["prefix"]) / "cache").exists()
     assert snapshot(tmp_path) == before
@@ -356,7 +365,9 @@ def test_train_cli_exits_with_the_message_and_writes_nothing(tmp_path, tokenizer
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-m", "harpe_megatron.train", "--config", config],
                           cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
+    # one line, no traceback (and no library notices before it)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("[harpe] error: ")
     assert "token id 450 at token 782 (document 25)" in proc.stderr
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 

@@ -107,3 +107,114 @@ def test_self_extend_option(tmp_path, exported_model):
     from_key = evaluate(str(keyed), str(tmp_path / "c.json"), **kwargs)
     assert from_key["self_extend"] == {"group_size": 4, "window": 192}
     assert from_key["perplexity"][0]["ppl"] == pytest.approx(wide["perplexity"][0]["ppl"], rel=1e-6)
+
+
+def test_tokenizer_option(tmp_path, exported_model, demo_data, capsys):
+    """--tokenizer PATH_OR_DIR: a folder or the SentencePiece .model the export was made from give the
+    same tokens (so the same perplexity) as the folder's own tokenizer; a folder without a tokenizer
+    and no --tokenizer is one line naming the folder and the option, exit 2, nothing written."""
+    import shutil
+
+    from harpe_megatron.cli import eval_long_context as cli
+    from harpe_megatron.eval.runner import TOKENIZER_FILES
+
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:2000])
+    bare = tmp_path / "bare"
+    shutil.copytree(exported_model, bare, ignore=shutil.ignore_patterns(*TOKENIZER_FILES, "special_tokens_map.json"))
+
+    def run(folder, out, *extra):
+        return cli.main(["run", str(folder), "--out", str(tmp_path / out), "--tasks", "", "--lengths", "192",
+                         "--ppl-file", str(text), "--no-progress", *extra])
+
+    capsys.readouterr()
+    assert run(bare, "none.json") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bare) in err[0] and "--tokenizer PATH_OR_DIR" in err[0], err
+    assert not (tmp_path / "none.json").exists()
+    garbage = tmp_path / "garbage.model"
+    garbage.write_text("not a sentencepiece model")
+    for bad in (tmp_path / "missing_dir" / "x", text, garbage):
+        assert run(bare, "bad.json", "--tokenizer", str(bad)) == 2
+        assert f"--tokenizer {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+    assert run(exported_model, "own.json") == 0
+    assert run(bare, "dir.json", "--tokenizer", str(exported_model)) == 0
+    assert run(bare, "sp.json", "--tokenizer", str(demo_data["tokenizer"])) == 0
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("own", "dir", "sp")}
+    assert results["dir"]["tokenizer"] == str(exported_model)
+    assert results["sp"]["tokenizer"] == str(demo_data["tokenizer"])  # the file named, not the scratch folder
+    ppl = {name: r["perplexity"][0]["ppl"] for name, r in results.items()}
+    assert ppl["dir"] == ppl["own"] and ppl["sp"] == ppl["own"], ppl
+
+
+def _cli(argv: list[str]) -> int:
+    from harpe_megatron.cli import eval_long_context as cli
+
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+BAD_RUN = [  # (arguments, the start of the one line printed)
+    (["--depths", "150"], "tools/eval_long_context.py run: error: argument --depths: depths are fractions 0-1 or "
+                          "percents 0-100, got '150'"),
+    (["--depths", "0,-10"], "tools/eval_long_context.py run: error: argument --depths: depths are fractions"),
+    (["--lengths", "0,-5"], "tools/eval_long_context.py run: error: argument --lengths: expected integers >= 1, "
+                            "got '0,-5'"),
+    (["--samples", "0"], "tools/eval_long_context.py run: error: argument --samples: expected an integer >= 1"),
+    (["--self-extend", "64,16"], "tools/eval_long_context.py run: error: argument --self-extend: '64,16': "
+                                 "self_extend group_size (64) must be smaller than window (16)"),
+    (["--self-extend", "16,16"], "tools/eval_long_context.py run: error: argument --self-extend: '16,16'"),
+    (["--ppl-lengths", "1"], "tools/eval_long_context.py run: error: argument --ppl-lengths: expected integers >= 2"),
+    (["--ppl-stride-fraction", "0"], "tools/eval_long_context.py run: error: argument --ppl-stride-fraction"),
+    (["--tasks", ""], "error: --tasks is empty and no --ppl-file is given: nothing to evaluate"),
+    (["--ppl-stride", "8"], "error: --ppl-lengths/--ppl-stride/--ppl-stride-fraction/--ppl-max-tokens need --ppl-file"),
+    (["--ppl-file", "{empty}"], "error: --ppl-file {empty}: the file is empty; a perplexity needs text"),
+    (["--ppl-file", "{binary}"], "error: --ppl-file {binary}: not a text file (it holds NUL bytes)"),
+    (["--ppl-file", "{latin1}"],
+     "error: --ppl-file {latin1}: not a UTF-8 text file (byte 0: invalid continuation byte)"),
+    (["--ppl-file", "{missing}"], "error: --ppl-file {missing}: cannot be read (No such file or directory)"),
+    (["--out", "{binary}/x.json"], "error: --out {binary}/x.json: cannot be created: {binary} is not a directory"),
+    (["--out", "{dir}"], "error: --out {dir}: is a directory"),
+    (["--heatmap-dir", "{binary}"], "error: --heatmap-dir {binary}: is not a directory"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_RUN, ids=[" ".join(a) for a, _ in BAD_RUN])
+def test_meaningless_run_input_is_one_line_exit_2_before_any_work(tmp_path, capsys, args, message):
+    """Checked before the model is loaded (the model argument here does not even exist)."""
+    files = {"empty": tmp_path / "empty.txt", "binary": tmp_path / "bin.dat", "latin1": tmp_path / "latin1.txt",
+             "missing": tmp_path / "missing.txt", "dir": tmp_path}
+    files["empty"].write_text("  \n")
+    files["binary"].write_bytes(b"\x00\x01\x02 binary")
+    files["latin1"].write_bytes("\xe9t\xe9".encode("latin-1"))
+    args = [a.format(**files) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "r.json")]
+    assert _cli(["run", str(tmp_path / "no_model"), *out, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(**files)) and err.count("\n") == 1, err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_perplexity_text_without_two_tokens_and_a_bad_report(tmp_path, capsys, exported_model):
+    """Found once the tokenizer is loaded, before any task runs (the CLI's --ppl-max-tokens is
+    at least 2 and this tokenizer adds BOS, so only the library call can get there); report
+    inputs are one line too."""
+    from harpe_megatron.eval.runner import EvalInputError, evaluate
+
+    text = tmp_path / "short.txt"
+    text.write_text("a")
+    with pytest.raises(EvalInputError, match=f"--ppl-file {text}: 1 token\\(s\\) after tokenization and "
+                                             "--ppl-max-tokens; a perplexity needs at least 2"):
+        evaluate(str(exported_model), str(tmp_path / "r.json"), tasks=["passkey"], lengths=[64], ppl_file=str(text),
+                 ppl_max_tokens=1, progress=False)
+    assert not (tmp_path / "r.json").exists()
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("{not json")
+    for name, message in [("missing.json", "cannot be read (No such file or directory)"),
+                          ("bad.json", "not a result file of 'run' (invalid JSON: ")]:
+        assert _cli(["report", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}: {message}") and err.count("\n") == 1, err

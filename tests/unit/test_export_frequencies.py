@@ -35,6 +35,7 @@ from harpe_megatron.positional.bases import (
 from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
 from harpe_megatron.positional.scaling import (
     ROPE_SCALINGS,
+    Llama3Scaling,
     LinearScaling,
     NoScaling,
     NTKScaling,
@@ -48,6 +49,9 @@ SCALINGS = {
     "linear": LinearScaling(factor=FACTOR),
     "ntk": NTKScaling(factor=FACTOR),
     "yarn": YarnScaling(factor=FACTOR, original_max_position_embeddings=ORIGINAL),
+    # ORIGINAL / high = 64 and ORIGINAL / low = 256 put every strategy's heads in all three bands
+    "llama3": Llama3Scaling(factor=FACTOR, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=ORIGINAL),
 }
 STRATEGIES = {
     "paper": PaperBases(),  # the 32-head Llama-2-7B table: needs 32 KV groups
@@ -92,7 +96,7 @@ def test_exported_model_rotates_like_the_trainer(strategy, scaling_name, tmp_pat
 
     head_bases = model_head_bases(m, positional)
     rotary = PerHeadRotaryEmbedding(head_bases, m.head_dim, m.num_query_groups, scaling=positional.scaling)
-    trainer_q, trainer_k = rotary.inverse_frequencies(torch.device("cpu"))
+    trainer_q, trainer_k = rotary.qk_inverse_frequencies(torch.device("cpu"))
     per_group = m.num_attention_heads // m.num_query_groups
     assert torch.equal(trainer_k.repeat_interleave(per_group, dim=0), trainer_q)  # GQA: a group shares its row
     softmax_scale = transformer_config(m, ParallelConfig(), positional=positional).softmax_scale

@@ -1,4 +1,4 @@
-"""The memory/FLOP planner (training/plan.py) against real runs, arithmetic and the MFU formula.
+"""The memory/FLOP planner (planner/plan.py) against real runs, arithmetic and the MFU formula.
 
 What is compared: for small configs, the planner's per-rank peak (fake tensors) and the peak of
 the *same code on real tensors* (same fake process group, so collectives move nothing but every
@@ -143,8 +143,8 @@ def test_fix_is_searched_and_checked(tmp_path):
 def test_preflight_prints_one_line_and_fail_stops(single_rank):
     """The trainer's start-up plan on the run's own process group (here one gloo rank)."""
     from harpe_megatron.distributed.bringup import megatron_parallel
-    from harpe_megatron.training.plan import Builders, PreflightError, preflight
-    from harpe_megatron.training.trainer import build_optimizer, build_training_model
+    from harpe_megatron.planner.plan import Builders, PreflightError, preflight
+    from harpe_megatron.step.build import build_optimizer, build_training_model
 
     build = Builders(build_training_model, build_optimizer)
     cfg = load_config(TINY, ["parallel.tensor_model_parallel_size=1", "training.preflight=fail"])
@@ -172,3 +172,50 @@ def test_plan_table_script_runs(tmp_path):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny_cpu")]
     assert len(rows) == 2 and "| yes | yes |" in rows[0]  # printed as it goes, then in the table
     assert json.loads(out.read_text())[0]["world_size"] == 8
+
+
+def test_document_masking_counts_the_attention_it_leaves(demo_data, tmp_path):
+    """With data.document_masking the plan's attention FLOPs shrink by the data's own fraction
+    (its documents packed into rows of data.seq_length); counted and analytic still agree."""
+    from harpe_megatron.data.documents import data_attention_fraction
+    from harpe_megatron.step.metrics import training_flops
+
+    out = tmp_path / "plan.json"
+    overrides = [f"data.paths=[{demo_data['prefix']}]", f"data.tokenizer_model={demo_data['tokenizer']}",
+                 "model.vocab_size=512", "data.seq_length=2048", "data.document_masking=true",
+                 "training.precision=bf16", "parallel.context_parallel_size=2"]
+    subprocess.run([sys.executable, "-m", "tests.unit.plan_worker", TINY, str(out), "4", "--fake-only", *overrides],
+                   check=True, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    plan = json.loads(out.read_text())["planned"]
+    cfg = load_config(TINY, overrides)
+    fraction = data_attention_fraction([demo_data["prefix"]], None, 2048, cfg.training.seed)
+    assert plan["document_masking"] and plan["masked_attention_fraction"] == fraction and 0 < fraction < 0.95
+    tokens = cfg.training.global_batch_size * 2048
+    assert plan["analytic_flops_per_step"] == training_flops(cfg.model, tokens, fraction * tokens * 2048 / 2)
+    assert abs(plan["flops_per_step"] / plan["analytic_flops_per_step"] - 1) <= 0.03
+    assert 0 < plan["attention_flops_per_step"] < plan["flops_per_step"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "0"], "tools/plan_run.py: error: argument --nodes: expected an integer >= 1, got '0'"),
+    (["--gpus-per-node", "0"], "tools/plan_run.py: error: argument --gpus-per-node: expected an integer >= 1"),
+    (["--gpu-memory-gib", "0"], "tools/plan_run.py: error: argument --gpu-memory-gib: expected a number > 0, got '0'"),
+    (["--gpu-memory-gib", "-1"], "tools/plan_run.py: error: argument --gpu-memory-gib: expected a number > 0"),
+    (["--margin-gib", "-100"], "tools/plan_run.py: error: argument --margin-gib: expected a number >= 0, got '-100'"),
+    (["--margin-gib", "90"], "tools/plan_run.py: error: --margin-gib 90 leaves nothing of --gpu-memory-gib 80"),
+    (["--json", "{file}/plan.json"], "error: --json {file}/plan.json: cannot be created: {file} is not a directory"),
+    (["--json", "{dir}"], "error: --json {dir}: is a directory"),
+], ids=["nodes", "gpus", "memory0", "memory-1", "margin-100", "margin90", "json_under_file", "json_dir"])
+def test_meaningless_plan_arguments_are_one_line_exit_2_before_planning(tmp_path, capsys, args, message):
+    from harpe_megatron.cli.plan_run import main
+
+    (tmp_path / "file").write_text("x")
+    args = [a.format(file=tmp_path / "file", dir=tmp_path) for a in args]
+    try:
+        code = main(["--config", TINY, *args])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""  # nothing planned
+    assert captured.err.startswith(message.format(file=tmp_path / "file", dir=tmp_path))
+    assert captured.err.count("\n") == 1

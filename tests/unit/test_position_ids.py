@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harpe_megatron.positional.position_ids import CreamPositions, PosePositions, truncated_normal_int
+from harpe_megatron.positional.position_ids import CreamPositions, PosePositions, clamped_normal_int
 
 
 def _segments(pos: np.ndarray) -> list[np.ndarray]:
@@ -37,45 +37,84 @@ def test_cream_segment_invariants(n, factor):
     assert heads <= {n // 3, 4 * factor}
 
 
-def _expected_cream_centre(n: int, k: int) -> float:
-    """E[middle-segment centre] / L computed from the scheme's definition, not from the sampler."""
+def _ratio_pmf(k: int, mean: float | None = None) -> dict[int, float]:
+    """P(r) of CREAM's ratio from its definition: r = int(clamp(x, 2, 2k)), x ~ Normal(mean, 3);
+    mean 1 + k (ours) unless given (the reference's fixed 9)."""
     from statistics import NormalDist
 
-    dist = NormalDist(1 + k, 3.0)
-    mass = dist.cdf(2 * k) - dist.cdf(2)
-    total = 0.0
+    dist = NormalDist(1 + k if mean is None else mean, 3.0)
+    pmf = {r: dist.cdf(r + 1) - dist.cdf(r) for r in range(3, 2 * k)}
+    pmf[2], pmf[2 * k] = dist.cdf(3), 1 - dist.cdf(2 * k)  # the clamped tails sit on the bounds
+    return pmf
+
+
+def _expected_middle(n: int, k: int, mean: float | None = None) -> tuple[float, float]:
+    """(E[middle-segment start], E[position of the sample's token n // 2] / L) from the scheme's
+    definition. Token n // 2 always lies in the middle segment (head and tail are <= n // 3 long),
+    at ``start + n // 2 - h``; the segments cannot be told apart from the positions alone when the
+    middle happens to continue the head or the tail, so tests sample that token."""
+    start, offset = 0.0, 0.0
     for h in (n // 3, 4 * k):  # relativity / continuity, 1/2 each
         middle = n - 2 * h
-        for r in range(2, 2 * k):  # int() of the truncated normal: P(r <= X < r + 1)
-            p_r = (dist.cdf(r + 1) - dist.cdf(r)) / mass
-            low, high = h + int((middle - 1) * r / 2), int(r / 2 * n) - h - 1
-            total += 0.5 * p_r * ((low + high) / 2 - (middle - 1) / 2)
-    return total / (n * k)
+        offset += 0.5 * (n // 2 - h)
+        for r, p_r in _ratio_pmf(k, mean).items():
+            low = h + int((middle - 1) * r / 2)
+            high = max(int(r / 2 * n) - h - 1, low)
+            start += 0.5 * p_r * ((low + high) / 2 - (middle - 1))
+    return start, (start + offset) / (n * k)
 
 
 def test_cream_middle_centre_has_the_intended_distribution():
-    """factor 8: the sampled middle-segment centres average to the value the definition implies."""
+    """factor 8: the sampled middle segments' positions average to the value the definition implies."""
     n, k = 4096, 8
     scheme = CreamPositions(factor=k)
     rng = np.random.default_rng(1234)
-    centres = []
-    for _ in range(4000):
-        _, pos = scheme.sample(rng, n)
-        segs = _segments(pos)
-        middle = segs[1] if len(segs) == 3 else pos
-        centres.append(middle.mean() / (n * k))
-    centres = np.array(centres)
-    expected = _expected_cream_centre(n, k)
+    centres = np.array([scheme.sample(rng, n)[1][n // 2] / (n * k) for _ in range(4000)])
+    _, expected = _expected_middle(n, k)
     assert 0.3 < expected < 0.5  # inside the target window, around its middle
     assert abs(centres.mean() - expected) < 4 * centres.std() / np.sqrt(len(centres))
     assert (centres < 0.25).mean() > 0.02 and (centres > 0.75).mean() > 0.01  # spread over the window
 
 
-def test_truncated_normal_stays_in_range_and_has_its_centre():
-    rng = np.random.default_rng(0)
-    draws = np.array([truncated_normal_int(rng, 9.0, 3.0, 2, 16) for _ in range(5000)])
-    assert draws.min() >= 2 and draws.max() <= 16
-    assert abs(draws.mean() - 8.5) < 0.3  # int() truncation lowers the mean by ~0.5
+@pytest.mark.parametrize("k", [8, 32])
+def test_cream_ratio_mean_and_tails(k):
+    """CREAM's ratio r at factor 8 (the reference's own setting: mean 9, and the reference's clamped
+    tails P(r = 2) = 2.3%, P(r = 16) = 1.0%) and 32 (mean 33: E[r] = 32.5, 2.3% beyond 2 sigma on
+    each side, nothing on the bounds), sampled against the distribution the definition implies."""
+    pmf = _ratio_pmf(k)
+    rng = np.random.default_rng(k)
+    draws = np.array([clamped_normal_int(rng, 1 + k, 3.0, 2, 2 * k) for _ in range(40_000)])
+    assert draws.min() >= 2 and draws.max() <= 2 * k
+    mean = sum(r * p for r, p in pmf.items())
+    assert mean == pytest.approx({8: 8.51, 32: 32.5}[k], abs=0.01)  # int() lowers 1 + k by ~0.5
+    assert abs(draws.mean() - mean) < 4 * draws.std() / np.sqrt(len(draws))
+    # beyond 2 sigma: x < k - 5 gives r <= k - 6, x >= k + 7 gives r >= k + 7
+    tails = {"low": (draws <= k - 6).mean(), "high": (draws >= k + 7).mean()}
+    expected = {"low": sum(p for r, p in pmf.items() if r <= k - 6),
+                "high": sum(p for r, p in pmf.items() if r >= k + 7)}
+    for side in tails:
+        assert expected[side] == pytest.approx(0.02275, abs=1e-4)
+        assert abs(tails[side] - expected[side]) < 4 * np.sqrt(expected[side] / len(draws)), side
+    bounds = {"r = 2": (draws == 2).mean(), "r = 2k": (draws == 2 * k).mean()}
+    if k == 8:  # the reference's clamped tails
+        assert pmf[2] == pytest.approx(0.0228, abs=1e-4) and pmf[16] == pytest.approx(0.0098, abs=1e-4)
+        assert abs(bounds["r = 2"] - pmf[2]) < 4 * np.sqrt(pmf[2] / len(draws))
+        assert abs(bounds["r = 2k"] - pmf[16]) < 4 * np.sqrt(pmf[16] / len(draws))
+    else:
+        assert pmf[2] < 1e-20 and pmf[64] < 1e-20 and bounds == {"r = 2": 0.0, "r = 2k": 0.0}
+
+
+@pytest.mark.parametrize("k", [8, 32])
+def test_cream_middle_start_follows_the_factor(k):
+    """The middle segment's mean start at N = 4096: 11.8k of 32k at factor 8 (the reference's too),
+    51.8k of 128k at factor 32; the reference's fixed mean 9 would put it at 11.7k of 128k there."""
+    n = 4096
+    start, middle_token = _expected_middle(n, k)
+    assert start == pytest.approx({8: 11755, 32: 51819}[k], abs=1)
+    assert _expected_middle(n, k, mean=9.0)[0] == pytest.approx({8: 11755, 32: 11657}[k], abs=1)
+    rng = np.random.default_rng(100 + k)
+    sampled = np.array([CreamPositions(factor=k).sample(rng, n)[1][n // 2] / (n * k) for _ in range(2000)])
+    assert abs(sampled.mean() - middle_token) < 4 * sampled.std() / np.sqrt(len(sampled))
 
 
 def test_schemes_are_deterministic():

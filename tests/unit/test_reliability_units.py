@@ -24,11 +24,25 @@ from harpe_megatron.checkpoint.layout import (
 )
 from harpe_megatron.checkpoint.save_load import MANIFEST_FILE, CheckpointError, resolve_checkpoint, save_checkpoint
 from harpe_megatron.distributed.signals import helpers_ignore_preemption
-from harpe_megatron.training.faults import Faults, NoFaults, SaveFaults, fault_at, faults_from_env, parse_faults
-from harpe_megatron.training.preemption import NoPreemption, Preemption
-from harpe_megatron.training.run_lock import LOCK_FILE, acquire_run_dir
-from harpe_megatron.training.step import forward_step
-from harpe_megatron.training.watchdog import NullWatchdog, PeerFailure, Watchdog, is_communication_error, make_watchdog
+from harpe_megatron.run_dir import LOCK_FILE
+from harpe_megatron.step.schedule import forward_step
+from harpe_megatron.training.reliability.faults import (
+    Faults,
+    NoFaults,
+    SaveFaults,
+    fault_at,
+    faults_from_env,
+    parse_faults,
+)
+from harpe_megatron.training.reliability.preemption import NoPreemption, Preemption
+from harpe_megatron.training.reliability.run_lock import acquire_run_dir
+from harpe_megatron.training.reliability.watchdog import (
+    NullWatchdog,
+    PeerFailure,
+    Watchdog,
+    is_communication_error,
+    make_watchdog,
+)
 
 
 def test_parse_faults():
@@ -235,7 +249,7 @@ def test_run_dir_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_pat
     record = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
     assert record["pid"] == os.getpid() and logged == []
     # another process (flock locks belong to the open file: a child process stands in for a second run)
-    probe = ("import sys; from harpe_megatron.training.run_lock import acquire_run_dir, RunDirInUse\n"
+    probe = ("import sys; from harpe_megatron.training.reliability.run_lock import acquire_run_dir, RunDirInUse\n"
              "try:\n    acquire_run_dir(sys.argv[1])\nexcept RunDirInUse as e:\n    print(e); sys.exit(3)")
     second = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], capture_output=True, text=True)
     assert second.returncode == 3, second.stderr
@@ -246,6 +260,40 @@ def test_run_dir_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_pat
     assert len(logged) == 1 and "taking over the lock left by a run that did not end cleanly" in logged[0]
     assert f"pid {os.getpid()}" in logged[0]
     os.close(fd)
+
+
+def test_run_dir_that_is_a_file_and_a_failed_start_leave_nothing(tmp_path):
+    """run_dir naming a regular file is a config error naming run_dir (it was a lock-file error);
+    a start that fails in a run_dir it created removes it again; run dirs that existed, or that
+    got more than the lock file, stay."""
+    from harpe_megatron.config import ConfigError
+    from harpe_megatron.training.reliability.run_lock import hold_run_dir
+
+    def share(error):
+        return error
+
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=f"^run_dir: {afile} exists and is not a directory"):
+        with hold_run_dir(afile, True, share):
+            pass
+    new = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="setup failed"):
+        with hold_run_dir(new, True, share):
+            assert (new / LOCK_FILE).is_file()
+            raise RuntimeError("setup failed")
+    assert not new.exists()
+    with pytest.raises(RuntimeError):
+        with hold_run_dir(new, True, share):
+            (new / "metrics.jsonl").write_text("{}")
+            raise RuntimeError("failed after it trained")
+    assert (new / "metrics.jsonl").is_file()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(RuntimeError):
+        with hold_run_dir(existing, True, share):
+            raise RuntimeError("setup failed")
+    assert [p.name for p in existing.iterdir()] == [LOCK_FILE]
 
 
 class DictStore:
@@ -326,6 +374,9 @@ def test_watchdog_explain_failure_returns_when_every_peer_is_alive():
     ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by must be positive, got 0"),
     ("training.train_iters=-5", "training.train_iters must be positive, got -5"),
     ("training.eval_iters=0", "training.eval_iters must be positive, got 0"),
+    # issue 28: a negative lr blamed training.min_lr
+    ("training.lr=-1e-3", r"tiny_cpu.yaml \(with overrides .*\): training.lr must be >= 0, got -0.001$"),
+    ("training.min_lr=1.0", r"training.min_lr must be in \[0, training.lr \(0.003\)\], got 1.0"),
 ])
 def test_reliability_config_errors(override, message):
     from pathlib import Path

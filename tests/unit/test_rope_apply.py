@@ -42,7 +42,7 @@ def test_torch_path_equals_megatron_on_per_head_tables(interleaved, groups, cp_r
                                   rotary_interleaved=interleaved)
     q_table, k_table = rope.split(rope(seq))
     positions = rope.rope_positions(seq)
-    inv_q, inv_k = rope.inverse_frequencies("cpu")
+    inv_q, inv_k = rope.qk_inverse_frequencies("cpu")
     q = torch.randn(seq // 2, batch, 4, HEAD_DIM, requires_grad=True)
     k = torch.randn(seq // 2, batch, groups, HEAD_DIM, requires_grad=True)
     ref_q, ref_k = _megatron_rotate(q, q_table, interleaved), _megatron_rotate(k, k_table, interleaved)
@@ -65,7 +65,7 @@ def test_large_positions_and_per_sample_ids():
     assert positions.shape == (s, b) and positions.dtype == torch.float32
     table = rope(s, position_ids=ids)
     x = torch.randn(s, b, 4, HEAD_DIM, dtype=torch.float64).float()
-    inv_q, _ = rope.inverse_frequencies("cpu")
+    inv_q, _ = rope.qk_inverse_frequencies("cpu")
     torch.testing.assert_close(apply_per_head_rope(x, positions, inv_q, impl="torch"),
                                _megatron_rotate(x, table, False), rtol=0, atol=3e-6)
 
@@ -73,7 +73,7 @@ def test_large_positions_and_per_sample_ids():
 def test_rotation_is_norm_preserving_and_inverse_undoes_it():
     x = torch.randn(20, 2, 4, HEAD_DIM)
     pos = torch.arange(20, dtype=torch.float32)[:, None] * 977
-    inv = PerHeadRotaryEmbedding(BASES, HEAD_DIM, num_query_groups=4).inverse_frequencies("cpu")[0]
+    inv = PerHeadRotaryEmbedding(BASES, HEAD_DIM, num_query_groups=4).qk_inverse_frequencies("cpu")[0]
     y = rope_torch(x, pos.expand(-1, 2), inv)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rope_torch(y, pos.expand(-1, 2), inv, inverse=True), x, rtol=0, atol=1e-5)

@@ -12,7 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
 
 from harpe_megatron.distributed.cpu import cpu_megatron
-from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding, inverse_frequencies
+from harpe_megatron.positional.rotary import PerHeadRotaryEmbedding
+from harpe_megatron.positional.scaling import plain_inverse_frequencies
 from tests.helpers import FakeGroup
 
 HEAD_DIM = 16
@@ -80,7 +81,7 @@ def test_gqa_key_table_has_one_row_per_group_and_tp_slices_heads():
 
 
 def test_bases_differing_inside_a_kv_group_are_rejected():
-    with pytest.raises(ValueError, match="KV group 0 must share one RoPE base"):
+    with pytest.raises(ValueError, match="query heads 0..1 share KV group 0"):
         PerHeadRotaryEmbedding([1e4, 2e4, 3e4, 3e4], HEAD_DIM, num_query_groups=2)
 
 
@@ -93,7 +94,7 @@ def test_per_sample_position_ids():
     assert torch.equal(same, sequential.expand(-1, 3, -1, -1))
     ids = torch.stack([torch.arange(seq) * 7, torch.randint(0, 100000, (seq,)).sort().values])
     table, _ = rope.split(rope(seq, position_ids=ids))
-    inv = inverse_frequencies(PAPER_LIKE, HEAD_DIM)
+    inv = plain_inverse_frequencies(PAPER_LIKE, HEAD_DIM)
     expected = ids.t()[:, :, None, None].float() * inv[None, None]
     torch.testing.assert_close(table[..., : HEAD_DIM // 2], expected, rtol=0, atol=0)
     torch.testing.assert_close(table[..., HEAD_DIM // 2 :], expected, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""PI / NTK / YaRN frequencies and attention temperature against HF transformers' rope init."""
+"""PI / NTK / YaRN / Llama-3 frequencies and attention temperature against HF transformers' rope init."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from harpe_megatron.distributed.bringup import megatron_parallel
 from harpe_megatron.hf.llama_names import hf_to_megatron
 from harpe_megatron.model.builder import build_model, transformer_config
 from harpe_megatron.positional.bases import ConstantBase
-from harpe_megatron.positional.scaling import LinearScaling, NTKScaling, YarnScaling
+from harpe_megatron.positional.scaling import Llama3Scaling, LinearScaling, NTKScaling, YarnScaling
 from tests.helpers import tiny_hf_llama, tiny_model_config
 
 HEAD_DIM = 128
@@ -44,6 +44,30 @@ def test_yarn_matches_hf(theta, factor):
     assert scaling.attention_factor == pytest.approx(attn)
 
 
+@pytest.mark.parametrize("theta", [5e5, 1e4, 2.5e8])
+@pytest.mark.parametrize("factor,low,high,original", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192),
+                                                      (16.0, 2.0, 8.0, 4096)])
+def test_llama3_matches_hf(theta, factor, low, high, original):
+    """Llama 3.1's bands, bit for bit against transformers' ``llama3`` init; every band occurs."""
+    scaling = Llama3Scaling(factor=factor, low_freq_factor=low, high_freq_factor=high,
+                            original_max_position_embeddings=original)
+    ours = scaling.inverse_frequencies([theta], HEAD_DIM)[0]
+    ref, attn = _hf("llama3", theta, factor=factor, low_freq_factor=low, high_freq_factor=high,
+                    original_max_position_embeddings=original)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert attn == 1.0 == scaling.attention_factor
+    plain = NTKScaling(factor=1.0).inverse_frequencies([theta], HEAD_DIM)[0]
+    kept, divided = ours == plain, torch.isclose(ours, plain / factor, rtol=1e-6, atol=0)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # high, low and blended bands
+
+
+def test_llama3_config_errors():
+    with pytest.raises(ValueError, match="0 < low_freq_factor < high_freq_factor"):
+        Llama3Scaling(low_freq_factor=4.0, high_freq_factor=1.0)
+    with pytest.raises(ValueError, match="original_max_position_embeddings must be positive"):
+        Llama3Scaling(original_max_position_embeddings=0)
+
+
 @pytest.mark.parametrize("factor", [2.0, 32.0])
 def test_static_ntk_equals_hf_dynamic_at_the_matching_length(factor):
     """HF's dynamic NTK grows the base by ((s*L/L0) - (s-1))^(d/(d-2)); at L = L0 (2s-1)/s that
@@ -68,14 +92,17 @@ def test_per_head_scaling_uses_each_heads_base():
 @pytest.mark.parametrize("rope_type, scaling", [
     ("linear", LinearScaling(factor=4.0)),
     ("yarn", YarnScaling(factor=4.0, original_max_position_embeddings=16)),
+    ("llama3", Llama3Scaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
 ])
 def test_scaled_model_matches_hf_llama_logits(single_rank, rope_type, scaling):
     """End to end, incl. YaRN's attention temperature (softmax_scale = mscale^2 / sqrt(d))."""
     m = tiny_model_config(num_query_groups=2)
     hf = tiny_hf_llama(m, rope_theta=10000.0)
     params = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 4.0}
-    if rope_type == "yarn":
+    if rope_type in ("yarn", "llama3"):
         params["original_max_position_embeddings"] = 16
+    if rope_type == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0)
     hf.config.rope_parameters = params
     hf.model.rotary_emb.__init__(hf.config)  # rebuild HF's rotary tables for the new parameters
     positional = PositionalConfig(bases=ConstantBase(base=10000.0), scaling=scaling)

@@ -2,7 +2,7 @@
 
 The oracle is written here from the paper's formula, independently of the implementation: a
 whole Llama forward from the weights, with RoPE as complex rotations and, for every (query i,
-key j <= i), positions (i, j) when i - j < W and (i // G + W - W / G, j // G) otherwise, all in
+key j <= i), positions (i, j) when i - j < W and (i // G + W - W // G, j // G) otherwise, all in
 one softmax per query. Checked: logits (fp32) of plain Llama and harpe_llama (per-KV-group bases),
 greedy generation with and without the KV cache, identity when the window covers the sequence.
 """
@@ -20,6 +20,7 @@ from harpe_megatron.hf.harpe_llama.self_extend_harpe_llama import (
     SelfExtendAttention,
     apply_self_extend,
     self_extend_attention,
+    self_extend_positions,
     self_extend_settings,
 )
 from tests.helpers import tiny_hf_llama, tiny_model_config
@@ -76,8 +77,10 @@ def _rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 
 
 def reference_logits(model, ids: list[int], head_bases: list[float], group: int, window: int,
-                     position_divisor: float = 1.0) -> torch.Tensor:
-    """Logits ``[len(ids), vocab]`` of a Llama with Self-Extend, in float64, one pair at a time."""
+                     position_divisor: float = 1.0, shift: float | None = None) -> torch.Tensor:
+    """Logits ``[len(ids), vocab]`` of a Llama with Self-Extend, in float64, one pair at a time.
+    ``shift``: the grouped query positions' shift, ``W - W // G`` unless given."""
+    shift = window - window // group if shift is None else shift
     cfg = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
     n, heads, kv_heads = len(ids), cfg.num_attention_heads, cfg.num_key_value_heads
@@ -90,7 +93,7 @@ def reference_logits(model, ids: list[int], head_bases: list[float], group: int,
             if i - j < window:
                 qpos[i, j], kpos[i, j] = i, j
             else:
-                qpos[i, j], kpos[i, j] = i // group + window - window / group, j // group
+                qpos[i, j], kpos[i, j] = i // group + shift, j // group
     qpos, kpos = qpos / position_divisor, kpos / position_divisor
     causal = torch.ones(n, n).tril().bool()
     x = sd["model.embed_tokens.weight"][torch.tensor(ids)]
@@ -138,7 +141,7 @@ def test_window_covering_the_sequence_is_plain_attention(kind):
         torch.testing.assert_close(apply_self_extend(model, 1, 5)(ids).logits, plain, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("group,window", [(4, 8), (4, 6), (3, 10)])   # (4, 6): fractional shift W - W/G
+@pytest.mark.parametrize("group,window", [(4, 8), (4, 6), (3, 10)])   # G does not divide W: (4, 6), (3, 10)
 def test_logits_equal_the_formula_plain_llama(group, window):
     model = tiny_llama()
     ids = _ids(40)
@@ -147,6 +150,21 @@ def test_logits_equal_the_formula_plain_llama(group, window):
         got = apply_self_extend(model, group, window)(ids).logits[0]
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
     assert (ref - reference_logits(model, ids[0].tolist(), [1000.0] * 4, group, 10_000)).abs().max() > 1e-2
+    if window % group:  # the true-division shift W - W / G (LongLM before its fix) is measurably different
+        true_division = reference_logits(model, ids[0].tolist(), [1000.0] * 4, group, window,
+                                         shift=window - window / group)
+        assert (got.double() - true_division).abs().max() > 1e-2
+
+
+def test_grouped_positions_use_floor_division_throughout():
+    """LongLM's fixed convention (its commit 715c1e3): query q -> q // G + W - W // G, key k -> k // G,
+    integers, also when G does not divide W (W - W / G would put queries at fractional positions)."""
+    positions = torch.arange(0, 40)[None]
+    for group, window in [(4, 6), (3, 10), (32, 1000), (4, 8)]:
+        grouped_q, grouped_k = self_extend_positions(positions, positions, group, window)
+        assert grouped_q.dtype == grouped_k.dtype == torch.int64
+        assert grouped_q.tolist() == [[q // group + window - window // group for q in range(40)]]
+        assert grouped_k.tolist() == [[k // group for k in range(40)]]
 
 
 def test_logits_equal_the_formula_with_position_interpolation():
@@ -211,7 +229,7 @@ def test_config_key_builds_self_extend_and_survives_save(tmp_path):
 
 
 def test_bad_settings_and_caches_are_refused():
-    for bad in [(0, 8), (4, 0), (2.5, 8), {"group_size": 4}, {"group_size": 4, "window": 8, "x": 1}]:
+    for bad in [(0, 8), (4, 0), (2.5, 8), (8, 8), (16, 8), {"group_size": 4}, {"group_size": 4, "window": 8, "x": 1}]:
         with pytest.raises(ValueError):
             self_extend_settings(bad)
     model = tiny_llama({"rope_type": "dynamic", "factor": 2.0})

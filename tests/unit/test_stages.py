@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from harpe_megatron.config import ConfigError, config_from_dict, config_to_dict, load_config
+from harpe_megatron.config.loader import stage_config
 from harpe_megatron.positional.bases import ConstantBase, UniformBases
 from harpe_megatron.positional.position_ids import CreamPositions
 from harpe_megatron.positional.scaling import LinearScaling, NoScaling
-from harpe_megatron.training.stages import stage_config
+from harpe_megatron.training.resume_checks import plan_resume
 from tests.helpers import TINY_CPU_CONFIG
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -92,3 +94,24 @@ def test_old_stage_form_fails_with_the_new_form():
     # ... and that form loads
     cfg = load_config(TINY_CPU_CONFIG, [_stages(yaml.safe_dump(new, default_flow_style=True).strip())])
     assert stage_config(cfg, 0, cfg.stages[0], None).positional.bases == ConstantBase(1.0e6)
+
+
+def test_stage_transitions_are_not_resumes_and_a_stage_resumes_its_own_checkpoint():
+    """Stages change lengths, bases and schedules between them legitimately: each has its own
+    run_dir and checkpoint dir and takes the previous stage's weights as checkpoint.pretrained,
+    so no resume check sees a transition. A stage resuming its own checkpoint (preempted mid-stage)
+    compares with that stage's saved config: nothing differs; a stage edited between launches is
+    checked like any run (training/resume_checks.py)."""
+    cfg = load_config(CONFIGS / "llama2_7b_abf_multistage.yaml")
+    plain = [stage_config(cfg, i, s, f"prev{i}") for i, s in enumerate(cfg.stages)]
+    assert len({p.checkpoint.save for p in plain}) == len(plain)
+    assert all(p.checkpoint.load is None and p.checkpoint.pretrained == f"prev{i}" for i, p in enumerate(plain))
+    for p in plain:
+        saved = {"iteration": 5, "consumed_samples": 160, "config_yaml": yaml.safe_dump(config_to_dict(p))}
+        assert plan_resume(p, Path(p.checkpoint.save) / "iter_0000005", saved).changes == []
+    raised = dataclasses.replace(cfg.stages[1], overrides={**cfg.stages[1].overrides, "positional.bases.base": 3.0e6})
+    stage1 = stage_config(cfg, 1, raised, "prev1")  # stage 1's base raised after it started
+    saved = {"iteration": 5, "consumed_samples": 160, "config_yaml": yaml.safe_dump(config_to_dict(plain[1]))}
+    with pytest.raises(ConfigError, match=r"positional.bases is \{strategy: constant, base: 3000000.0\} in the config "
+                                          r"but \{strategy: constant, base: 2000000.0\} in the checkpoint"):
+        plan_resume(stage1, Path(stage1.checkpoint.save) / "iter_0000005", saved)

@@ -50,7 +50,7 @@ def test_te_warns_once_that_it_is_unverified(single_rank, monkeypatch, caplog):
     seen = []
     monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)
 
-    def fake_block_spec(config, use_transformer_engine, vp_stage=None):
+    def fake_block_spec(config, use_transformer_engine, vp_stage=None, **layer_options):
         seen.append(use_transformer_engine)
         raise RuntimeError("stop before building TE modules")
 

@@ -1,82 +1,144 @@
-"""Glue between the HARPE Llama attentions and the installed transformers (shipped with the model).
+"""Every transformers API the HARPE Llama model calls whose form changed inside 5.x, in one place.
 
-Both attentions of this model (``modeling_harpe_llama.HarpeLlamaAttention`` and
-``self_extend_harpe_llama.SelfExtendAttention``) restate Llama's forward, so they depend on how
-transformers hands the KV cache to the layer (``past_key_values=`` before 5.24, ``cache=`` from
-5.24) and to ``Cache.update`` (a ``cache_kwargs`` dict before 5.4, nothing from 5.4, ``kwargs=``
-from 5.24). Each spelling is accepted; the versions in ``TESTED_TRANSFORMERS`` were tested and any
-other version is refused at import with a message naming both, unless
-``HARPE_LLAMA_ALLOW_UNTESTED_TRANSFORMERS=1`` is set (then the newest convention is used, with a
-warning). Imports only ``transformers``.
+Shipped with the model. The model's classes are its own (``layers_harpe_llama.py``,
+``modeling_harpe_llama.py``); they reach transformers through public, documented API only:
+``PreTrainedModel``, ``GenerationMixin``, the ``Cache`` classes' public methods, the
+attention-function registry ``ALL_ATTENTION_FUNCTIONS``, ``masking_utils.create_causal_mask`` and
+the model-output classes. Four of these changed form between transformers 5.0 and 5.25; each form
+is handled here, chosen by what the installed API looks like (its signatures and fields), never by
+the version number:
+
+1. The KV cache's keyword. ``generate()`` passes it to ``forward`` as ``past_key_values=``
+   (5.0-5.23) or ``cache=`` (5.24+): :func:`pop_cache` takes either, and refuses a ``Cache``
+   handed over under any other keyword (instead of silently running without it).
+2. The output field ``generate()`` reads the cache back from: ``past_key_values`` (5.0-5.23) or
+   ``cache`` (5.24+), whichever transformers' own ``CausalLMOutputWithPast`` has
+   (:data:`CACHE_FIELD`, :func:`model_output`, :func:`causal_lm_output`).
+3. ``Cache.update``: a ``cache_kwargs`` dict up to 5.3 (the static cache writes at its
+   ``cache_position``), only ``(key, value, layer_idx)`` from 5.4 (:func:`update_cache`).
+4. ``create_causal_mask``: ``input_embeds`` became ``inputs_embeds`` (5.2), ``cache_position``
+   went unused (5.4) and then away (by 5.10), ``past_key_values`` became ``cache`` (5.24; 5.25
+   lists both, the old one as a deprecated keyword-only alias) (:func:`causal_mask`).
+
+If the installed transformers offers none of the known forms of one of these, importing this file
+raises an ImportError naming it (:func:`check_api`): a model that cannot hand its cache to
+``generate()`` must not load. Imports ``dataclasses``, ``functools``, ``inspect`` and
+``transformers``.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import warnings
+import dataclasses
+import functools
+import inspect
 
-import transformers
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-__all__ = ["TESTED_TRANSFORMERS", "ALLOW_UNTESTED_ENV", "check_transformers_version", "pop_cache", "update_cache",
-           "project_qkv"]
+__all__ = ["CACHE_FIELD", "CACHE_KEYWORDS", "attention_function", "causal_mask", "causal_mask_arguments",
+           "causal_lm_output", "check_api", "model_output", "pop_cache", "update_cache"]
 
-#: Lowest and highest (major, minor) of transformers this file was tested with, both included.
-TESTED_TRANSFORMERS = ((5, 0), (5, 24))
-ALLOW_UNTESTED_ENV = "HARPE_LLAMA_ALLOW_UNTESTED_TRANSFORMERS"
-
-
-def transformers_version(version: str) -> tuple[int, int]:
-    """``(major, minor)`` of a transformers version string such as ``5.24.0`` or ``5.25.0.dev0``."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None:
-        raise RuntimeError(f"harpe_llama: cannot read the transformers version {version!r}")
-    return int(match.group(1)), int(match.group(2))
+#: Keywords a KV cache arrives under: 5.24+ ``cache``, 5.0-5.23 ``past_key_values``.
+CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
-def check_transformers_version(version: str) -> tuple[int, int]:
-    """Refuse (RuntimeError) a transformers version outside ``TESTED_TRANSFORMERS``, unless
-    ``HARPE_LLAMA_ALLOW_UNTESTED_TRANSFORMERS=1`` (then warn). Returns the (major, minor) used."""
-    (lo, hi), found = TESTED_TRANSFORMERS, transformers_version(version)
-    if lo <= found <= hi:
-        return found
-    supported = f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}.x"
-    message = (f"harpe_llama: transformers {version} is installed, but this model's code was tested with "
-               f"transformers {supported}; its attention restates Llama's and depends on transformers "
-               f"internals (how the KV cache is passed), so an untested version could compute wrong "
-               f"generations silently.")
-    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
-        warnings.warn(message + f" Continuing because {ALLOW_UNTESTED_ENV}=1.", stacklevel=2)
-        return min(max(found, lo), hi)
-    raise RuntimeError(message + f" Install a tested version (pip install 'transformers>={lo[0]}.{lo[1]},"
-                       f"<{hi[0]}.{hi[1] + 1}') or set {ALLOW_UNTESTED_ENV}=1 to try it anyway.")
+def _cache_field(output_class) -> str:
+    names = {f.name for f in dataclasses.fields(output_class)}
+    found = [name for name in CACHE_KEYWORDS if name in names]
+    if len(found) != 1:
+        raise ImportError(f"harpe_llama: transformers' {output_class.__name__} has fields {sorted(names)}, none or "
+                          f"several of {list(CACHE_KEYWORDS)}; this model cannot return its KV cache to generate()")
+    return found[0]
 
 
-_TRANSFORMERS = check_transformers_version(transformers.__version__)
-_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")  # 5.24+, 5.0-5.23, 4.x
+def causal_mask_arguments(parameters, config, inputs_embeds, attention_mask, cache, position_ids, cache_position):
+    """Keyword arguments for a ``create_causal_mask`` whose parameter names are ``parameters``. Where a
+    release lists a deprecated alias next to the new name (5.25: ``past_key_values`` beside
+    ``cache``), the new name is used."""
+    names = set(parameters)
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
+    embeds = [n for n in ("inputs_embeds", "input_embeds") if n in names]      # 5.2+, 5.0-5.1
+    caches = [n for n in ("cache", "past_key_values") if n in names]           # 5.24+, 5.0-5.23
+    if not embeds or not caches or not {"config", "attention_mask", "position_ids"} <= names:
+        raise ImportError(f"harpe_llama: transformers' create_causal_mask takes {sorted(names)}; expected config, "
+                          f"attention_mask, position_ids, inputs_embeds (or input_embeds) and cache (or "
+                          f"past_key_values)")
+    kwargs[embeds[0]], kwargs[caches[0]] = inputs_embeds, cache
+    if "cache_position" in names:   # 5.0-5.5 (unused from 5.4)
+        kwargs["cache_position"] = cache_position
+    return kwargs
 
 
-def pop_cache(kwargs: dict):
-    """Remove and return the KV cache from a layer's keyword arguments, under any of its names."""
-    found = [kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs]
-    found = [cache for cache in found if cache is not None]
-    if len({id(cache) for cache in found}) > 1:
-        raise ValueError("harpe_llama attention got two different KV caches (cache= and past_key_values=)")
+def check_api() -> str:
+    """Check that the installed transformers offers a known form of each API above; returns the
+    cache output field. Raises ImportError naming what is missing."""
+    field = _cache_field(CausalLMOutputWithPast)
+    if _cache_field(BaseModelOutputWithPast) != field:
+        raise ImportError("harpe_llama: transformers' BaseModelOutputWithPast and CausalLMOutputWithPast name the "
+                          "KV cache differently")
+    causal_mask_arguments(inspect.signature(create_causal_mask).parameters, *([None] * 6))
+    update = inspect.signature(Cache.update).parameters.values()
+    positional = [p for p in update if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 4 and not any(p.kind == p.VAR_POSITIONAL for p in update):
+        raise ImportError(f"harpe_llama: transformers' Cache.update takes {[p.name for p in update]}; expected "
+                          f"(key_states, value_states, layer_idx, ...) by position")
+    return field
+
+
+#: The field of transformers' model outputs that carries the KV cache back to ``generate()``.
+CACHE_FIELD = check_api()
+_MASK_PARAMETERS = tuple(inspect.signature(create_causal_mask).parameters)
+
+
+def pop_cache(kwargs: dict, cache=None):
+    """The KV cache, given as ``cache`` or under any of :data:`CACHE_KEYWORDS` in ``kwargs`` (removed
+    from it). A ``Cache`` under another keyword raises TypeError; two different caches ValueError."""
+    found = [c for c in [cache] + [kwargs.pop(name) for name in CACHE_KEYWORDS if name in kwargs] if c is not None]
+    if len({id(c) for c in found}) > 1:
+        raise ValueError("harpe_llama got two different KV caches (cache= and past_key_values=)")
+    strays = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
+    if strays:
+        raise TypeError(f"harpe_llama got a KV cache as {strays[0]}=, a keyword it does not know "
+                        f"(known: {', '.join(CACHE_KEYWORDS)}); refusing to run without it")
     return found[0] if found else None
 
 
-def update_cache(cache, key_states, value_states, layer_idx: int, cos, sin, kwargs: dict):
-    """``cache.update`` called the way the installed transformers' Llama attention calls it."""
-    if _TRANSFORMERS < (5, 4):
-        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
-        return cache.update(key_states, value_states, layer_idx, cache_kwargs)
-    if _TRANSFORMERS < (5, 24):
-        return cache.update(key_states, value_states, layer_idx)
-    return cache.update(key_states, value_states, layer_idx, kwargs=kwargs)
+@functools.lru_cache(maxsize=None)
+def _takes_cache_kwargs(cache_type: type) -> bool:
+    return "cache_kwargs" in inspect.signature(cache_type.update).parameters
 
 
-def project_qkv(attention, hidden_states):
-    """Llama's q/k/v projections of ``[b, s, hidden]``: ``[b, heads|kv_heads, s, head_dim]`` each, unrotated."""
-    hidden_shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
-    return tuple(proj(hidden_states).view(hidden_shape).transpose(1, 2)
-                 for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+def update_cache(cache, key_states, value_states, layer_idx: int, cache_position):
+    """``cache.update`` in the installed form: with ``cache_kwargs={"cache_position": ...}`` where
+    ``update`` declares that parameter (5.0-5.3), else ``(key, value, layer_idx)`` only."""
+    if _takes_cache_kwargs(type(cache)):
+        return cache.update(key_states, value_states, layer_idx, {"cache_position": cache_position})
+    return cache.update(key_states, value_states, layer_idx)
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position):
+    """``create_causal_mask`` with the installed argument names: None (causal, no padding: the
+    attention function may skip the mask), a 4-D mask, or what the attention implementation uses."""
+    return create_causal_mask(**causal_mask_arguments(
+        _MASK_PARAMETERS, config, inputs_embeds, attention_mask, cache, position_ids, cache_position))
+
+
+def attention_function(implementation, eager):
+    """``eager`` for ``"eager"``, else the attention function transformers registers under that name."""
+    if implementation in (None, "eager"):
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def model_output(last_hidden_state, cache, hidden_states=None, attentions=None):
+    """transformers' ``BaseModelOutputWithPast`` with the cache in :data:`CACHE_FIELD`."""
+    return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, hidden_states=hidden_states,
+                                   attentions=attentions, **{CACHE_FIELD: cache})
+
+
+def causal_lm_output(loss, logits, cache, hidden_states=None, attentions=None):
+    """transformers' ``CausalLMOutputWithPast`` with the cache in :data:`CACHE_FIELD`."""
+    return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions,
+                                  **{CACHE_FIELD: cache})

@@ -5,10 +5,15 @@ for Llama-family models: training-free, inference-time context extension (shippe
 :class:`SelfExtendAttention`; a HARPE config key ``self_extend: {"group_size": G, "window": W}``
 makes ``modeling_harpe_llama`` build it. Within the neighbour window (``q - k < W``) scores use
 the normal positions; beyond it both positions are floor-divided by ``G`` and the query's shifted
-by ``W - W / G`` (:func:`self_extend_positions`); the two score maps are merged per query in one
-softmax. Per-group bases and YaRN/PI scalings are kept. Keys are cached unrotated (each key is
-rotated at two positions), so cached and uncached generation agree. Imports only ``torch``,
-transformers' Llama module and ``compat_harpe_llama``.
+by ``W - W // G`` (:func:`self_extend_positions`; LongLM's fixed convention); the two score maps
+are merged per query in one softmax. Per-group bases and YaRN/PI scalings are kept. Keys are
+cached unrotated (each key is rotated at two positions), so cached and uncached generation agree.
+
+The layer is called by this package's own decoder layer (``layers_harpe_llama``) and, after
+:func:`apply_self_extend` on a stock ``LlamaForCausalLM``, by transformers' Llama decoder layer,
+whose keywords differ between releases: the KV cache comes as ``cache=`` or ``past_key_values=``
+(``compat_harpe_llama.pop_cache``; a cache under an unknown keyword is refused, never dropped).
+Imports only ``torch``, ``compat_harpe_llama`` and ``layers_harpe_llama``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
 
-from .compat_harpe_llama import pop_cache, project_qkv, update_cache
+from .compat_harpe_llama import pop_cache, update_cache
+from .layers_harpe_llama import project_qkv, rotate_half
 
 __all__ = [
     "SelfExtendAttention",
@@ -33,7 +38,8 @@ __all__ = [
 
 def self_extend_settings(value) -> Optional[tuple[int, int]]:
     """``(group_size, window)`` from ``{"group_size": G, "window": W}`` or a ``(G, W)`` pair, validated;
-    ``None`` for ``None``. Both must be integers >= 1."""
+    ``None`` for ``None``. Both must be integers >= 1, the group smaller than the window (keys
+    within the window keep their positions, farther ones are grouped)."""
     if value is None:
         return None
     if isinstance(value, dict):
@@ -45,23 +51,26 @@ def self_extend_settings(value) -> Optional[tuple[int, int]]:
     for name, v in (("group_size", group_size), ("window", window)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"self_extend {name} must be an integer >= 1, got {v!r}")
+    if group_size >= window:
+        raise ValueError(f"self_extend group_size ({group_size}) must be smaller than window ({window}): keys within "
+                         "the window keep their positions, farther ones are grouped (e.g. 32 and 1024)")
     return group_size, window
 
 
 def self_extend_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, group_size: int,
                           window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped positions: ``(q // G + W - W / G, k // G)`` (floor division, true-division shift).
+    """Grouped positions: ``(q // G + W - W // G, k // G)``, integers (floor division throughout).
 
     The shift makes the two regions join: at distance ``q - k = W`` the grouped relative position is
-    ``~W``. It is datamllab/LongLM's convention (``group_query_position = q // g1 + g2 - g2 / g1``,
-    ``group_key_position = k // g1``); when ``G`` divides ``W`` (the paper's 1024 / 32) it is
-    ``W - W // G``, otherwise the query position is fractional, as in LongLM. (LongLM also drops
-    the shift while every query position is below ``W``; no grouped score is used then, so that
-    changes nothing and is not repeated here.)
+    about ``W``. It is datamllab/LongLM's fixed convention, ``group_query_position = q // g1 + g2 -
+    g2 // g1``: its commit 715c1e3 replaced ``g2 / g1`` (true division, "we accidentally use '/'")
+    in ``self_extend_patch/Llama_4_40.py``; its older ``self_extend_patch/Llama.py`` still divides
+    with ``/``. The two agree when ``G`` divides ``W`` (the paper's 1024 / 32); otherwise ``/``
+    gives fractional query positions. (LongLM also drops the shift while every query position is
+    below ``W``; no grouped score is used then, so that changes nothing and is not repeated here.)
     """
-    shift = window - window / group_size
-    grouped_q = torch.div(query_positions, group_size, rounding_mode="floor").to(torch.float32) + shift
-    grouped_k = torch.div(key_positions, group_size, rounding_mode="floor").to(torch.float32)
+    grouped_q = torch.div(query_positions, group_size, rounding_mode="floor") + (window - window // group_size)
+    grouped_k = torch.div(key_positions, group_size, rounding_mode="floor")
     return grouped_q, grouped_k
 
 
@@ -185,20 +194,22 @@ class SelfExtendAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cache=None,
+        cache_position: Optional[torch.Tensor] = None,
         **kwargs,
     ):
-        cache = pop_cache(kwargs)  # ``cache=`` (>= 5.24) or ``past_key_values=``
+        cache = pop_cache(kwargs, cache)  # ``cache=`` or, from transformers' Llama before 5.24, ``past_key_values=``
         input_shape = hidden_states.shape[:-1]
         query_states, key_states, value_states = project_qkv(self, hidden_states)
 
         if cache is not None:  # unrotated keys
-            key_states, value_states = update_cache(cache, key_states, value_states, self.layer_idx, None, None, kwargs)
+            key_states, value_states = update_cache(cache, key_states, value_states, self.layer_idx, cache_position)
             seen = cache.get_seq_length(self.layer_idx)
             if seen != key_states.shape[2]:
                 raise ValueError(f"Self-Extend needs a cache that returns every key seen so far (DynamicCache); "
                                  f"{type(cache).__name__} returned {key_states.shape[2]} key slots for {seen} tokens")
         q_len, k_len = query_states.shape[2], key_states.shape[2]
-        position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(k_len - q_len, k_len, device=hidden_states.device)[None]
         query_positions = position_ids.to(device=hidden_states.device, dtype=torch.int64)

@@ -1,7 +1,7 @@
 """Plan a config at full scale: a fake world of the run's size, every stage, and fixes that fit.
 
 For each plain run the config launches (one, or one per stage), :func:`plan_run` plans one rank of
-the configured layout on ``world_size`` ranks (:mod:`harpe_megatron.training.plan`: real model,
+the configured layout on ``world_size`` ranks (:mod:`harpe_megatron.planner.plan`: real model,
 optimizer and one forward + backward on fake tensors): the predicted per-rank peak with its
 breakdown, counted FLOPs beside the MFU formula's, and whether it fits; when it does not, the first
 of (full recompute, half the micro-batch, TP x 2, CP x 2) that fits, planned too. The command is
@@ -14,11 +14,10 @@ import dataclasses
 from typing import Callable, Optional
 
 from harpe_megatron.config.run import RunConfig
-from harpe_megatron.training.build import build_optimizer, build_training_model
-from harpe_megatron.training.plan import Builders, RunPlan, fake_world, megatron_layout, plan_layout
-from harpe_megatron.training.stages import stage_config
+from harpe_megatron.planner.plan import Builders, RunPlan, fake_world, megatron_layout, plan_layout
+from harpe_megatron.step.build import build_optimizer, build_training_model
 
-__all__ = ["plan_run", "plan_configs"]
+__all__ = ["plan_run"]
 
 # the fake process groups have no gloo twins (megatron's gloo groups serve only checkpointing)
 _BUILDERS = Builders(model=build_training_model,
@@ -85,11 +84,3 @@ def plan_run(cfg: RunConfig, world_size: int, gpu_memory_gib: Optional[float] = 
                                        "layout": alt.layout}
                     break
     return plan
-
-
-def plan_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
-    """(label, config) of every plain run ``cfg`` launches: itself, or one per stage."""
-    if not cfg.stages:
-        return [("run", cfg)]
-    return [(f"stage {i} ({s.name})", stage_config(cfg, i, s, cfg.checkpoint.pretrained))
-            for i, s in enumerate(cfg.stages)]

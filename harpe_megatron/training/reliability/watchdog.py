@@ -34,14 +34,15 @@ import socket
 import threading
 import time
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch.distributed as dist
 
 from harpe_megatron.log import get_logger
+from harpe_megatron.training.reliability.exit_record import record_exit_code
 
-__all__ = ["SLOW_PHASES", "NullWatchdog", "PeerFailure", "Watchdog", "is_communication_error", "make_watchdog",
-           "watchdog_store"]
+__all__ = ["SLOW_PHASES", "NullWatchdog", "PeerFailure", "StepWatchdog", "Watchdog", "is_communication_error",
+           "make_watchdog", "watchdog_store"]
 
 _log = get_logger(__name__)
 
@@ -77,6 +78,22 @@ def is_communication_error(exc: BaseException) -> bool:
 
 class PeerFailure(RuntimeError):
     """Another rank died or hung; the message names it (mapped to PEER_FAILURE_EXIT_CODE)."""
+
+
+class StepWatchdog(Protocol):
+    """What the trainer asks of a watchdog: :class:`Watchdog`, or :class:`NullWatchdog` where there is none.
+
+    A context manager for the run's life; ``progress`` marks the main thread's progress,
+    ``explain_failure`` turns a failed collective into :class:`PeerFailure` when a peer went away.
+    """
+
+    def progress(self, step: int, phase: str) -> None: ...
+
+    def explain_failure(self, exc: BaseException) -> None: ...
+
+    def __enter__(self) -> "StepWatchdog": ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 def watchdog_store(timeout_s: float = 10.0) -> dist.Store:
@@ -243,6 +260,7 @@ class Watchdog:
                       "'latest' is intact, start again to resume")
         for line in report:
             _log.error(line)
+        record_exit_code(self.exit_code)  # os._exit skips the CLI, which records it otherwise
         os._exit(self.exit_code)
 
 
@@ -263,7 +281,7 @@ class NullWatchdog:
         return None
 
 
-def make_watchdog(hang_timeout_s: float, slow_phase_timeout_s: float, exit_code: int) -> Watchdog | NullWatchdog:
+def make_watchdog(hang_timeout_s: float, slow_phase_timeout_s: float, exit_code: int) -> StepWatchdog:
     """A :class:`Watchdog` for this rank when the world has more than one rank and ``hang_timeout_s > 0``,
     else a :class:`NullWatchdog` (needs the default process group)."""
     if dist.get_world_size() <= 1 or hang_timeout_s <= 0:

@@ -24,16 +24,17 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from harpe_megatron.checkpoint.save_load import SaveHooks
 from harpe_megatron.log import get_logger
-from harpe_megatron.training.step import forward_step
+from harpe_megatron.step.schedule import forward_step
 
-__all__ = ["ENV_VAR", "KINDS", "Faults", "NoFaults", "SaveFaults", "faults_from_env", "parse_faults", "fault_at"]
+__all__ = ["ENV_VAR", "KINDS", "FaultInjection", "Faults", "NoFaults", "SaveFaults", "faults_from_env", "parse_faults",
+           "fault_at"]
 
 _log = get_logger(__name__)
 
@@ -80,6 +81,16 @@ def _nan_forward_step(data_iterator, model):
     return output, poisoned
 
 
+class FaultInjection(Protocol):
+    """What the trainer asks of fault injection: :class:`Faults`, or :class:`NoFaults` (the default)."""
+
+    save_hooks: Optional[SaveHooks]
+
+    def step_func(self, step: int, rank: int) -> Callable: ...
+
+    def at_step_start(self, step: int, rank: int) -> None: ...
+
+
 class NoFaults:
     """No fault injection: the plain forward step, nothing at a step's start, no save hooks."""
 
@@ -117,7 +128,7 @@ class Faults(NoFaults):
             os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, heartbeat thread included
 
 
-def faults_from_env() -> NoFaults:
+def faults_from_env() -> FaultInjection:
     """:class:`Faults` of ``HARPE_FAULT_INJECT`` when it is set, else :class:`NoFaults`."""
     spec = os.environ.get(ENV_VAR)
     return Faults(spec) if spec else NoFaults()

@@ -1,6 +1,6 @@
 """The model and optimizer of a run: megatron's GPT chunk under DDP, (distributed) Adam and its LR schedule.
 
-Shared by the trainer and the memory planner (:mod:`harpe_megatron.training.plan`), which builds the
+Shared by the trainer and the memory planner (:mod:`harpe_megatron.planner.plan`), which builds the
 same objects on fake tensors.
 """
 
@@ -39,6 +39,7 @@ def build_training_model(cfg: RunConfig):
         cfg.model, cfg.positional, tconfig, max_sequence_length=cfg.data.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        document_masking=cfg.data.document_masking,
     )
     if on_gpu:
         model.cuda(current_device())
@@ -72,11 +73,13 @@ def build_optimizer(cfg: RunConfig, model_chunks: list, train_iters: int, use_gl
         overlap_param_gather=t.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks, use_gloo_process_groups=use_gloo_process_groups)
-    decay_iters = t.lr_decay_iters or train_iters
+    # The config's values win over a checkpoint's at a load (override_opt_param_scheduler): a resume
+    # that would change them was refused or accepted by choice before (training/resume_checks.py).
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=max(decay_iters, t.lr_warmup_iters + 1),
+        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.lr_decay_steps(train_iters),
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=max(train_iters, 1), wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
     return optimizer, scheduler

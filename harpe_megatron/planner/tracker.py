@@ -1,7 +1,7 @@
 """What the memory planner counts: every live storage by category, its peak, and FLOPs by phase.
 
 :class:`AllocationTracker` is a ``TorchDispatchMode`` that sees every op of a planned micro-step
-(:mod:`harpe_megatron.training.plan`); on fake tensors it measures what the real run would
+(:mod:`harpe_megatron.planner.plan`); on fake tensors it measures what the real run would
 allocate, on real tensors the same code measures the real run (the planner's agreement tests).
 """
 
@@ -47,7 +47,8 @@ class AllocationTracker(TorchDispatchMode):
     (a weakref finalizer). ``category`` is what new storages are filed under. FLOPs go to
     ``forward`` outside autograd's backward, ``recompute`` inside megatron's checkpoint functions'
     backward (activation recomputation re-runs the forward there) and for the attention kernels'
-    own recomputation of ``Q K^T`` in their backward, ``backward`` otherwise.
+    own recomputation of ``Q K^T`` in their backward, ``backward`` otherwise. ``attention_flops``
+    holds the attention kernels' share of each (what document masking scales, planner/plan.py).
     """
 
     def __init__(self, vocab_local: Optional[int] = None):
@@ -59,6 +60,7 @@ class AllocationTracker(TorchDispatchMode):
         self.peak_by_category: dict[str, int] = {}
         self.max_by_category: dict[str, int] = {}  # each category's own high-water mark
         self.flops: dict[str, float] = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
+        self.attention_flops: dict[str, float] = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}  # part of flops
         self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.after_op: Optional[Callable[[], None]] = None
 
@@ -125,8 +127,11 @@ class AllocationTracker(TorchDispatchMode):
                     (b, sq, h, d), sk = q.shape, k.shape[1]
                 redo = 2 * b * h * sq * sk * d * fraction
                 self.flops["recompute"] += redo
+                self.attention_flops["recompute"] += redo
                 flops -= redo
         self.flops[phase] += flops
+        if "attention" in func.__name__:
+            self.attention_flops[phase] += flops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -29,11 +29,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from harpe_megatron.config.loader import ConfigError
 from harpe_megatron.log import get_logger
+from harpe_megatron.run_dir import LOCK_FILE, RunDir
 
-__all__ = ["LOCK_FILE", "RunDirInUse", "acquire_run_dir", "hold_run_dir"]
+__all__ = ["RunDirInUse", "acquire_run_dir", "hold_run_dir"]
 
-LOCK_FILE = ".harpe.lock"
 _log = get_logger(__name__)
 
 
@@ -60,7 +61,7 @@ def acquire_run_dir(run_dir: str | os.PathLike, log: Callable[[str], None] = _lo
     it (None where the filesystem cannot lock). Raises :class:`RunDirInUse` if a live run holds it."""
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_FILE
+    path = RunDir(root).lock
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -111,20 +112,35 @@ def hold_run_dir(run_dir: str | os.PathLike, is_holder: bool, share: Callable[[O
     """Hold ``run_dir``'s lock for the body (collective through ``share``).
 
     ``is_holder``: whether this process takes the lock (rank 0); ``share(error)`` hands the
-    holder's error (or None) to every rank and returns it (a broadcast from rank 0).
+    holder's error (or None) to every rank and returns it (a broadcast from rank 0). A run_dir
+    that is not a directory is a :class:`ConfigError`. A run_dir this call created is removed
+    again when the body fails while it holds nothing but the lock file (a failed start leaves
+    nothing behind).
     """
     fd, error = None, None
+    root = Path(run_dir)
+    created = is_holder and not root.exists()
     if is_holder:
         try:
-            fd = acquire_run_dir(run_dir, log)
+            if root.exists() and not root.is_dir():
+                error = ("config", f"run_dir: {run_dir} exists and is not a directory; set run_dir to a directory "
+                                   "(it is created if missing)")
+            else:
+                fd = acquire_run_dir(run_dir, log)
         except RunDirInUse as exc:
-            error = str(exc)
+            error = ("in use", str(exc))
         except OSError as exc:
-            error = f"run_dir {run_dir}: cannot take its lock file {LOCK_FILE} ({exc})"
+            error = ("config", f"run_dir: {run_dir} cannot be created or locked ({exc.strerror}: {exc.filename})")
     error = share(error)
     if error is not None:
-        raise RunDirInUse(error)
+        raise (ConfigError if error[0] == "config" else RunDirInUse)(error[1])
+    failed = True
     try:
         yield
+        failed = False
     finally:
         _release(fd)
+        if created and failed and root.is_dir() and [p.name for p in root.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                (root / LOCK_FILE).unlink()
+                root.rmdir()

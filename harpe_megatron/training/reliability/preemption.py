@@ -19,16 +19,28 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch.distributed as dist
 
 from harpe_megatron.distributed.signals import PREEMPTION_SIGNALS
 from harpe_megatron.log import get_logger
 
-__all__ = ["PREEMPTION_SIGNALS", "NoPreemption", "Preemption"]
+__all__ = ["PREEMPTION_SIGNALS", "NoPreemption", "Preemption", "PreemptionSignal"]
 
 _log = get_logger(__name__)
+
+
+class PreemptionSignal(Protocol):
+    """What the trainer asks of preemption handling: :class:`Preemption`, or :class:`NoPreemption`.
+
+    ``flag`` is 1.0 once this rank was signalled (the trainer all-reduces it once per step).
+    """
+
+    received: Optional[str]
+
+    @property
+    def flag(self) -> float: ...
 
 
 class NoPreemption:

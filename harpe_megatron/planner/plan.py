@@ -4,10 +4,11 @@
 trainer's ``build_training_model`` / ``build_optimizer`` and runs one training micro-step through
 megatron's forward/backward schedule (the configured recomputation, CP attention, loss) under
 ``FakeTensorMode``: every tensor has its real shape, dtype and lifetime but no storage. A
-``TorchDispatchMode`` (:class:`~harpe_megatron.training.plan_tracker.AllocationTracker`) sees every op, keeps the bytes of every live
-storage (freed when the storage dies) by category, the peak and what was live at the peak, and
+``TorchDispatchMode`` (:class:`~harpe_megatron.planner.tracker.AllocationTracker`) sees every op,
+keeps the bytes of every live storage (freed when the storage dies) by category, the peak and what
+was live at the peak, and
 counts FLOPs with torch's ``flop_counter`` formulas (causal attention counted as computed).
-Process groups: a fake backend of the full world size (:mod:`training.plan_run`,
+Process groups: a fake backend of the full world size (:mod:`planner.plan_run`,
 ``tools/plan_run.py``), or the run's own groups (the training pre-flight, :func:`preflight`:
 collectives on fake tensors move nothing).
 
@@ -29,6 +30,17 @@ What is **modelled** vs **measured**:
 
 One micro-batch is planned: with PP 1 megatron runs micro-batches one after the other, so the
 peak does not grow with their number (FLOPs are multiplied by it).
+
+Document masking (``data.document_masking``): fake tensors hold no document ids, so the planned
+attention is the causal flash op of each chunk, i.e. one document per row. That is the memory of
+the real run (the varlen kernel keeps the same output and log-sum-exp) but not its FLOPs: the
+attention kernels' FLOPs (counted apart by the tracker) are scaled by the fraction of attended
+pairs that document masking leaves for the data's document lengths
+(:func:`~harpe_megatron.data.documents.data_attention_fraction`: the ``data.paths`` documents
+packed into rows of ``data.seq_length``). ``flops_per_step`` and ``analytic_flops_per_step`` are
+then the masked figures, ``masked_attention_fraction`` says by how much; when the data cannot be
+read the fraction is ``None`` and the FLOPs stay at the one-document-per-row bound (the summary
+says so).
 """
 
 from __future__ import annotations
@@ -45,19 +57,21 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from harpe_megatron.config.model import padded_vocab_size
 from harpe_megatron.config.run import RunConfig
+from harpe_megatron.data.documents import data_attention_fraction
 from harpe_megatron.distributed.bringup import current_device, megatron_parallel
-from harpe_megatron.training.metrics import training_flops_per_token
-from harpe_megatron.training.plan_tracker import AllocationTracker
-from harpe_megatron.training.step import forward_step
+from harpe_megatron.planner.tracker import AllocationTracker
+from harpe_megatron.step.metrics import training_flops, training_flops_per_token
+from harpe_megatron.step.schedule import forward_step
 
-__all__ = ["RunPlan", "AllocationTracker", "Builders", "plan_layout", "fake_world", "megatron_layout", "preflight",
+__all__ = ["RunPlan", "Builders", "plan_layout", "fake_world", "megatron_layout", "preflight",
            "PreflightError"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Builders:
-    """The trainer's ``build_training_model`` and ``build_optimizer`` (passed in: the trainer calls
-    this module for its pre-flight, so this module cannot import the trainer)."""
+    """The trainer's ``build_training_model`` and ``build_optimizer`` (step/build.py), passed in: the
+    trainer's pre-flight builds the optimizer with megatron's gloo groups, the fake-world planner
+    (plan_run.py) without them."""
 
     model: Callable[[RunConfig], tuple[list, Any]]  # cfg -> ([DDP chunk], TransformerConfig)
     optimizer: Callable[[RunConfig, list, int], tuple[Any, Any]]  # (cfg, chunks, iters) -> (optimizer, scheduler)
@@ -101,6 +115,9 @@ class RunPlan:
     gpu_memory_gib: Optional[float] = None
     margin_gib: float = 0.0
     suggestion: Optional[dict[str, Any]] = None  # the smallest checked change that fits
+    document_masking: bool = False
+    attention_flops_per_step: float = 0.0  # the attention kernels' part of flops_per_step
+    masked_attention_fraction: Optional[float] = None  # attended pairs masked / causal, from the data
 
     @property
     def peak_gib(self) -> float:
@@ -127,6 +144,11 @@ class RunPlan:
         if self.gpu_memory_gib is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             parts.append(f"{verdict} {self.gpu_memory_gib:g} GiB with a {self.margin_gib:g} GiB margin")
+        if self.document_masking:
+            f = self.masked_attention_fraction
+            parts.append("document masking: attention FLOPs at the one-document-per-row bound (data.paths "
+                         "unreadable, document lengths unknown)" if f is None else
+                         f"document masking: attention FLOPs x {f:.3f} (the data's document lengths)")
         return "; ".join(parts)
 
 
@@ -216,9 +238,14 @@ def _batch(cfg: RunConfig, vocab: int) -> dict[str, torch.Tensor]:
     device = current_device()
     shape = (cfg.training.micro_batch_size, cfg.data.seq_length // cfg.parallel.context_parallel_size)
     tokens = torch.randint(0, vocab, shape, device=device)
-    return {"tokens": tokens, "labels": tokens.clone(),
-            "loss_mask": torch.ones(shape, dtype=torch.float32, device=device),
-            "position_ids": torch.arange(shape[1], device=device).expand(shape).contiguous()}
+    batch = {"tokens": tokens, "labels": tokens.clone(),
+             "loss_mask": torch.ones(shape, dtype=torch.float32, device=device),
+             "position_ids": torch.arange(shape[1], device=device).expand(shape).contiguous()}
+    if cfg.data.document_masking:  # one document per row (module docstring)
+        batch["document_ids"] = torch.zeros(shape, dtype=torch.int64, device=device)
+        batch["token_index"] = batch["position_ids"].clone()
+        batch["attention_keys"] = (batch["position_ids"] + 1).to(torch.float32)
+    return batch
 
 
 def _unique_storages(tensors) -> list[torch.Tensor]:
@@ -303,9 +330,21 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
         if inspect is not None:
             inspect(chunks, optimizer)
     nmb = cfg.num_microbatches(world_size)
-    flops = dict(tracker.flops)
+    flops, attn = dict(tracker.flops), dict(tracker.attention_flops)
     model_flops = (flops["forward"] + flops["backward"]) * nmb * world_size
+    executed_flops = model_flops + flops["recompute"] * nmb * world_size
+    attention_flops = (attn["forward"] + attn["backward"]) * nmb * world_size
     t = cfg.training
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    analytic = training_flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step
+    fraction = None
+    if cfg.data.document_masking:
+        fraction = data_attention_fraction(cfg.data.paths, cfg.data.weights, cfg.data.seq_length, t.seed)
+    if fraction is not None:  # module docstring: only the attention kernels' FLOPs shrink
+        model_flops -= attention_flops * (1 - fraction)
+        executed_flops -= (attention_flops + attn["recompute"] * nmb * world_size) * (1 - fraction)
+        attention_flops *= fraction
+        analytic = training_flops(cfg.model, tokens_per_step, fraction * tokens_per_step * cfg.data.seq_length / 2)
     recompute = t.recompute_granularity or "none"
     if t.recompute_granularity == "full":
         recompute = f"full/{t.recompute_method}/{t.recompute_num_layers}"
@@ -316,11 +355,10 @@ def plan_layout(cfg: RunConfig, world_size: int, build: Builders, fake: bool = T
         breakdown_bytes={k: by_cat.get(k, 0) for k in BREAKDOWN},
         category_max_bytes={k: cat_max.get(k, 0) for k in BREAKDOWN}, static_bytes=static,
         params_local=params_local, buffer_elements=buffer_elements,
-        flops_per_rank_microbatch=flops, flops_per_step=model_flops,
-        executed_flops_per_step=model_flops + flops["recompute"] * nmb * world_size,
-        analytic_flops_per_step=training_flops_per_token(cfg.model, cfg.data.seq_length)
-        * t.global_batch_size * cfg.data.seq_length,
-        planning_s=time.perf_counter() - start,
+        flops_per_rank_microbatch=flops, flops_per_step=model_flops, executed_flops_per_step=executed_flops,
+        analytic_flops_per_step=analytic, planning_s=time.perf_counter() - start,
+        document_masking=cfg.data.document_masking, attention_flops_per_step=attention_flops,
+        masked_attention_fraction=fraction,
     )
 
 
