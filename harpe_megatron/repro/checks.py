@@ -1,24 +1,40 @@
 """What must hold at any scale (the smoke tier's assertions, checked after every tier's run).
 
-* The un-extended base fails beyond its window: its perplexity at 4 L is at least ``FACTOR``
-  times its perplexity at L (RoPE angles it never saw).
-* Extension works: HARPE's and single-stage ABF's perplexity at 4 L (inside their 8 L window) is
-  at most the base's there divided by ``FACTOR`` (checked for those of the two that were run).
+Perplexities are the evaluation's sliding-window ones (stride half the length), so every token
+scored at 4 L sits at a position in [2 L, 4 L) and sees keys up to 4 L back: 2 to 4 times the
+relative distances the base ever trained on. Written in log-perplexity (nats per token):
 
-These say nothing about which method is better; that is the comparison the tiers measure.
+* The un-extended base fails beyond its window: ``ln ppl_base(4L) - ln ppl_base(L)`` (its
+  *excess loss* beyond the window) is at least ``ln BASE_MIN_RATIO``.
+* Extension works: HARPE's and single-stage ABF's perplexity at 4 L (inside their 8 L window)
+  removes at least half of that excess, ``ln ppl_base(4L) - ln ppl_arm(4L) >= excess / 2``,
+  i.e. the arm's perplexity at 4 L is at most the geometric mean of the base's at L and at 4 L
+  (checked for those of the two that were run).
+
+Why not "a factor of 2 both ways": how much a model loses beyond its window depends on how much
+of its prediction rests on far-away tokens, which grows with scale and training. Llama-2-7B at
+4x its window is off by orders of magnitude; a 0.17M-parameter model trained on 1M tokens of code
+predicts from its last ~30 tokens (its perplexity with 32 tokens of context equals that with
+128) and loses 1.2-1.5x at 4 L whatever its RoPE base or head dim (docs/reproduction.md,
+"Checks"). The statements that hold at every scale are relative to the base's own loss: it is
+there, clearly beyond the spread between trainings (BASE_MIN_RATIO), and an extension removes
+most of it. These say nothing about which method is better; that is what the tiers measure.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
 from harpe_megatron.repro.protocol import TierPlan
 
-__all__ = ["FACTOR", "run_checks"]
+__all__ = ["BASE_MIN_RATIO", "run_checks"]
 
-FACTOR = 2.0
+# The base's perplexity at 4 L over its perplexity at L must be at least this: more than twice the
+# +-4 % spread of the smoke base's perplexity at L between trainings (docs/reproduction.md, "Checks").
+BASE_MIN_RATIO = 1.10
 
 
 def _ppl(results: Path, arm: str, length: int) -> float | None:
@@ -37,18 +53,22 @@ def run_checks(results: Path, plan: TierPlan, arms: list[str], say: Callable[[st
     if base_l is None or base_far is None:
         failures.append(f"base: no perplexity at {L} and {far} in {results}/base.json")
     else:
-        ok = base_far >= FACTOR * base_l
-        lines.append((ok, f"base: perplexity at {far} = {base_far:.2f} >= {FACTOR:g} x its perplexity at {L} "
-                          f"({base_l:.2f})"))
-    for arm in ("harpe", "abf"):
-        if arm not in arms or base_far is None:
-            continue
-        value = _ppl(results, arm, far)
-        if value is None:
-            failures.append(f"{arm}: no perplexity at {far} in {results}/{arm}.json")
-            continue
-        lines.append((value <= base_far / FACTOR, f"{arm}: perplexity at {far} = {value:.2f} <= base's there "
-                                                  f"({base_far:.2f}) / {FACTOR:g}"))
+        excess = math.log(base_far / base_l)
+        lines.append((base_far >= BASE_MIN_RATIO * base_l,
+                      f"base: perplexity at {far} = {base_far:.2f} >= {BASE_MIN_RATIO:g} x its perplexity at {L} "
+                      f"({base_l:.2f}); excess loss beyond its window {excess:.3f} nats/token"))
+        bound = math.sqrt(base_l * base_far)
+        for arm in ("harpe", "abf"):
+            if arm not in arms:
+                continue
+            value = _ppl(results, arm, far)
+            if value is None:
+                failures.append(f"{arm}: no perplexity at {far} in {results}/{arm}.json")
+                continue
+            removed = math.log(base_far / value) / excess if excess > 0 else float("nan")
+            lines.append((value <= bound, f"{arm}: perplexity at {far} = {value:.2f} <= {bound:.2f} (geometric mean "
+                                          f"of the base's at {L} and {far}); removes {removed:.0%} of the base's "
+                                          f"excess loss"))
     failures += [text for ok, text in lines if not ok]
     for ok, text in lines:
         say(f"check {'passed' if ok else 'FAILED'}: {text}")

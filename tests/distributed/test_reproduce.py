@@ -1,8 +1,8 @@
 """scripts/reproduce.sh, smoke tier (docs/reproduction.md): the whole pipeline of public commands
 end to end (corpus, base pretraining, HARPE and ABF extension, HF exports, evaluation of the
-base, Self-Extend, HARPE and ABF, reports), the checks that must hold at any scale, and a second
-run that skips every step. CI budget: under 3 minutes on 2 cores (measured in the report of
-issue 23; the first run is most of it)."""
+base, HARPE and ABF, reports), the checks that must hold at any scale (harpe_megatron/repro/checks.py),
+and a second run that skips every step. CI budget: 3 minutes on 2 cores for the first run
+(docs/reproduction.md records the measured times and the machine's load)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,13 @@ def test_smoke_tier_end_to_end_then_resumes_as_done(tmp_path):
     out = proc.stdout
     # every step is printed as the public command it runs
     assert "CONFIG=configs/repro/smoke/harpe.yaml GPUS_PER_NODE=1 bash scripts/pretrain_harpe.sh" in out
-    assert "tools/eval_long_context.py run" in out and "--self-extend 8,32" in out
+    assert "tools/eval_long_context.py run" in out
     assert out.count("check passed") == 3 and "FAILED" not in out
     res = tmp_path / "results" / "seed1"
-    for arm in ("base", "self_extend", "harpe", "abf"):
+    for arm in ("base", "harpe", "abf"):
         result = json.loads((res / f"{arm}.json").read_text())
         assert [row["length"] for row in result["perplexity"]] == [128, 256, 512, 1024, 2048]
         assert set(result["per_length"]["passkey"]) == {"128", "256", "512", "1024", "2048"}
-    assert json.loads((res / "self_extend.json").read_text())["self_extend"] == {"group_size": 8, "window": 32}
     table = (res / "table.md").read_text()
     assert "| HARPE |" in table and "paper rank" in table and "ppl avg 128-1024" in table
     for png in ("perplexity.png", "heatmaps_passkey.png", "heatmaps/HARPE_passkey.png"):
@@ -51,10 +50,10 @@ def test_smoke_tier_end_to_end_then_resumes_as_done(tmp_path):
     # a second run finds every output and runs only the reports
     proc = _reproduce(tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for step in ("train base", "export base", "train harpe", "eval harpe", "eval self_extend"):
+    for step in ("train base", "export base", "train harpe", "eval harpe", "eval abf"):
         assert f"[reproduce] {step}: done before, skipped" in proc.stdout
     assert "pretrain_harpe.sh" not in proc.stdout
-    print(f"smoke tier: first run {first:.0f} s")
+    print(f"smoke tier: first run {first:.0f} s; " + "; ".join(x for x in out.splitlines() if "check passed" in x))
 
 
 def test_dry_run_prints_every_arm_as_a_command(tmp_path):
@@ -65,6 +64,7 @@ def test_dry_run_prints_every_arm_as_a_command(tmp_path):
         train = [x for x in lines if f"CONFIG=configs/repro/smoke/{arm}.yaml" in x]
         assert len(train) == 1 and "training.seed=3" in train[0], arm
         assert f"checkpoint.pretrained={tmp_path}/runs/seed3/base/checkpoints" in train[0]
+    assert any("--self-extend 8,32" in x and "base/hf" in x for x in lines)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
     bad = _reproduce(tmp_path, "--arms", "harpe,nope", "--dry-run")
     assert bad.returncode == 2 and "unknown arm(s) ['nope']" in bad.stderr
