@@ -12,8 +12,9 @@ whose output exists is skipped, a stopped training resumes, so running the comma
 continues where it stopped. timings.json records each step's wall and CPU time and the machine's
 load. Arms: base, self_extend (both evaluate the un-extended base), harpe, abf, abf_multistage,
 pi, yarn, ntk, cream, pose. The checks (on by default) test what must hold at any scale: the
-base's perplexity at 4 L is far above its perplexity at L, and HARPE's and ABF's at 4 L far
-below the base's there (exit 1 when one fails).
+base's perplexity at 4 L is above its perplexity at L (by at least 10 %), and HARPE and ABF at
+4 L remove at least half of that excess loss (harpe_megatron/repro/checks.py; exit 1 when one
+fails).
 
 Exit codes: 0 done, 1 a step or check failed, 2 bad arguments, 75 a training was preempted
 (run again to resume).
