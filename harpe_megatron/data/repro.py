@@ -54,13 +54,14 @@ from harpe_megatron.data.jsonl import Document, read_documents
 from harpe_megatron.data.tokenizer import train_sentencepiece
 from harpe_megatron.data.upsample import LengthUpsampler
 
-__all__ = ["ReproData", "ReproDataSettings", "RetrievalDoc", "collect_text", "prepare_repro_data", "repro_outputs"]
+__all__ = ["ANSWER_ROOM", "ReproData", "ReproDataSettings", "RetrievalDoc", "collect_text", "prepare_repro_data", "repro_outputs"]
 
 # (tokenize, length in tokens, seed, depth in [0, 1]) -> document text of at most `length` tokens
 RetrievalDoc = Callable[[Callable[[str], list], int, int, float], str]
 _MANIFEST_VERSION = 1
 _RETRIEVAL_SEED = {"pretrain": 1_000_000, "extend": 2_000_000, "tokenizer": 3_000_000}
-_ANSWER_ROOM = 10
+ANSWER_ROOM = 10  # tokens after a task's prompt for BOS, the answer and EOS; the evaluation's passkey
+# prompts are this much shorter than the window so that prompt and answer fit in it (repro/protocol.py)
 _TOKENIZER_SHARE = 0.1  # retrieval documents' share of the tokenizer's training characters
 
 
@@ -80,9 +81,9 @@ class ReproDataSettings:
     inputs: list[str] = field(default_factory=list)  # JSONL files instead of the standard library
 
     def __post_init__(self) -> None:
-        if not 0 < self.retrieval_min_length <= self.length - _ANSWER_ROOM:
-            raise ValueError(f"retrieval_min_length must be in [1, length - {_ANSWER_ROOM}] = "
-                             f"[1, {self.length - _ANSWER_ROOM}], got {self.retrieval_min_length}")
+        if not 0 < self.retrieval_min_length <= self.length - ANSWER_ROOM:
+            raise ValueError(f"retrieval_min_length must be in [1, length - {ANSWER_ROOM}] = "
+                             f"[1, {self.length - ANSWER_ROOM}], got {self.retrieval_min_length}")
         if self.target < self.length:
             raise ValueError(f"target ({self.target}) must be >= length ({self.length})")
         for key in ("vocab_size", "text_chars", "heldout_chars", "heldout_min_chars", "retrieval_docs"):
@@ -158,7 +159,7 @@ def _retrieval_texts(make: RetrievalDoc, tokenize: Callable[[str], list], settin
     answer make every document, with BOS and EOS, exactly ``length`` tokens (see the module
     docstring)."""
     rng = random.Random(f"{settings.seed}:{which}")
-    hi = settings.length - _ANSWER_ROOM
+    hi = settings.length - ANSWER_ROOM
     out = []
     for i in range(count):
         length, depth = rng.randint(settings.retrieval_min_length, hi), rng.random()
@@ -169,7 +170,7 @@ def _retrieval_texts(make: RetrievalDoc, tokenize: Callable[[str], list], settin
             except ValueError as exc:
                 if length >= hi:
                     raise ValueError(f"retrieval documents do not fit in {hi} tokens (the window {settings.length} "
-                                     f"less {_ANSWER_ROOM}): {exc}") from None
+                                     f"less {ANSWER_ROOM}): {exc}") from None
                 length = min(hi, length + 8)
         if exact:
             text = _pad(text, tokenize, settings.length - 2)

@@ -10,6 +10,9 @@ relative distances the base ever trained on. Written in log-perplexity (nats per
   removes at least half of that excess, ``ln ppl_base(4L) - ln ppl_arm(4L) >= excess / 2``,
   i.e. the arm's perplexity at 4 L is at most the geometric mean of the base's at L and at 4 L
   (checked for those of the two that were run).
+* Where the tier asks for it (``Tier.min_in_window_passkey``: the cpu and gpu tiers' 90 %), the
+  base retrieves the passkey inside its own window (prompts of L - ``ANSWER_ROOM`` tokens),
+  so that retrieval beyond it measures the extension and not a task the base never learned.
 
 Why not "a factor of 2 both ways": how much a model loses beyond its window depends on how much
 of its prediction rests on far-away tokens, which grows with scale and training. Llama-2-7B at
@@ -45,6 +48,15 @@ def _ppl(results: Path, arm: str, length: int) -> float | None:
     return next((float(r["ppl"]) for r in rows if int(r["length"]) == length), None)
 
 
+def _in_window_passkey(results: Path, length: int) -> float | None:
+    """The base's passkey accuracy (%) at prompt length ``length`` (the per_length table)."""
+    path = results / "base.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("per_length", {}).get("passkey", {}).get(str(length))
+    return None if value is None else float(value)
+
+
 def run_checks(results: Path, plan: TierPlan, arms: list[str], say: Callable[[str], None] = print) -> list[str]:
     """Check the results folder of one seed; returns the failures (also said, with the passes)."""
     L, far = plan.length, 4 * plan.length
@@ -69,6 +81,15 @@ def run_checks(results: Path, plan: TierPlan, arms: list[str], say: Callable[[st
             lines.append((value <= bound, f"{arm}: perplexity at {far} = {value:.2f} <= {bound:.2f} (geometric mean "
                                           f"of the base's at {L} and {far}); removes {removed:.0%} of the base's "
                                           f"excess loss"))
+    least = plan.tier.min_in_window_passkey
+    if least is not None:
+        n = plan.passkey_lengths[0]
+        acc = _in_window_passkey(results, n)
+        if acc is None:
+            failures.append(f"base: no passkey accuracy at {n} in {results}/base.json")
+        else:
+            lines.append((acc >= least, f"base: passkey accuracy inside its window (prompts of {n} tokens) "
+                                        f"{acc:.1f} % >= {least:g} %"))
     failures += [text for ok, text in lines if not ok]
     for ok, text in lines:
         say(f"check {'passed' if ok else 'FAILED'}: {text}")

@@ -144,12 +144,13 @@ def plan_steps(plan: TierPlan, arms: list[str], layout: Layout, configs_root: Pa
                                             "--max-position-embeddings", str(window), "--overwrite", "--no-progress"],
                           done=lambda hf=hf, save=save: _newer(hf / "config.json", save / "latest")))
     lengths = ",".join(str(L) for L in plan.eval_lengths)
+    passkey_lengths = ",".join(str(L) for L in plan.passkey_lengths)
     for arm in arms:
         a = ARMS[arm]
         hf = layout.hf_dir(arm if a.trains else "base")
         out = layout.results / f"{arm}.json"
         argv = [py, "tools/eval_long_context.py", "run", str(hf), "--out", str(out), "--name", a.label,
-                "--tasks", "passkey", "--lengths", lengths,
+                "--tasks", "passkey", "--lengths", passkey_lengths,
                 "--depths", ",".join(f"{d:g}" for d in tier.passkey_depths), "--samples", str(tier.passkey_samples),
                 "--seed", "0", "--heatmap-dir", str(layout.results / "heatmaps"),
                 "--ppl-file", str(layout.data / "heldout.txt"), "--ppl-lengths", lengths,
@@ -167,7 +168,7 @@ def report_steps(plan: TierPlan, arms: list[str], layout: Layout) -> list[Step]:
     """The seed's report and the summary over every seed's results (always run: they are quick)."""
     py, res = _python(layout), layout.results
     files = [str(res / f"{arm}.json") for arm in arms]
-    avg = ",".join(str(L) for L in plan.eval_lengths if L <= plan.target)
+    avg = ",".join(str(L) for L in plan.eval_lengths + plan.passkey_lengths if L <= plan.target)
     ref = str(res.parent / "paper.json")  # write_paper_reference
     every = sorted(str(p) for p in res.parent.glob("seed*/*.json"))
     order = {ARMS[a].label: i for i, a in enumerate(ARMS)}

@@ -9,7 +9,11 @@ the tier's YAML files; a tier here adds only what the configs cannot hold: the c
 the evaluation grid and how to launch.
 
 The short window ``L`` is the base config's ``data.seq_length``, the target the HARPE config's
-(8 L in every tier); evaluation lengths are L, 2L, 4L, 8L, 16L. Self-Extend uses the paper's
+(8 L in every tier); evaluation lengths are L, 2L, 4L, 8L, 16L: perplexity over windows of
+k L tokens, passkey prompts of k L - ``ANSWER_ROOM`` tokens so that prompt and answer (k L in
+all) fit in the window (at k = 1 the base answers inside its own window, as its training
+documents do; a prompt of L tokens would put the key farther from the question than any
+training document). Self-Extend uses the paper's
 Llama-2-7B setting carried over by ratio: group = target / L (32 for 4k -> 128k) and window =
 L / 4 (1024 of 4096).
 """
@@ -22,6 +26,7 @@ from typing import Optional
 
 from harpe_megatron.config.loader import load_config
 from harpe_megatron.config.run import RunConfig
+from harpe_megatron.data.repro import ANSWER_ROOM
 
 __all__ = ["ARMS", "TIERS", "Arm", "PaperResult", "Tier", "TierPlan", "plan_tier", "resolve_arms"]
 
@@ -75,6 +80,9 @@ class Tier:
     passkey_samples: int
     ppl_max_tokens: int
     ppl_stride_fraction: float
+    # the base's least passkey accuracy (%) inside its window, checked after the run (None: not
+    # checked; the smoke tier trains too little to learn retrieval)
+    min_in_window_passkey: Optional[float] = None
     # launch
     device: str = "cpu"
     ranks: int = 1  # GPUS_PER_NODE of scripts/pretrain_harpe.sh
@@ -87,13 +95,13 @@ TIERS: dict[str, Tier] = {t.name: t for t in (
          heldout_chars=30_000, heldout_min_chars=3_000, retrieval_docs=600, retrieval_min_length=118,
          passkey_depths=(0.5,), passkey_samples=1, ppl_max_tokens=8192, ppl_stride_fraction=0.5),
     Tier("cpu", default_arms=tuple(ARMS), text_chars=8_000_000, heldout_chars=300_000,
-         heldout_min_chars=8_000, retrieval_docs=8000, retrieval_min_length=118,
+         heldout_min_chars=8_000, retrieval_docs=16000, retrieval_min_length=118,
          passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_samples=8, ppl_max_tokens=65536,
-         ppl_stride_fraction=0.5),
+         ppl_stride_fraction=0.5, min_in_window_passkey=90.0),
     Tier("gpu", default_arms=tuple(ARMS), text_chars=6_000_000_000, heldout_chars=3_000_000,
          heldout_min_chars=200_000, retrieval_docs=40_000, retrieval_min_length=2038,
          passkey_depths=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), passkey_samples=4,
-         ppl_max_tokens=1_048_576, ppl_stride_fraction=0.5, device="cuda", ranks=1, eval_dtype="bf16"),
+         ppl_max_tokens=1_048_576, ppl_stride_fraction=0.5, min_in_window_passkey=90.0, device="cuda", ranks=1, eval_dtype="bf16"),
 )}
 
 
@@ -120,7 +128,13 @@ class TierPlan:
 
     @property
     def eval_lengths(self) -> list[int]:
+        """Perplexity windows: L, 2L, 4L, 8L, 16L."""
         return [self.length * k for k in (1, 2, 4, 8, 16)]
+
+    @property
+    def passkey_lengths(self) -> list[int]:
+        """Passkey prompt lengths: each window less the answer's room (the module docstring)."""
+        return [n - ANSWER_ROOM for n in self.eval_lengths]
 
     @property
     def self_extend(self) -> tuple[int, int]:

@@ -52,7 +52,7 @@ DEPENDENCIES: dict[str, set[str]] = {
                  "training.reliability"},
     "hf": {"hf.harpe_llama", "run_dir", "distributed", "positional", "checkpoint", "config", "model"},
     "eval": {"hf.harpe_llama"},
-    "repro": {"run_dir", "positional", "config", "checkpoint"},  # the reproduction's protocol and pipeline
+    "repro": {"run_dir", "positional", "config", "checkpoint", "data"},  # the reproduction's protocol and pipeline
     "cli": {"log", "checkpoint", "config", "data", "eval", "hf", "hf.harpe_llama", "planner", "training",
             "training.reliability", "repro"},
     "train": {"cli"},  # the ``python -m harpe_megatron.train`` command
