@@ -1,15 +1,20 @@
-"""Worker of tests/unit/test_convert_memory.py: peak resident memory of conversions, one process.
+"""Worker of tests/unit/test_convert_memory.py: the peak resident memory of one conversion.
 
-    python -m tests.unit.convert_memory_worker OUT.json SRC_SMALL SRC_LARGE SCRATCH
+    python -m tests.unit.convert_memory_worker OUT.json import|export SRC DST WARM_SRC SCRATCH
 
-Warms up (a first conversion of SRC_SMALL each way, so every module and code path is loaded),
-then for SRC_SMALL and SRC_LARGE, each direction: the resident set just before (``VmRSS``),
-the peak reset to it (``/proc/self/clear_refs`` = 5, Linux >= 4.0), the conversion, the peak
-after (``VmHWM``), and the bound the converter states (``summary.memory_bound_bytes``).
+One measurement per process, so no earlier conversion's freed-but-retained heap hides this one's
+growth. The process first converts WARM_SRC (a small model) both ways so every module and code
+path is loaded, frees it and returns freed heap to the system (``malloc_trim``); then it resets the
+peak (``/proc/self/clear_refs`` = 5, Linux >= 4.0) to the resident set just before (``VmRSS``),
+runs the conversion, reads the peak after (``VmHWM``) and the bound the converter states
+(``summary.memory_bound_bytes``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import shutil
 import sys
@@ -26,26 +31,30 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def _measure(run) -> dict:
+def _release_freed_heap() -> None:
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+def main(out: str, direction: str, src: str, dst: str, warm_src: str, scratch: str) -> None:
+    root = Path(scratch)
+    convert_hf_to_megatron(warm_src, root / "warm_mg", tp=2, progress=False)
+    convert_megatron_to_hf(root / "warm_mg", root / "warm_hf", progress=False)
+    shutil.rmtree(root)
+    _release_freed_heap()
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
-    summary = run()
+    if direction == "import":
+        summary = convert_hf_to_megatron(src, dst, tp=2, progress=False)
+    else:
+        summary = convert_megatron_to_hf(src, dst, progress=False)
     peak = _status("VmHWM")
-    return {"before": before, "peak": peak, "growth": peak - before, "bound": summary.memory_bound_bytes}
-
-
-def main(out: str, small: str, large: str, scratch: str) -> None:
-    root = Path(scratch)
-    convert_hf_to_megatron(small, root / "warm_mg", progress=False)
-    convert_megatron_to_hf(root / "warm_mg", root / "warm_hf", progress=False)
-    results = {}
-    for name, src in (("small", small), ("large", large)):
-        mg, hf = root / f"{name}_mg", root / f"{name}_hf"
-        results[f"import_{name}"] = _measure(lambda: convert_hf_to_megatron(src, mg, tp=2, progress=False))
-        results[f"export_{name}"] = _measure(lambda: convert_megatron_to_hf(mg, hf, progress=False))
-        shutil.rmtree(mg)
-        shutil.rmtree(hf)
-    Path(out).write_text(json.dumps(results, indent=2))
+    Path(out).write_text(json.dumps({"before": before, "peak": peak, "growth": peak - before,
+                                     "bound": summary.memory_bound_bytes}))
 
 
 if __name__ == "__main__":

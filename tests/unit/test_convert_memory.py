@@ -2,8 +2,10 @@
 
 Two random HF Llamas of the same widths, 3 and 21 layers (48 and 242 MiB in safetensors shards
 of 20 MB: the larger model is 5x the smaller, 12x its shard size and over twice the bound), are converted both
-ways in one worker process (tests/unit/convert_memory_worker.py) that records each conversion's
-peak resident memory above the resident set just before it. Asserted: the growth stays within
+ways, each conversion in its own worker process (tests/unit/convert_memory_worker.py: warm-up on
+the small model, freed heap returned, then the peak resident memory above the resident set just
+before the conversion; one process per conversion so an earlier one's retained heap cannot hide
+this one's growth, which made the old one-process reading 0 in one CI run). Asserted: the growth stays within
 the bound the converter states (``ConversionSummary.memory_bound_bytes``: read-ahead pool + one
 tensor + staging blocks + a fixed allowance, docs/conversion.md "Memory"), the bound is the same
 for both models, and the larger model is several times the bound: a converter that held the
@@ -41,12 +43,16 @@ def test_peak_memory_is_bounded_independent_of_model_size(tmp_path):
         sizes[name] = sum(f.stat().st_size for f in (tmp_path / name).glob("*.safetensors"))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out = tmp_path / "memory.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.convert_memory_worker", str(out), str(tmp_path / "small"),
-                           str(tmp_path / "large"), str(tmp_path / "scratch")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
+    r = {}
+    for name in ("small", "large"):
+        for direction, src, dst in (("import", tmp_path / name, tmp_path / f"{name}_mg"),
+                                    ("export", tmp_path / f"{name}_mg", tmp_path / f"{name}_hf")):
+            out = tmp_path / f"{direction}_{name}.json"
+            proc = subprocess.run([sys.executable, "-m", "tests.unit.convert_memory_worker", str(out), direction,
+                                   str(src), str(dst), str(tmp_path / "small"), str(tmp_path / "warm")],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            r[f"{direction}_{name}"] = json.loads(out.read_text())
     for key, m in r.items():
         print(f"\n[convert-memory] {key}: model {sizes[key.split('_')[1]] / MIB:.0f} MiB, peak growth "
               f"{m['growth'] / MIB:.1f} MiB, stated bound {m['bound'] / MIB:.0f} MiB")
