@@ -170,7 +170,7 @@ def report_steps(plan: TierPlan, arms: list[str], layout: Layout) -> list[Step]:
     files = [str(res / f"{arm}.json") for arm in arms]
     avg = ",".join(str(L) for L in plan.eval_lengths + plan.passkey_lengths if L <= plan.target)
     ref = str(res.parent / "paper.json")  # write_paper_reference
-    every = sorted(str(p) for p in res.parent.glob("seed*/*.json"))
+    every = sorted(str(p) for p in res.parent.glob("seed*/*.json") if p.stem in ARMS)  # not timings.json
     order = {ARMS[a].label: i for i, a in enumerate(ARMS)}
     every.sort(key=lambda p: (order.get(json.loads(Path(p).read_text()).get("name"), 99), p))
     return [
