@@ -10,8 +10,9 @@ held-out text, passkey retrieval by length and depth) and writes results/repro/<
 summary.md over every seed there. Each step is a public command, printed before it runs; a step
 whose output exists is skipped, a stopped training resumes, so running the command again
 continues where it stopped. timings.json records each step's wall and CPU time and the machine's
-load. Arms: base, self_extend (both evaluate the un-extended base), harpe, abf, abf_multistage,
-pi, yarn, ntk, cream, pose. The checks (on by default) test what must hold at any scale: the
+load. Arms: base, self_extend (both evaluate the un-extended base), no_rope_change (the
+control: the extension's training with the base's RoPE), harpe, abf, abf_multistage, pi, yarn,
+ntk, cream, pose. The checks (on by default) test what must hold at any scale: the
 base's perplexity at 4 L is above its perplexity at L (by at least 10 %), and HARPE and ABF at
 4 L remove at least half of that excess loss (harpe_megatron/repro/checks.py; exit 1 when one
 fails).

@@ -1,7 +1,7 @@
 """The small-scale reproduction's protocol (docs/reproduction.md): arms, tiers, the paper's numbers.
 
-An **arm** is one method of HARPE's comparison (arXiv 2412.07171): a training run extending the
-base model (its config is ``configs/repro/<tier>/<arm>.yaml``, started from the base checkpoint)
+An **arm** is one method of HARPE's comparison (arXiv 2412.07171), or the control that extends
+with no RoPE change: a training run extending the base model (its config is ``configs/repro/<tier>/<arm>.yaml``, started from the base checkpoint)
 or, for Self-Extend and the base itself, an evaluation of the un-extended base. A **tier** is one
 scale of the same protocol: ``smoke`` (CI, minutes), ``cpu`` (the published small-scale result on
 2 CPU cores), ``gpu`` (one H100/H200, hours). Everything about the models and their training is in
@@ -53,6 +53,7 @@ class Arm:
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("base", "base", trains=False),
+    Arm("no_rope_change", "no RoPE change", trains=True),  # a control: the extension with the base's RoPE
     Arm("self_extend", "Self-Extend", trains=False, self_extend=True, paper=PaperResult(42.52, 5.45, 5)),
     Arm("harpe", "HARPE", trains=True, paper=PaperResult(86.82, 3.02, 1)),
     Arm("abf", "ABF-single", trains=True, paper=PaperResult(79.49, 3.06, 3)),

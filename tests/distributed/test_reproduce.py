@@ -60,7 +60,7 @@ def test_dry_run_prints_every_arm_as_a_command(tmp_path):
     proc = _reproduce(tmp_path, "--arms", "all", "--seed", "3", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    for arm in ("harpe", "abf", "abf_multistage", "pi", "yarn", "ntk", "cream", "pose"):
+    for arm in ("no_rope_change", "harpe", "abf", "abf_multistage", "pi", "yarn", "ntk", "cream", "pose"):
         train = [x for x in lines if f"CONFIG=configs/repro/smoke/{arm}.yaml" in x]
         assert len(train) == 1 and "training.seed=3" in train[0], arm
         assert f"checkpoint.pretrained={tmp_path}/runs/seed3/base/checkpoints" in train[0]

@@ -74,6 +74,8 @@ def test_bases_follow_the_rule(tier):
 
     b0 = base_rope_base(L)
     assert bases("base") == pytest.approx([b0] * len(bases("base")), abs=0.006)
+    control = _config(tier, "no_rope_change")
+    assert bases("no_rope_change") == bases("base") and control.positional == _config(tier, "base").positional
     heads = _config(tier, "harpe").model.num_attention_heads
     assert bases("harpe") == pytest.approx(harpe_bases(heads, T), abs=0.051)  # YAML keeps one decimal
     assert len(set(bases("harpe"))) == heads
