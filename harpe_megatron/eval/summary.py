@@ -19,7 +19,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Optional, Sequence
 
-__all__ = ["group_by_name", "summary_table", "plot_perplexity", "write_summary"]
+__all__ = ["group_by_name", "line_style", "plot_perplexity", "summary_table", "write_summary"]
 
 
 def group_by_name(results: Sequence[dict]) -> dict[str, list[dict]]:
@@ -92,18 +92,31 @@ def summary_table(results: Sequence[dict], avg_lengths: Optional[Sequence[int]] 
     return "\n".join(out) + "\n"
 
 
+_MARKERS = "osD^vP*Xph<>"
+
+
+def line_style(index: int, count: int) -> tuple:
+    """(color, marker) of line ``index`` of ``count``: no two lines alike up to 20 (tab10's colours
+    repeat after 10, so more lines take tab20's), and the marker changes with every line too."""
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return cmap(index % cmap.N), _MARKERS[index % len(_MARKERS)]
+
+
 def plot_perplexity(results: Sequence[dict], path, title: str = "perplexity by context length") -> Path:
     """Perplexity vs length, one line per name (see the module docstring)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, runs in group_by_name(results).items():
+    groups = group_by_name(results)
+    for i, (name, runs) in enumerate(groups.items()):
         lengths = sorted({L for r in runs for L in _ppl(r)})
         if not lengths:
             continue
         values = [[_ppl(r)[L] for r in runs if L in _ppl(r)] for L in lengths]
-        line, = ax.plot(lengths, [fmean(v) for v in values], marker="o", label=name)
+        color, marker = line_style(i, len(groups))
+        line, = ax.plot(lengths, [fmean(v) for v in values], marker=marker, color=color, label=name)
         if len(runs) > 1:
             ax.fill_between(lengths, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                             alpha=0.2)

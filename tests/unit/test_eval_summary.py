@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from harpe_megatron.cli.eval_long_context import main as eval_main
-from harpe_megatron.eval.summary import summary_table
+from harpe_megatron.eval.summary import line_style, summary_table
 
 
 def _result(name, ppl, passkey, window=1024):
@@ -63,3 +65,11 @@ def test_equal_averages_share_a_rank():
     _, rows = _rows(summary_table(results))
     assert [rows[n]["rank (passkey)"] for n in "ABC"] == ["2", "2", "1"]
     assert [rows[n]["rank (ppl)"] for n in "ABC"] == ["1", "1", "3"]
+
+
+@pytest.mark.parametrize("count", [3, 10, 11, 20])
+def test_plot_lines_are_told_apart(count):
+    # the reproduction plots 11 arms: tab10's colours alone would give two of them the same line
+    styles = [line_style(i, count) for i in range(count)]
+    assert len({color for color, _ in styles}) == count
+    assert all(a[1] != b[1] for a, b in zip(styles, styles[1:]))
