@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import random
 import sysconfig
@@ -42,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from harpe_megatron.data.atomic_files import write_json_atomic, write_jsonl_atomic
+from harpe_megatron.data.build_manifest import matches_build
 from harpe_megatron.data.indexed import write_indexed_dataset
 from harpe_megatron.data.jsonl import read_documents
 from harpe_megatron.data.tokenizer import train_sentencepiece
@@ -230,22 +231,6 @@ def _settings(vocab_size: int, max_docs: int | None, seed: int) -> dict:
             "bin_edges": list(DEMO_BIN_EDGES), "source_budgets": dict(SOURCE_BUDGETS)}
 
 
-def _write_json_atomic(path: str, obj: object, lines: bool = False) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            if lines:
-                for rec in obj:  # type: ignore[attr-defined]
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            else:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def prepare_demo_data(
     out_dir: str | os.PathLike,
     vocab_size: int = 512,
@@ -264,17 +249,11 @@ def prepare_demo_data(
     out = demo_outputs(out_dir)
     settings = _settings(vocab_size, max_docs, seed)
     files = [out.corpus, out.tokenizer, out.prefix + ".bin", out.prefix + ".idx", out.report]
-    if os.path.isfile(out.manifest) and all(os.path.isfile(f) for f in files) and not overwrite:
-        with open(out.manifest, encoding="utf-8") as f:
-            previous = json.load(f).get("settings")
-        if previous == settings:
-            log(f"[demo data] already prepared in {out.out_dir} (corpus.jsonl, tokenizer.model, "
-                f"{DEMO_PREFIX_NAME}.bin/.idx); nothing to do")
-            return out
-        diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v} \
-            if isinstance(previous, dict) else settings
-        raise FileExistsError(f"{out.manifest}: the demo data there was built with other settings "
-                              f"(setting: (built, asked) {diff}); pass overwrite=True / --overwrite to rebuild it")
+    if not overwrite and all(os.path.isfile(f) for f in files) and matches_build(
+            out.manifest, settings, "the demo data there", "pass overwrite=True / --overwrite to rebuild it"):
+        log(f"[demo data] already prepared in {out.out_dir} (corpus.jsonl, tokenizer.model, "
+            f"{DEMO_PREFIX_NAME}.bin/.idx); nothing to do")
+        return out
     # Imported here: megatron-core takes seconds to import, the check above does not need it.
 
     # A missing manifest means no build or an interrupted one: (re)build everything.
@@ -284,7 +263,7 @@ def prepare_demo_data(
     t0 = time.perf_counter()
 
     docs = collect_demo_documents(max_docs=max_docs, seed=seed)
-    _write_json_atomic(out.corpus, docs, lines=True)
+    write_jsonl_atomic(out.corpus, docs)
     by_source: dict[str, list[int]] = {}
     for d in docs:
         n = by_source.setdefault(d["source"], [0, 0])
@@ -310,7 +289,7 @@ def prepare_demo_data(
     log(render_report(result.report))
     log(f"[demo data] indexed dataset {out.prefix}.bin/.idx: {result.documents} documents, "
         f"{result.tokens:,} tokens ({result.dtype}); report {out.report} [{time.perf_counter() - t2:.1f}s]")
-    _write_json_atomic(out.manifest, {"settings": settings, "documents": result.documents, "tokens": result.tokens,
-                                      "corpus_documents": len(docs), "corpus_bytes": total_bytes})
+    write_json_atomic(out.manifest, {"settings": settings, "documents": result.documents, "tokens": result.tokens,
+                                     "corpus_documents": len(docs), "corpus_bytes": total_bytes})
     log(f"[demo data] done in {time.perf_counter() - t0:.1f}s: {out.out_dir}")
     return out

@@ -40,7 +40,6 @@ Every document is written as ``[BOS] text EOS`` (``add_bos``), as the evaluation
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import time
@@ -48,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from harpe_megatron.data.atomic_files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from harpe_megatron.data.build_manifest import matches_build
 from harpe_megatron.data.demo import cut_document, read_text, stdlib_files
 from harpe_megatron.data.indexed import write_indexed_dataset
 from harpe_megatron.data.jsonl import Document, read_documents
@@ -193,32 +194,6 @@ def _documents(texts: Iterable[str], source: str, origin: str) -> Iterator[Docum
         yield Document(index=i, text=text, source=source, path=origin, line=i + 1)
 
 
-def _write_json_atomic(path: str, obj: object, lines: bool = False) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            if lines:
-                for rec in obj:  # type: ignore[attr-defined]
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            else:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _settings_dict(settings: ReproDataSettings) -> dict:
     return {"version": _MANIFEST_VERSION, **dataclasses.asdict(settings)}
 
@@ -233,23 +208,18 @@ def prepare_repro_data(out_dir: str | os.PathLike, settings: ReproDataSettings, 
     """
     out = repro_outputs(out_dir)
     wanted = _settings_dict(settings)
-    if os.path.isfile(out.manifest) and not overwrite:
-        previous = json.loads(Path(out.manifest).read_text()).get("settings")
-        if previous == wanted:
-            log(f"[repro data] already prepared in {out.out_dir}; nothing to do")
-            return out
-        diff = {k: (previous.get(k), v) for k, v in wanted.items() if previous.get(k) != v} \
-            if isinstance(previous, dict) else wanted
-        raise FileExistsError(f"{out.manifest}: built with other settings (setting: (built, asked) {diff}); "
-                              f"delete {out.out_dir} or pass --overwrite to rebuild it")
+    if not overwrite and matches_build(out.manifest, wanted, "the corpus there",
+                                       f"delete {out.out_dir} or pass --overwrite to rebuild it"):
+        log(f"[repro data] already prepared in {out.out_dir}; nothing to do")
+        return out
     Path(out.out_dir).mkdir(parents=True, exist_ok=True)
     if os.path.exists(out.manifest):
         os.remove(out.manifest)
     t0 = time.perf_counter()
     train, heldout = collect_text(settings)
     d = Path(out.out_dir)
-    _write_json_atomic(str(d / "text_train.jsonl"), train, lines=True)
-    _write_text_atomic(out.heldout, "\n\n".join(doc["text"] for doc in heldout))
+    write_jsonl_atomic(d / "text_train.jsonl", train)
+    write_text_atomic(out.heldout, "\n\n".join(doc["text"] for doc in heldout))
     mb = lambda docs: sum(len(x["text"]) for x in docs) / 1e6  # noqa: E731
     log(f"[repro data] text: {len(train)} training documents ({mb(train):.2f} MB), {len(heldout)} held-out "
         f"({mb(heldout):.2f} MB) [{time.perf_counter() - t0:.1f}s]")
@@ -273,15 +243,14 @@ def prepare_repro_data(out_dir: str | os.PathLike, settings: ReproDataSettings, 
     ]
     for which, prefix in (("pretrain", out.retrieval_pretrain), ("extend", out.retrieval_extend)):
         texts = _retrieval_texts(retrieval_doc, tokenizer.tokenize, settings, which, settings.retrieval_docs)
-        _write_json_atomic(str(d / f"retrieval_{which}.jsonl"), [{"text": t, "source": "retrieval"} for t in texts],
-                           lines=True)
+        write_jsonl_atomic(d / f"retrieval_{which}.jsonl", [{"text": t, "source": "retrieval"} for t in texts])
         jobs.append((prefix, texts, "retrieval", None))
     for prefix, texts, source, upsampler in jobs:
         result = write_indexed_dataset(_documents(texts, source, Path(prefix).name), tokenizer, prefix,
                                        upsampler=upsampler, add_bos=True, overwrite=True, progress=progress)
         counts[Path(prefix).name] = {"documents": result.documents, "tokens": result.tokens}
         log(f"[repro data] {prefix}: {result.documents} documents, {result.tokens:,} tokens")
-    _write_json_atomic(out.manifest, {"settings": wanted, "datasets": counts,
+    write_json_atomic(out.manifest, {"settings": wanted, "datasets": counts,
                                       "heldout_documents": [doc["origin"] for doc in heldout]})
     log(f"[repro data] done in {time.perf_counter() - t0:.1f}s: {out.out_dir}")
     return out

@@ -26,6 +26,7 @@ import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from harpe_megatron.compat import check_megatron
+from harpe_megatron.data.atomic_files import write_bytes_atomic
 
 check_megatron()  # supported megatron-core, internals we subclass present (compat.py)
 
@@ -137,16 +138,6 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         return self._sp.pad_id()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _sentences(texts: Iterable[str], max_sentence_bytes: int) -> Iterable[str]:
     """Non-empty lines of the texts (what sentencepiece trains on), overly long ones cut."""
     for text in texts:
@@ -233,6 +224,6 @@ def train_sentencepiece(
     sp = spm.SentencePieceProcessor(model_proto=data)
     vocab_text = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     model_path = out_prefix.with_name(out_prefix.name + ".model")
-    _atomic_write_bytes(out_prefix.with_name(out_prefix.name + ".vocab"), vocab_text.encode("utf-8"))
-    _atomic_write_bytes(model_path, data)
+    write_bytes_atomic(out_prefix.with_name(out_prefix.name + ".vocab"), vocab_text.encode("utf-8"))
+    write_bytes_atomic(model_path, data)
     return SentencePieceTokenizer(model_path)
